@@ -1,0 +1,111 @@
+"""
+Errors the proxy makes itself, in OpenAI's shape::
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+
+
+@attrs.frozen
+class ProxyError(Exception):
+    """An error answered by the proxy.  Messages never contain a key."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type, "param": param, "code": code}}).encode(
+        "utf-8"
+    )
+
+
+def not_found(method: str, path: str) -> ProxyError:
+    return ProxyError(404, f"Invalid URL ({method} {_clip(path)})", code="unknown_url")
+
+
+def method_not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> ProxyError:
+    return ProxyError(
+        405,
+        f"Method {method} is not allowed on {_clip(path)}; use {', '.join(allowed)}",
+        code="method_not_allowed",
+        headers=((b"Allow", ", ".join(allowed).encode("ascii")),),
+    )
+
+
+def missing_key() -> ProxyError:
+    return ProxyError(
+        401,
+        "You didn't provide an API key. Provide it as 'Authorization: Bearer KEY' "
+        "or as an 'api-key: KEY' header.",
+        code="missing_api_key",
+    )
+
+
+def unknown_key() -> ProxyError:
+    return ProxyError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def bad_json() -> ProxyError:
+    return ProxyError(
+        400,
+        "We could not parse the JSON body of your request. The body must be a JSON object.",
+        code="invalid_json",
+    )
+
+
+def missing_model() -> ProxyError:
+    return ProxyError(400, "You must provide a model parameter.", param="model", code="missing_model")
+
+
+def bad_model(model: object) -> ProxyError:
+    shown = _clip(model if isinstance(model, str) else json.dumps(model), 80)
+    return ProxyError(
+        400,
+        f"The model {shown!r} does not map to a valid deployment name "
+        "(letters, digits, '.', '_' and '-', at most 64).",
+        param="model",
+        code="invalid_model",
+    )
+
+
+def too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+def bad_path(path: str) -> ProxyError:
+    return ProxyError(400, f"Invalid path {_clip(path)!r}.", code="invalid_path")
+
+
+def upstream_unreachable(reason: str) -> ProxyError:
+    return ProxyError(502, f"Upstream unreachable: {reason}", type="api_error", code="bad_gateway")
+
+
+def upstream_timeout(what: str) -> ProxyError:
+    return ProxyError(504, f"Upstream timed out: {what}", type="api_error", code="gateway_timeout")
+
+
+def _clip(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[:n] + "..."

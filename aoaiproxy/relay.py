@@ -1,0 +1,159 @@
+"""
+Relaying an upstream response body to the client: chunk by chunk as it arrives, with
+backpressure both ways, an inactivity timeout, and (for Azure's Server-Sent Events) the
+filter that drops Azure's filter-only frames.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss, Request
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+def is_filter_only(event: bytes) -> bool:
+    """
+    Whether an SSE event is one of Azure's frames that OpenAI never sends: C{choices} empty
+    and nothing but C{prompt_filter_results} (so not the C{include_usage} chunk).
+    """
+    if b"prompt_filter_results" not in event:
+        return False
+    data = b"".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (
+        isinstance(obj, dict)
+        and obj.get("choices") == []
+        and "prompt_filter_results" in obj
+        and not obj.get("usage")
+    )
+
+
+class FilterFrames:
+    """
+    Splits an SSE byte stream into whole events and drops filter-only ones.  Bytes of an
+    event not yet complete are held until its end arrives (one event at most).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._buffer + data if self._buffer else data
+        out = []
+        pos = 0
+        for m in _EVENT_END.finditer(buf):
+            event = buf[pos : m.end()]
+            pos = m.end()
+            if not is_filter_only(event):
+                out.append(event)
+        self._buffer = buf[pos:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        if rest and is_filter_only(rest):
+            return b""
+        return rest
+
+
+class BodyRelay(Protocol):
+    """
+    Receives the upstream body (C{response.deliverBody(relay)}) and writes it to the client.
+
+    The upstream transport is registered as the client request's streaming producer, so a
+    client that stops reading pauses the upstream read.  A body that ends cleanly finishes
+    the client's response; one that fails (reset, timeout) aborts the client's connection so
+    the truncation is visible.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        reactor: Any,
+        idle_timeout: float,
+        *,
+        event_stream: bool = False,
+        filter_frames: bool = False,
+        on_done: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.request = request
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._event_stream = event_stream
+        self._filter = FilterFrames() if filter_frames else None
+        self._tail = b""
+        self._timer: IDelayedCall | None = None
+        self._client_gone = False
+        self._on_done = on_done
+        self.bytes_out = 0
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+        self.request.notifyFinish().addErrback(self._client_lost)
+
+    def _client_lost(self, _: Failure) -> None:
+        self._client_gone = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _idle(self) -> None:
+        self._timer = None
+        # Stop reading upstream; connectionLost sees a failure and aborts the client.
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.reset(self._idle_timeout)
+        if self._filter is not None:
+            data = self._filter.feed(data)
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if data and not self._client_gone:
+            if self._event_stream:
+                self._tail = (self._tail + data)[-4:]
+            self.bytes_out += len(data)
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if not self._client_gone:
+            self.request.unregisterProducer()
+            if clean:
+                if self._filter is not None:
+                    self._write(self._filter.flush())
+                if self._event_stream and self.bytes_out:
+                    self._write(_missing_blank_line(self._tail))
+                self.request.finish()
+            else:
+                self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        if self._on_done is not None:
+            self._on_done(clean and not self._client_gone)
+
+
+def _missing_blank_line(tail: bytes) -> bytes:
+    """What to append so that a stream ends with a blank line after its last event."""
+    if tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")):
+        return b""
+    if tail.endswith(b"\r\n"):
+        return b"\r\n"
+    if tail.endswith(b"\n"):
+        return b"\n"
+    return b"\n\n"

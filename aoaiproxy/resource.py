@@ -1,0 +1,211 @@
+"""
+The reverse API: the resource that serves origin-form requests (C{POST /v1/...}).
+
+Data flows one way: request in, route (L{rewrite.classify}), authenticate and rewrite
+(L{rewrite.plan_upstream}), send (L{UpstreamClient}), relay out (L{BodyRelay}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from aoaiproxy import rewrite
+from aoaiproxy.config import LiveConfig
+from aoaiproxy.errors import ProxyError
+from aoaiproxy.multipart import form_field
+from aoaiproxy.relay import BodyRelay
+from aoaiproxy.upstream import UpstreamClient
+
+CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_DEFAULT_HEADERS = (
+    b"Authorization, Content-Type, api-key, OpenAI-Organization, OpenAI-Project, "
+    b"OpenAI-Beta, X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, "
+    b"X-Stainless-Package-Version, X-Stainless-Runtime, X-Stainless-Runtime-Version"
+)
+CORS_MAX_AGE = b"86400"
+
+
+def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    """The request's headers as (name, value) pairs, in order."""
+    return [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+
+
+def write_error(request: Request, error: ProxyError) -> None:
+    """Answer with an OpenAI-shaped error (the request must not have started a response)."""
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    for name, value in error.headers:
+        request.setHeader(name, value)
+    _note(request, status_reason=error.message)
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def _note(request: Request, **info: Any) -> None:
+    """Facts about a request for its access-log line (never a key)."""
+    notes: dict[str, Any] | None = getattr(request, "log_info", None)
+    if notes is None:
+        notes = {}
+        request.log_info = notes  # type: ignore[attr-defined]
+    notes.update(info)
+
+
+class ApiResource(Resource):
+    """Serves every origin-form request."""
+
+    isLeaf = True
+
+    def __init__(self, live: LiveConfig, upstream: UpstreamClient, reactor: Any) -> None:
+        super().__init__()
+        self._live = live
+        self._upstream = upstream
+        self._reactor = reactor
+
+    def render(self, request: Request) -> bytes | int:
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.setHeader(b"Server", b"aoaiproxy")
+        try:
+            self._render(request)
+        except ProxyError as e:
+            write_error(request, e)
+        return NOT_DONE_YET
+
+    def _render(self, request: Request) -> None:
+        config = self._live.config
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("latin-1")
+        if method == "OPTIONS":
+            self._preflight(request)
+            return
+        route = rewrite.classify(config, method, path)
+        if route.kind == "health":
+            self._local(request, rewrite.HEALTH)
+            return
+        headers = raw_headers(request)
+        if route.kind in ("models", "model"):
+            rewrite.upstream_auth(config, headers)
+            if route.kind == "models":
+                self._local(request, rewrite.models_list(config))
+            else:
+                self._local(request, rewrite.model_object(config, route.target))
+            return
+
+        content = request.content
+        assert content is not None
+        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+        content_type = request.getHeader(b"content-type")
+        body: bytes | None = None
+        model_from_form: str | None = None
+        if route.kind in ("deployment", "v1api") and request.method in (b"POST", b"PUT", b"PATCH"):
+            if content_type is not None and content_type.lower().startswith(b"multipart/"):
+                model_from_form = form_field(content, content_type, b"model")
+                content.seek(0)
+                if route.kind == "deployment" and model_from_form is None:
+                    rewrite.upstream_auth(config, headers)
+                    raise ProxyError(
+                        400,
+                        "You must provide a model parameter.",
+                        param="model",
+                        code="missing_model",
+                    )
+            elif rewrite.is_json(content_type) or route.kind == "deployment":
+                body = content.read()
+                content.seek(0)
+        upstream = rewrite.plan_upstream(config, route, request.method, query, headers, body, model_from_form)
+        _note(request, model=upstream.model, deployment=upstream.deployment)
+        send_body: Any = upstream.body if upstream.body is not None else content
+        if upstream.body is None and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+            content.seek(0, 2)
+            if content.tell() == 0:
+                send_body = None
+            content.seek(0)
+        d = self._upstream.request(
+            upstream.method,
+            upstream.url,
+            upstream.headers,
+            send_body,
+            connect_timeout=config.connect_timeout,
+            header_timeout=config.upstream_timeout,
+        )
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: d.cancel())
+        d.addCallback(self._relay, request, upstream, config.keep_filter_frames, config.upstream_timeout)
+        d.addErrback(self._failed, request)
+
+    def _relay(
+        self,
+        response: IResponse,
+        request: Request,
+        upstream: rewrite.Upstream,
+        keep_filter_frames: bool,
+        idle_timeout: float,
+    ) -> Deferred[None] | None:
+        if request._disconnected:  # type: ignore[attr-defined]
+            return None
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in response.headers.getAllRawHeaders():
+            if name.lower() not in rewrite.HOP_BY_HOP:
+                request.responseHeaders.setRawHeaders(name, values)
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.defaultContentType = None  # type: ignore[attr-defined]
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
+        encoded = response.headers.hasHeader(b"content-encoding")
+        event_stream = content_type.startswith(b"text/event-stream") and not encoded
+        filter_frames = event_stream and upstream.azure_stream and not keep_filter_frames
+        if not filter_frames and isinstance(response.length, int):
+            request.setHeader(b"Content-Length", b"%d" % response.length)
+        _note(request, upstream_status=response.code)
+        if request.method == b"HEAD" or response.code in (204, 304):
+            request.finish()
+            return None
+        relay = BodyRelay(
+            request,
+            self._reactor,
+            idle_timeout,
+            event_stream=event_stream,
+            filter_frames=filter_frames,
+        )
+        response.deliverBody(relay)
+        return None
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if request._disconnected or request.finished:  # type: ignore[attr-defined]
+            return
+        if request.startedWriting:  # pragma: no cover - defensive
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        error = failure.value if isinstance(failure.value, ProxyError) else None
+        if error is None:
+            from aoaiproxy import errors
+
+            error = errors.upstream_unreachable(type(failure.value).__name__)
+        write_error(request, error)
+
+    def _preflight(self, request: Request) -> None:
+        request.setResponseCode(204)
+        request.setHeader(b"Access-Control-Allow-Methods", CORS_METHODS)
+        asked = request.getHeader(b"access-control-request-headers")
+        request.setHeader(b"Access-Control-Allow-Headers", asked or CORS_DEFAULT_HEADERS)
+        request.setHeader(b"Access-Control-Max-Age", CORS_MAX_AGE)
+        request.setHeader(b"Vary", b"Access-Control-Request-Headers")
+        request.defaultContentType = None  # type: ignore[attr-defined]
+        request.finish()
+
+    def _local(self, request: Request, answer: rewrite.Local) -> None:
+        request.setResponseCode(answer.status)
+        for name, value in answer.headers:
+            request.setHeader(name, value)
+        request.setHeader(b"Content-Length", b"%d" % len(answer.body))
+        if request.method != b"HEAD":
+            request.write(answer.body)
+        request.finish()

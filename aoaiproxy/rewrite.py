@@ -1,0 +1,349 @@
+"""
+The request rewrite: pure functions from what a client sent to what goes upstream.
+
+No I/O here.  L{plan} takes the method, path, query, headers and (for JSON routes) the parsed
+body, and returns a L{Plan}: answer locally, or send this method, URL, headers and body
+upstream.  Errors are L{ProxyError}s.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import unquote
+
+import attrs
+
+from aoaiproxy import errors
+from aoaiproxy.config import Config, valid_deployment
+from aoaiproxy.errors import ProxyError
+
+Header = tuple[bytes, bytes]
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and ones the HTTP client sets itself; never relayed.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"api-key"}
+
+#: Per-deployment operations: client path after /v1/ -> Azure path after deployments/{d}/.
+DEPLOYMENT_ROUTES: Mapping[str, str] = {
+    "chat/completions": "chat/completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+    "images/generations": "images/generations",
+    "images/edits": "images/edits",
+    "audio/transcriptions": "audio/transcriptions",
+    "audio/translations": "audio/translations",
+    "audio/speech": "audio/speech",
+}
+
+#: First path segment after /v1/ of routes served by Azure's v1 API (/openai/v1/...).
+V1_API_PREFIXES = frozenset({"responses", "files", "batches", "fine_tuning", "vector_stores"})
+
+_JWT = re.compile(rb"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+@attrs.frozen
+class Upstream:
+    """Send this upstream."""
+
+    method: bytes
+    url: bytes
+    headers: tuple[Header, ...]
+    #: A replacement body, or None to send the client's body unchanged.
+    body: bytes | None = None
+    model: str | None = None
+    deployment: str | None = None
+    #: Whether Azure's filter-only SSE frames may appear (and so may be dropped).
+    azure_stream: bool = False
+
+
+@attrs.frozen
+class Local:
+    """Answer from the proxy itself."""
+
+    status: int
+    body: bytes
+    headers: tuple[Header, ...] = ()
+
+
+@attrs.frozen
+class Route:
+    """
+    Where a request goes, decided from method and path alone (before any body is read).
+    C{kind} says how the body is used; see L{plan}.
+    """
+
+    kind: Literal["deployment", "v1api", "passthrough", "openai", "models", "model", "health"]
+    #: For "deployment": the Azure operation; for "v1api"/"passthrough"/"openai": the
+    #: upstream path; for "model": the model id.
+    target: str = ""
+
+
+def classify(config: Config, method: str, path: str) -> Route:
+    """
+    Decide the route from the method and the raw path (without query).  Raises a 404, 405 or
+    400 L{ProxyError}.
+    """
+    if path == "/healthz":
+        _allow(method, path, ("GET", "HEAD"))
+        return Route("health")
+    check_path(path)
+    if config.mode == "openai":
+        return Route("openai", path)
+    if path.startswith("/openai/"):
+        return Route("passthrough", path)
+    if not path.startswith("/v1/"):
+        raise errors.not_found(method, path)
+    rest = path[4:]
+    if rest in DEPLOYMENT_ROUTES:
+        _allow(method, path, ("POST",))
+        return Route("deployment", DEPLOYMENT_ROUTES[rest])
+    if rest == "models":
+        _allow(method, path, ("GET", "HEAD"))
+        return Route("models")
+    if rest.startswith("models/") and rest.count("/") == 1 and rest != "models/":
+        _allow(method, path, ("GET", "HEAD"))
+        return Route("model", unquote(rest[7:]))
+    if rest.split("/", 1)[0] in V1_API_PREFIXES:
+        return Route("v1api", "/openai/v1/" + rest)
+    raise errors.not_found(method, path)
+
+
+def _allow(method: str, path: str, allowed: tuple[str, ...]) -> None:
+    if method not in allowed:
+        raise errors.method_not_allowed(method, path, allowed)
+
+
+def check_path(path: str) -> None:
+    """Refuse paths that could step outside the route once the upstream normalises them."""
+    decoded = unquote(path)
+    if (
+        not path.startswith("/")
+        or any(seg in (".", "..") for seg in decoded.split("/"))
+        or "\\" in decoded
+        or "//" in path
+        or any(ord(c) < 0x21 or ord(c) == 0x7F for c in decoded)
+    ):
+        raise errors.bad_path(path)
+
+
+def client_key(headers: Iterable[Header]) -> bytes | None:
+    """The key a client presents: C{Authorization: Bearer KEY} or C{api-key: KEY}."""
+    api_key = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+        elif lname == b"api-key" and value.strip():
+            api_key = value.strip()
+    return api_key
+
+
+def key_allowed(presented: bytes, keys: frozenset[str]) -> bool:
+    """Whether C{presented} is one of C{keys}, compared in constant time over all keys."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented, key.encode("utf-8"))
+    return found
+
+
+def upstream_auth(config: Config, headers: Iterable[Header]) -> tuple[Header, ...]:
+    """
+    The authentication header to send upstream, after checking the client's key.  Raises a
+    401 L{ProxyError} for a missing or unknown key.
+    """
+    presented = client_key(headers)
+    if config.server_key is not None:
+        if config.client_keys:
+            if presented is None:
+                raise errors.missing_key()
+            if not key_allowed(presented, config.client_keys):
+                raise errors.unknown_key()
+        elif not config.allow_anonymous:  # pragma: no cover - refused at start-up
+            raise errors.unknown_key()
+        key = config.server_key.encode("utf-8")
+        if config.mode == "azure":
+            return ((b"api-key", key),)
+        return ((b"Authorization", b"Bearer " + key),)
+    if presented is None:
+        raise errors.missing_key()
+    if config.mode == "openai" or _JWT.match(presented):
+        return ((b"Authorization", b"Bearer " + presented),)
+    return ((b"api-key", presented),)
+
+
+def forward_headers(headers: Iterable[Header], auth: Sequence[Header]) -> tuple[Header, ...]:
+    """The client's headers less hop-by-hop, host, length and credentials, plus C{auth}."""
+    headers = list(headers)
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    kept = [
+        (name, value)
+        for name, value in headers
+        if (lname := name.lower()) not in _NOT_FORWARDED and lname not in listed
+    ]
+    return (*kept, *auth)
+
+
+def query_with_api_version(query: bytes, api_version: str) -> bytes:
+    """The client's raw query with any C{api-version} replaced by ours, set exactly once."""
+    kept = [
+        pair
+        for pair in query.split(b"&")
+        if pair and unquote(pair.split(b"=", 1)[0].decode("latin-1")) != "api-version"
+    ]
+    kept.append(b"api-version=" + api_version.encode("ascii"))
+    return b"&".join(kept)
+
+
+def deployment_for(config: Config, model: Any) -> str:
+    """Map a body's C{model} to a deployment name, or raise a 400."""
+    if model is None:
+        raise errors.missing_model()
+    if not isinstance(model, str):
+        raise errors.bad_model(model)
+    deployment = config.models.get(model, model)
+    if not valid_deployment(deployment):
+        raise errors.bad_model(model)
+    return deployment
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Parse a JSON object body or raise a 400."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.bad_json() from None
+    if not isinstance(value, dict):
+        raise errors.bad_json()
+    return value
+
+
+def deployment_url(config: Config, deployment: str, operation: str, query: bytes) -> bytes:
+    return (
+        f"{config.endpoint}/openai/deployments/{deployment}/{operation}".encode("ascii")
+        + b"?"
+        + query_with_api_version(query, config.api_version)
+    )
+
+
+def plain_url(config: Config, path: str, query: bytes) -> bytes:
+    url = config.endpoint.encode("ascii") + path.encode("latin-1")
+    return url + b"?" + query if query else url
+
+
+def models_list(config: Config) -> Local:
+    data = [_model_object(name) for name in config.models]
+    return _json(200, {"object": "list", "data": data})
+
+
+def model_object(config: Config, model: str) -> Local:
+    if model not in config.models:
+        raise ProxyError(
+            404,
+            f"The model {model[:80]!r} does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    return _json(200, _model_object(model))
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "azure-openai"}
+
+
+def _json(status: int, value: Any) -> Local:
+    return Local(status, json.dumps(value).encode("utf-8"), ((b"Content-Type", b"application/json"),))
+
+
+HEALTH = Local(200, b'{"status": "ok"}', ((b"Content-Type", b"application/json"),))
+
+
+def is_json(content_type: bytes | None) -> bool:
+    return content_type is None or b"json" in content_type.split(b";", 1)[0].lower()
+
+
+def plan_upstream(
+    config: Config,
+    route: Route,
+    method: bytes,
+    query: bytes,
+    headers: Sequence[Header],
+    body: bytes | None,
+    model_from_form: str | None = None,
+) -> Upstream:
+    """
+    Build the upstream request for a routed, authenticated client request.
+
+    @param body: the client's body when the route needs to look into it (JSON routes), else
+        None.  L{Upstream.body} is None when the client's body is to be sent unchanged.
+    @param model_from_form: the C{model} field of a multipart body, read by the caller.
+    """
+    auth = upstream_auth(config, headers)
+    out_headers = forward_headers(headers, auth)
+    model: Any
+    deployment: str | None
+    if route.kind == "deployment":
+        if model_from_form is not None:
+            model = model_from_form
+        else:
+            model = parse_json_body(body or b"").get("model")
+        deployment = deployment_for(config, model)
+        return Upstream(
+            method,
+            deployment_url(config, deployment, route.target, query),
+            out_headers,
+            None,
+            model if isinstance(model, str) else None,
+            deployment,
+            azure_stream=True,
+        )
+    if route.kind == "v1api":
+        new_body = None
+        model = None
+        deployment = None
+        if body:
+            parsed = parse_json_body(body)
+            if "model" in parsed:
+                model = parsed["model"]
+                deployment = deployment_for(config, model)
+                if deployment != model:
+                    parsed["model"] = deployment
+                    new_body = json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+        return Upstream(
+            method,
+            plain_url(config, route.target, query),
+            out_headers,
+            new_body,
+            model,
+            deployment,
+            azure_stream=True,
+        )
+    # passthrough (/openai/...) and openai mode: unchanged but for authentication.
+    return Upstream(
+        method,
+        plain_url(config, route.target, query),
+        out_headers,
+        azure_stream=config.mode == "azure",
+    )

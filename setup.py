@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="aoaiproxy",
+    version="0.1.0",
+    description=(
+        "A Twisted daemon that lets OpenAI clients use Azure OpenAI, "
+        "and an HTTPS forward proxy to the OpenAI API."
+    ),
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(exclude=["tests*"]) + ["twisted.plugins"],
+    package_data={"aoaiproxy": ["py.typed"], "twisted": ["plugins/aoaiproxy_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "treq>=24.9",
+        "pyopenssl>=24",
+        "service-identity>=24",
+        "attrs>=23",
+        "tomli>=2; python_version<'3.11'",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "pytest-twisted",
+            "openai>=1.40",
+            "httpx",
+            "hypothesis",
+            "mypy",
+            "mypy-zope",
+            "ruff",
+        ],
+    },
+    entry_points={"console_scripts": ["aoaiproxy-fake-azure=aoaiproxy.testing:main"]},
+    classifiers=["Framework :: Twisted", "Programming Language :: Python :: 3"],
+)
