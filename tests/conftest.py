@@ -1,0 +1,186 @@
+"""
+Shared fixtures: a fake Azure upstream, the proxy in this process on a loopback port, and the
+proxy as a C{twistd -n aoaiproxy} subprocess, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet.interfaces import IListeningPort
+
+from aoaiproxy.config import Config, LiveConfig, load_config
+from aoaiproxy.resource import ApiResource
+from aoaiproxy.site import ProxySite
+from aoaiproxy.testing import FakeAzure
+from aoaiproxy.upstream import UpstreamClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def get_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest_twisted.async_yield_fixture
+async def fake() -> AsyncIterator[FakeAzure]:
+    """A fake Azure OpenAI resource on 127.0.0.1."""
+    f = FakeAzure(get_reactor())
+    f.listen()
+    yield f
+    await f.stop()
+
+
+@attrs.define
+class Proxy:
+    """A proxy running in this process."""
+
+    port: IListeningPort
+    live: LiveConfig
+    site: ProxySite
+    upstream: UpstreamClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+
+@pytest_twisted.async_yield_fixture
+async def make_proxy(fake: FakeAzure) -> AsyncIterator[Callable[..., Proxy]]:
+    """
+    C{make_proxy(flags..., env=...)} starts a proxy whose endpoint defaults to the fake
+    upstream, configured through L{load_config} exactly as the daemon is.
+    """
+    reactor = get_reactor()
+    started: list[Proxy] = []
+
+    def make(env: dict[str, str] | None = None, **flags: Any) -> Proxy:
+        flags.setdefault("endpoint", fake.url)
+        config = load_config(flags, env or {})
+        live = LiveConfig(config)
+        upstream = UpstreamClient(reactor)
+        site = ProxySite(ApiResource(live, upstream, reactor), live, reactor)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        proxy = Proxy(port, live, site, upstream)
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        await proxy.port.stopListening()
+        await proxy.upstream.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Wait until something accepts on 127.0.0.1:port (the daemon is up), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"twistd exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            select.select([], [], [], 0.05)  # poll interval while the daemon starts
+    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
+@attrs.define
+class Daemon:
+    """A C{twistd -n aoaiproxy} subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = 15, timeout: float = 40.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def twistd_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a daemon subprocess: this source tree first on the path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_OPENAI", "AOAIPROXY"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def twistd_command(*args: str) -> list[str]:
+    twistd = Path(sys.executable).parent / "twistd"
+    return [str(twistd), "--nodaemon", "--pidfile=", "aoaiproxy", *args]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """
+    C{start_daemon(*args, env={...}, port=None)} runs C{twistd -n aoaiproxy --listen
+    tcp:PORT:interface=127.0.0.1 ARGS} from the source tree and waits until it listens.
+    """
+    daemons: list[Daemon] = []
+
+    def start(
+        *args: str, env: dict[str, str] | None = None, port: int | None = None, listen: bool = True
+    ) -> Daemon:
+        port = port or free_port()
+        log_path = tmp_path / f"twistd-{port}.log"
+        listen_args = ["--listen", f"tcp:{port}:interface=127.0.0.1"] if listen else []
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                twistd_command(*listen_args, *args),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=twistd_env(env),
+                cwd=tmp_path,
+            )
+        daemon = Daemon(proc, port, log_path)
+        daemons.append(daemon)
+        try:
+            wait_for_port(port, proc)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{daemon.log()}") from None
+        return daemon
+
+    yield start
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

@@ -1,0 +1,237 @@
+"""
+The reverse API in azure and openai mode, over real loopback sockets against the fake Azure
+upstream: routes, model map, api-version, auth, CORS, local answers and errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest_twisted
+import treq
+
+from aoaiproxy.testing import FakeAzure
+
+from .conftest import Proxy
+
+CHAT = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = {"Content-Type": "application/json", "Authorization": "Bearer client-key"}
+    h.update(headers or {})
+    response = await treq.post(url, data=data, headers=h)
+    content = await response.content()
+    return response.code, response.headers, content
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_completion_to_deployment(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    body = json.dumps(CHAT, indent=1).encode()
+    code, headers, content = await post(proxy.url + "/v1/chat/completions?foo=bar", body)
+    assert code == 200
+    assert json.loads(content)["object"] == "chat.completion"
+    assert headers.getRawHeaders("access-control-allow-origin") == ["*"]
+    [seen] = fake.requests
+    assert seen.method == "POST"
+    assert seen.path == "/openai/deployments/gpt-35-turbo/chat/completions"
+    assert seen.query == {"foo": ["bar"], "api-version": ["2024-10-21"]}
+    assert seen.body == body  # byte for byte
+    assert seen.header("api-key") == "client-key"
+    assert seen.header("authorization") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_completions_embeddings_and_unmapped_model(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy(model_mapper=["gpt-4o=prod-4o"])
+    code, _, _ = await post(proxy.url + "/v1/completions", {"model": "gpt-4o", "prompt": "x"})
+    assert code == 200
+    code, _, content = await post(
+        proxy.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b"]}
+    )
+    assert code == 200
+    assert len(json.loads(content)["data"]) == 2
+    paths = [r.path for r in fake.requests]
+    assert paths == [
+        "/openai/deployments/prod-4o/completions",
+        "/openai/deployments/text-embedding-3-small/embeddings",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_api_version_replaced_not_duplicated(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy(api_version="2025-01-01-preview")
+    url = proxy.url + "/v1/chat/completions?api-version=2023-03-15-preview&x=1"
+    code, _, _ = await post(url, CHAT)
+    assert code == 200
+    assert fake.requests[0].query == {"x": ["1"], "api-version": ["2025-01-01-preview"]}
+    assert fake.requests[0].raw_uri.count("api-version") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_model_names_are_400_and_not_sent(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    for model in ["../admin", "a/b", "..", ".", "x" * 65, "gpt 4", 42, "", "a?b"]:
+        code, _, content = await post(proxy.url + "/v1/chat/completions", {"model": model})
+        assert code == 400, model
+        error = json.loads(content)["error"]
+        assert error["param"] == "model"
+        assert set(error) == {"message", "type", "param", "code"}
+    code, _, content = await post(proxy.url + "/v1/chat/completions", {"messages": []})
+    assert code == 400
+    assert json.loads(content)["error"]["code"] == "missing_model"
+    code, _, content = await post(proxy.url + "/v1/chat/completions", b"{not json")
+    assert code == 400
+    assert json.loads(content)["error"]["code"] == "invalid_json"
+    code, _, content = await post(proxy.url + "/v1/chat/completions", b"[1, 2]")
+    assert code == 400
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_key_is_401_and_not_sent(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    response = await treq.post(
+        proxy.url + "/v1/chat/completions",
+        data=json.dumps(CHAT).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.code == 401
+    error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_key_header_and_jwt_bearer(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    await post(proxy.url + "/v1/chat/completions", CHAT, {"Authorization": "", "api-key": "k2"})
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    await post(proxy.url + "/v1/chat/completions", CHAT, {"Authorization": f"Bearer {jwt}"})
+    assert fake.requests[0].header("api-key") == "k2"
+    assert fake.requests[1].header("authorization") == f"Bearer {jwt}"
+    assert fake.requests[1].header("api-key") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_key_with_client_keys(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], tmp_path: Any
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nalice-key\n\n  bob-key  \n")
+    proxy = make_proxy(token="server-secret", client_keys=str(keys))
+    code, _, _ = await post(proxy.url + "/v1/chat/completions", CHAT, {"Authorization": "Bearer bob-key"})
+    assert code == 200
+    assert fake.requests[0].header("api-key") == "server-secret"
+    code, _, content = await post(
+        proxy.url + "/v1/chat/completions", CHAT, {"Authorization": "Bearer mallory-key"}
+    )
+    assert code == 401
+    assert b"mallory" not in content and b"server-secret" not in content
+    assert len(fake.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_mode_relays_unchanged(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy(mode="openai")
+    body = json.dumps(CHAT).encode()
+    fake.respond_next(200, {"id": "x", "object": "chat.completion"})
+    code, _, content = await post(proxy.url + "/v1/chat/completions?a=b", body)
+    assert code == 200
+    assert json.loads(content) == {"id": "x", "object": "chat.completion"}
+    [seen] = fake.requests
+    assert seen.raw_uri == "/v1/chat/completions?a=b"
+    assert seen.header("api-key") is None
+    assert seen.header("authorization") == "Bearer client-key"
+    assert seen.body == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_azure_shaped_passthrough(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    url = proxy.url + "/openai/deployments/mine/chat/completions?api-version=2024-06-01"
+    code, _, _ = await post(url, CHAT)
+    assert code == 200
+    assert fake.requests[0].raw_uri == "/openai/deployments/mine/chat/completions?api-version=2024-06-01"
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_healthz_options_404_405(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy(model_mapper=["gpt-4o=prod"])
+    auth = {"Authorization": "Bearer k"}
+    r = await treq.get(proxy.url + "/v1/models", headers=auth)
+    listing = await r.json()
+    assert r.code == 200 and listing["object"] == "list"
+    assert {"gpt-4o", "gpt-3.5-turbo"} <= {m["id"] for m in listing["data"]}
+    assert all(m["object"] == "model" for m in listing["data"])
+    r = await treq.get(proxy.url + "/v1/models/gpt-4o", headers=auth)
+    assert r.code == 200 and (await r.json())["id"] == "gpt-4o"
+    r = await treq.get(proxy.url + "/v1/models/nope", headers=auth)
+    assert r.code == 404 and (await r.json())["error"]["code"] == "model_not_found"
+    r = await treq.get(proxy.url + "/v1/models")
+    assert r.code == 401
+
+    r = await treq.get(proxy.url + "/healthz")
+    assert r.code == 200 and await r.json() == {"status": "ok"}
+    assert r.headers.getRawHeaders("access-control-allow-origin") == ["*"]
+
+    r = await treq.request(
+        "OPTIONS",
+        proxy.url + "/v1/chat/completions",
+        headers={
+            "Origin": "https://chat.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-custom",
+        },
+    )
+    assert r.code == 204
+    assert r.headers.getRawHeaders("access-control-allow-headers") == [
+        "authorization, content-type, x-custom"
+    ]
+    assert "POST" in r.headers.getRawHeaders("access-control-allow-methods")[0]
+    assert r.headers.getRawHeaders("access-control-max-age")
+    assert r.headers.getRawHeaders("access-control-allow-origin") == ["*"]
+
+    r = await treq.post(proxy.url + "/v1/nothing-here", data=b"{}", headers=auth)
+    assert r.code == 404
+    assert set((await r.json())["error"]) == {"message", "type", "param", "code"}
+    r = await treq.get(proxy.url + "/v1/chat/completions", headers=auth)
+    assert r.code == 405
+    r = await treq.post(proxy.url + "/v1/files/../../admin", data=b"{}", headers=auth)
+    assert r.code in (400, 404)
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_errors_pass_through(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy()
+    fake.rate_limit_next(retry_after=7)
+    code, headers, content = await post(proxy.url + "/v1/chat/completions", CHAT)
+    assert code == 429
+    assert headers.getRawHeaders("retry-after") == ["7"]
+    assert headers.getRawHeaders("x-ratelimit-remaining-requests")
+    assert b"retry after 7 seconds" in content
+    fake.deployment_not_found_next()
+    code, _, content = await post(proxy.url + "/v1/chat/completions", CHAT)
+    assert code == 404
+    assert json.loads(content)["error"]["code"] == "DeploymentNotFound"
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_over_max_body_is_413(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy(max_body=1000)
+    body = json.dumps({"model": "m", "pad": "x" * 2000}).encode()
+    code, headers, content = await post(proxy.url + "/v1/chat/completions", body)
+    assert code == 413
+    assert json.loads(content)["error"]["code"] == "request_too_large"
+    assert fake.requests == []
