@@ -1,0 +1,222 @@
+"""
+Streaming (SPEC §7) over real sockets: chunks arrive while the upstream still holds the last
+one (no buffering), a client that stops reading pauses the upstream (backpressure), a client
+that disconnects closes the upstream connection (cancellation), Azure's filter-only frames are
+dropped, and every stream ends with a blank line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from aoaiproxy.testing import FakeAzure
+
+from .conftest import Proxy, get_reactor
+
+STREAM = {
+    "model": "gpt-3.5-turbo",
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+class RawClient(Protocol):
+    """Sends one raw HTTP request and collects the raw response bytes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+        self._waiting: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for pair in list(self._waiting):
+            if pair[0](self.received):
+                self._waiting.remove(pair)
+                pair[1].callback(self.received)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed.callback(None)
+
+    def wait_for(self, predicate: Callable[[bytes], bool]) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        if predicate(self.received):
+            d.callback(self.received)
+        else:
+            self._waiting.append((predicate, d))
+        return d.addTimeout(10, get_reactor())
+
+
+def raw_post(path: str, body: dict[str, object], key: str = "k") -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        b"POST %s HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), key.encode(), len(data), data)
+    )
+
+
+async def connect(proxy: Proxy, request: bytes) -> RawClient:
+    endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", proxy.port.getHost().port)
+    client = RawClient(request)
+    await connectProtocol(endpoint, client)
+    return client
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The body of a chunked HTTP/1.1 response (head stripped)."""
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_chunks_arrive_while_upstream_holds_the_last(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    fake.hold_last_chunk()
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    await client.wait_for(lambda got: b"chunk2 " in got)
+    assert fake.held_streams == 1
+    assert b"[DONE]" not in client.received
+    assert b"text/event-stream" in client.received.split(b"\r\n\r\n", 1)[0].lower()
+    fake.release()
+    raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    body = dechunk(raw)
+    events = [e for e in body.split(b"\n\n") if e]
+    assert body.endswith(b"data: [DONE]\n\n")
+    # Azure's filter-only first frame is gone; every other frame, usage among them, stays.
+    assert b"prompt_filter_results" not in body
+    payloads = [json.loads(e[len(b"data: ") :]) for e in events[:-1]]
+    assert all(p["choices"] for p in payloads[:-1])
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]
+    client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_filter_frames(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
+    proxy = make_proxy(keep_filter_frames=True)
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    body = dechunk(raw)
+    assert body.startswith(b'data: {"choices":[],') or b"prompt_filter_results" in body.split(b"\n\n")[0]
+    client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_without_final_blank_line_gets_one(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    fake.respond_next(200, b"data: {}\n\ndata: [DONE]", {"content-type": "text/event-stream"})
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    assert dechunk(raw) == b"data: {}\n\ndata: [DONE]\n\n"
+    client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def proxy_reads_upstream(fake: FakeAzure) -> bool:
+    """Whether the proxy's socket to the fake upstream is being read (not paused)."""
+    [conn] = fake._tracker.protocols
+    local_port = conn.transport.getPeer().port
+    for reader in get_reactor().getReaders():
+        get_host = getattr(reader, "getHost", None)
+        if get_host is not None and getattr(get_host(), "port", None) == local_port:
+            return True
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_stops_reading_pauses_the_upstream(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    fake.big_stream_bytes = 64 * 1024 * 1024
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    await client.wait_for(lambda got: b"\r\n\r\n" in got)
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    # Each time the upstream is pushed back, look whether the proxy stopped reading it. A
+    # proxy without backpressure keeps reading until the 64 MiB are sent, the upstream stops
+    # pausing, and the bounded wait fails.
+    for _ in range(1000):
+        await fake.wait_stream_paused().addTimeout(20, get_reactor())
+        if not proxy_reads_upstream(fake):
+            break
+    assert not proxy_reads_upstream(fake)
+    # What sits in the client's and the proxy's buffers is bounded, not the whole body.
+    assert fake.bytes_sent < 24 * 1024 * 1024, fake.bytes_sent
+    closed = fake.wait_connection_closed()
+    client.transport.abortConnection()  # type: ignore[union-attr]
+    await closed.addTimeout(10, get_reactor())
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_cancels_the_upstream(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    fake.hold_last_chunk()
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    await client.wait_for(lambda got: b"chunk0 " in got)
+    assert fake.open_connections == 1
+    closed = fake.wait_connection_closed()
+    client.transport.abortConnection()  # type: ignore[union-attr]
+    # The proxy closes its upstream connection right away (bounded wait, not a timing test).
+    await closed.addTimeout(2, get_reactor())
+    assert fake.open_connections == 0
+
+
+class Silent(Protocol):
+    """An upstream that accepts, reads the request, and never answers."""
+
+    def __init__(self, got_request: Deferred[None], closed: Deferred[None]) -> None:
+        self.got_request = got_request
+        self.closed = closed
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.got_request.called:
+            self.got_request.callback(None)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_before_headers_cancels_the_upstream(
+    make_proxy: Callable[..., Proxy],
+) -> None:
+    from twisted.internet.protocol import Factory
+
+    got_request: Deferred[None] = Deferred()
+    closed: Deferred[None] = Deferred()
+    port = get_reactor().listenTCP(
+        0, Factory.forProtocol(lambda: Silent(got_request, closed)), interface="127.0.0.1"
+    )
+    try:
+        proxy = make_proxy(endpoint=f"http://127.0.0.1:{port.getHost().port}")
+        client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+        await got_request.addTimeout(10, get_reactor())
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        await closed.addTimeout(2, get_reactor())
+    finally:
+        await port.stopListening()
