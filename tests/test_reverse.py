@@ -234,4 +234,5 @@ async def test_body_over_max_body_is_413(fake: FakeAzure, make_proxy: Callable[.
     code, headers, content = await post(proxy.url + "/v1/chat/completions", body)
     assert code == 413
     assert json.loads(content)["error"]["code"] == "request_too_large"
+    assert headers.getRawHeaders("access-control-allow-origin") == ["*"]
     assert fake.requests == []
