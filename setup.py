@@ -31,6 +31,7 @@ setup(
             "mypy",
             "mypy-zope",
             "ruff",
+            "docutils",
         ],
     },
     entry_points={"console_scripts": ["aoaiproxy-fake-azure=aoaiproxy.testing:main"]},
