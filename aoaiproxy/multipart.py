@@ -9,9 +9,14 @@ import re
 from typing import IO
 
 CHUNK = 64 * 1024
-#: A part's headers and value must fit in this many bytes to be found across chunk edges.
-OVERLAP = 8 * 1024
 MAX_VALUE = 256
+#: Longest part the scan recognises: delimiters (boundary at most 200 bytes) around at most
+#: 16 header lines of at most 1000 bytes and a value of at most MAX_VALUE bytes.
+_MAX_PART = 2 * (4 + 200 + 16 + 2) + 16 * 1002 + 2 + MAX_VALUE
+#: Bytes of one window carried into the next, so that a part cut by a chunk edge is seen
+#: whole in the next window.  Memory stays bounded by CHUNK + OVERLAP.
+OVERLAP = 32 * 1024
+assert OVERLAP > _MAX_PART
 
 _BOUNDARY = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^\s;,]{1,200}))', re.IGNORECASE)
 
@@ -34,8 +39,9 @@ def form_field(f: IO[bytes], content_type: bytes, name: bytes) -> str | None:
         return None
     b = re.escape(boundary)
     part = re.compile(
-        rb"(?:\A|\r\n)--" + b + rb"[ \t]*\r\n((?:[^\r\n]{1,1000}\r\n){1,16})\r\n"
-        rb"(.{0,%d}?)\r\n--" % MAX_VALUE + b,
+        rb"(?:\A|\r\n)--" + b + rb"[ \t]{0,16}\r\n((?:[^\r\n]{1,1000}\r\n){1,16})\r\n"
+        # The closing delimiter is only looked at, not consumed: it opens the next part.
+        rb"(.{0,%d}?)(?=\r\n--" % MAX_VALUE + b + rb")",
         re.DOTALL,
     )
     disposition = re.compile(

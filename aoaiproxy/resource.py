@@ -108,16 +108,19 @@ class ApiResource(Resource):
         model_from_form: str | None = None
         if route.kind in ("deployment", "v1api") and request.method in (b"POST", b"PUT", b"PATCH"):
             if content_type is not None and content_type.lower().startswith(b"multipart/"):
-                model_from_form = form_field(content, content_type, b"model")
-                content.seek(0)
-                if route.kind == "deployment" and model_from_form is None:
-                    rewrite.upstream_auth(config, headers)
-                    raise ProxyError(
-                        400,
-                        "You must provide a model parameter.",
-                        param="model",
-                        code="missing_model",
-                    )
+                # A per-deployment form names its deployment in "model"; the v1 API's uploads
+                # (files) have no model to map and are sent as they are, unscanned.
+                if route.kind == "deployment":
+                    model_from_form = form_field(content, content_type, b"model")
+                    content.seek(0)
+                    if model_from_form is None:
+                        rewrite.upstream_auth(config, headers)
+                        raise ProxyError(
+                            400,
+                            "You must provide a model parameter.",
+                            param="model",
+                            code="missing_model",
+                        )
             elif rewrite.is_json(content_type) or route.kind == "deployment":
                 body = content.read()
                 content.seek(0)
@@ -162,7 +165,8 @@ class ApiResource(Resource):
         encoded = response.headers.hasHeader(b"content-encoding")
         event_stream = content_type.startswith(b"text/event-stream") and not encoded
         filter_frames = event_stream and upstream.azure_stream and not keep_filter_frames
-        if not filter_frames and isinstance(response.length, int):
+        # An event stream's length may change (frames dropped, a final blank line added).
+        if not event_stream and isinstance(response.length, int):
             request.setHeader(b"Content-Length", b"%d" % response.length)
         _note(request, upstream_status=response.code)
         if request.method == b"HEAD" or response.code in (204, 304):

@@ -217,6 +217,32 @@ def query_with_api_version(query: bytes, api_version: str) -> bytes:
     return b"&".join(kept)
 
 
+#: The only C{api-version} values Azure's v1 API (C{/openai/v1/...}) accepts: none of the
+#: dated ones the per-deployment routes need.  Without one it serves the GA C{v1}.
+V1_API_VERSIONS = frozenset({"v1", "preview"})
+
+
+def v1_api_query(query: bytes) -> bytes:
+    """
+    The query for Azure's v1 API: the client's raw query, less any C{api-version} the v1 API
+    does not accept (a dated one), with C{api-version} once at most.  The configured
+    (dated) api-version is for the per-deployment routes and is not sent here; a client
+    that asks for C{api-version=preview} (or C{v1}) keeps it.
+    """
+    kept = []
+    seen = False
+    for pair in query.split(b"&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition(b"=")
+        if unquote(name.decode("latin-1")) != "api-version":
+            kept.append(pair)
+        elif not seen and unquote(value.decode("latin-1")) in V1_API_VERSIONS:
+            seen = True
+            kept.append(pair)
+    return b"&".join(kept)
+
+
 def deployment_for(config: Config, model: Any) -> str:
     """Map a body's C{model} to a deployment name, or raise a 400."""
     if model is None:
@@ -333,12 +359,13 @@ def plan_upstream(
                     new_body = json.dumps(parsed, ensure_ascii=False).encode("utf-8")
         return Upstream(
             method,
-            plain_url(config, route.target, query),
+            plain_url(config, route.target, v1_api_query(query)),
             out_headers,
             new_body,
             model,
             deployment,
-            azure_stream=True,
+            # No chat-completion chunks here (Responses streams typed events): nothing to drop.
+            azure_stream=False,
         )
     # passthrough (/openai/...) and openai mode: unchanged but for authentication.
     return Upstream(
