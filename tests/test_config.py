@@ -114,7 +114,7 @@ def test_unknown_config_key_and_bad_toml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config({"config": str(bad)}, {})
     bad.write_text("[forward]\nallowed = []\n")
-    with pytest.raises(ConfigError, match="forward.allowed"):
+    with pytest.raises(ConfigError, match=r"forward\.allowed"):
         load_config({**EP, "config": str(bad)}, {})
 
 
