@@ -215,3 +215,20 @@ def test_go_style_environment(tmp_path: Path, start_daemon: Callable[..., Daemon
     )
     health = curl(daemon.url + "/healthz")
     assert json.loads(health.stdout) == {"status": "ok"}
+
+
+def test_unix_socket_and_several_listeners(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    sock = tmp_path / "aoaiproxy.sock"
+    other = free_port()
+    daemon = start_daemon(
+        "--endpoint",
+        "https://x.openai.azure.com",
+        "--listen",
+        f"unix:{sock}",
+        "--listen",
+        f"127.0.0.1:{other}",
+    )
+    via_unix = curl("--unix-socket", str(sock), "http://proxy/healthz")
+    assert json.loads(via_unix.stdout) == {"status": "ok"}, via_unix.stderr
+    assert json.loads(curl(f"http://127.0.0.1:{other}/healthz").stdout) == {"status": "ok"}
+    assert json.loads(curl(daemon.url + "/healthz").stdout) == {"status": "ok"}
