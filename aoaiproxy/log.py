@@ -1,0 +1,261 @@
+"""
+Logging: one access-log line per request, the start-up lines, and (with C{--log-format json})
+a log observer that writes every log event, twistd's own among them, as one JSON object per line.
+
+Access lines carry the method, the path (never the query string: clients may put an
+C{api-key} there) or the C{CONNECT} target, the model and deployment, the status, the body
+bytes sent and the duration.  They never carry a header value, so never a key or a proxy
+password.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from twisted.logger import ILogObserver, Logger, formatEvent
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from zope.interface import implementer
+
+from aoaiproxy.config import Config, LiveConfig
+
+__all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_startup"]
+
+#: Facts a request handler may note in C{request.log_info} that go into the access line.  Any
+#: other key is ignored, so that nothing unexpected (a header, a key) reaches the log.
+LOGGED_INFO = ("model", "deployment", "upstream_status", "target", "user", "error")
+
+#: The namespace of access-log events.
+ACCESS_NAMESPACE = "aoaiproxy.access"
+
+_startup_log = Logger(namespace="aoaiproxy")
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def request_target(request: Request) -> str:
+    """
+    What the access line shows as the request-target: the path of an origin-form request
+    without its query, the C{host:port} of a C{CONNECT}, and C{scheme://host[:port]/path} of
+    an absolute-form request (without user information and query).
+    """
+    if request.uri == Request.uri:  # the request line was never read
+        return "-"
+    uri = _text(request.uri)
+    if request.method == b"CONNECT":
+        return uri.rpartition("@")[2]
+    if uri.startswith("/") or uri == "*":
+        return uri.split("?", 1)[0]
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<malformed>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def access_fields(request: Request, started: float, now: float, *, aborted: bool = False) -> dict[str, Any]:
+    """The facts of one access line, as a JSON-able dict (never a key)."""
+    address = request.getClientAddress()
+    client = getattr(address, "host", None) or (_text(getattr(address, "name", "")) or "-")
+    info: Mapping[str, Any] = getattr(request, "log_info", None) or {}
+    fields: dict[str, Any] = {
+        "client": client,
+        "method": _text(request.method) if request.method != Request.method else "-",
+        "path": request_target(request),
+        "status": request.code,
+        "bytes": info.get("bytes", request.sentLength),
+        "duration": round(max(now - started, 0.0), 6),
+    }
+    for key in LOGGED_INFO:
+        value = info.get(key)
+        if value is not None and value != "":
+            fields[key] = value if isinstance(value, (int, float)) else str(value)
+    if aborted:
+        fields["aborted"] = True
+    return fields
+
+
+def format_text(fields: Mapping[str, Any]) -> str:
+    """
+    One text access line:
+    C{127.0.0.1 "POST /v1/chat/completions" 200 bytes=1234 duration=0.812s model=gpt-4o
+    deployment=prod-4o upstream=200}.
+    """
+    parts = [
+        str(fields["client"]),
+        f'"{fields["method"]} {fields["path"]}"',
+        str(fields["status"]),
+        f"bytes={fields['bytes']}",
+        f"duration={fields['duration']:.3f}s",
+    ]
+    for key in ("model", "deployment", "upstream_status", "target", "user", "error"):
+        if key in fields:
+            name = "upstream" if key == "upstream_status" else key
+            value = str(fields[key])
+            if key == "error" or " " in value or '"' in value:
+                value = json.dumps(value)
+            parts.append(f"{name}={value}")
+    if fields.get("aborted"):
+        parts.append("aborted")
+    return " ".join(parts)
+
+
+class AccessLog:
+    """
+    Writes one line per request.  L{ProxySite} calls L{begin} when a request starts, L{log}
+    when it finishes (twisted.web's C{Site.log} hook) and L{refused} for a request refused
+    before it was read (413); a request whose connection goes away before its response is
+    finished (client gone, stream cut) is logged once too, marked C{aborted}.
+    """
+
+    def __init__(self, live: LiveConfig, reactor: Any) -> None:
+        self._live = live
+        self._reactor = reactor
+        self._log = Logger(namespace=ACCESS_NAMESPACE)
+
+    def begin(self, request: Request) -> None:
+        """Note the start time, and log the request if its connection is lost unfinished."""
+        request._aoaiproxy_started = self._reactor.seconds()  # type: ignore[attr-defined]
+        request.notifyFinish().addErrback(self._lost, request)
+
+    def _lost(self, _: Failure, request: Request) -> None:
+        self.emit(request, aborted=True)
+
+    def log(self, request: Request) -> None:
+        """A request finished (called by C{Request.finish} through C{Site.log})."""
+        self.emit(request)
+
+    def refused(self, request: Request) -> None:
+        """A request refused before its body was read (413)."""
+        request.code = 413
+        self.emit(request)
+
+    def refused_head(self, channel: Any, status: int) -> None:
+        """A request refused before its head was read (400, 408, 414, 431)."""
+        requests = getattr(channel, "requests", None) or []
+        if requests:
+            request = requests[-1]
+            request.code = status
+            self.emit(request)
+            return
+        transport = getattr(channel, "transport", None)
+        peer = transport.getPeer() if transport is not None else None
+        fields = {
+            "client": getattr(peer, "host", None) or "-",
+            "method": "-",
+            "path": "-",
+            "status": status,
+            "bytes": 0,
+            "duration": 0.0,
+        }
+        self._write(fields)
+
+    def emit(self, request: Request, *, aborted: bool = False) -> None:
+        if getattr(request, "_aoaiproxy_logged", False):
+            return
+        request._aoaiproxy_logged = True  # type: ignore[attr-defined]
+        now = self._reactor.seconds()
+        started: float = getattr(request, "_aoaiproxy_started", now)
+        # A CONNECT tunnel always ends with its connection: that is not an abort.
+        aborted = aborted and request.method != b"CONNECT"
+        self._write(access_fields(request, started, now, aborted=aborted))
+
+    def _write(self, fields: dict[str, Any]) -> None:
+        if self._live.config.log_format == "json":
+            line = json.dumps(fields, separators=(",", ":"))
+        else:
+            line = format_text(fields)
+        self._log.info("{access_line}", access_line=line, access=fields)
+
+
+def log_startup(config: Config) -> None:
+    """The start-up lines: what listens where, in which mode, to which upstream."""
+    log = _startup_log
+    from aoaiproxy import __version__ as version
+
+    log.info(
+        "aoaiproxy {version}: mode {mode}, upstream {endpoint}, api-version {api_version}",
+        version=version,
+        mode=config.mode,
+        endpoint=config.endpoint,
+        api_version=config.api_version,
+    )
+    for description in config.listen:
+        log.info("listening on {listener}", listener=description)
+    if config.server_key:
+        auth = f"server key, {len(config.client_keys)} client key(s)"
+        if not config.client_keys:
+            auth = "server key, open to anonymous clients (--allow-anonymous)"
+    else:
+        auth = "client keys passed upstream"
+    log.info("authentication: {auth}", auth=auth)
+    if config.forward_allow:
+        log.info(
+            "forward proxy: allowed {allow}; proxy authentication {users}",
+            allow=", ".join(config.forward_allow),
+            users=f"on ({len(config.forward_users)} user(s))" if config.forward_users else "off",
+        )
+    else:
+        log.info("forward proxy: off")
+    log.info(
+        "config file {config_file}; drain timeout {drain:g}s; log format {fmt}",
+        config_file=config.config_file or "none",
+        drain=config.drain_timeout,
+        fmt=config.log_format,
+    )
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """
+    Writes each log event as one JSON object per line: C{time} (ISO 8601, UTC), C{level},
+    C{logger}, C{message}; an access event has its fields instead of the message; a failure
+    adds C{traceback}.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        stamp = event.get("log_time") or time.time()
+        record: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z",
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "logger": event.get("log_namespace") or event.get("system") or "-",
+        }
+        access = event.get("access")
+        if isinstance(access, Mapping):
+            record.update(access)
+        else:
+            record["message"] = formatEvent(dict(event))
+        failure = event.get("log_failure")
+        if isinstance(failure, Failure):
+            record["traceback"] = failure.getTraceback()
+        try:
+            self._out.write(json.dumps(record, default=str) + "\n")
+            self._out.flush()
+        except (OSError, ValueError):  # pragma: no cover - stdout gone
+            pass
+
+
+def json_observer() -> JSONLinesObserver:
+    """
+    A JSON-lines observer on standard output; also usable as
+    C{twistd --logger aoaiproxy.log.json_observer}.
+    """
+    return JSONLinesObserver(sys.stdout)

@@ -1,0 +1,359 @@
+"""
+Running as a system service: graceful stop (drain), reload on C{SIGHUP}, and C{sd_notify}.
+
+- L{Connections} tracks the site's client connections.  On stop it closes idle keep-alive
+  connections at once, lets the ones with a request in flight (a stream, a tunnel) finish
+  and close, and aborts whatever is still open at the deadline, so that a cut stream is
+  visibly truncated.
+- L{Reloader} re-reads the configuration (config file, key files, users file) and TLS
+  certificates, and swaps L{LiveConfig.config} whole; a bad configuration is logged in one
+  line and the old one stays in force.
+- L{DaemonService} is the daemon's top service: it stops the listeners first, then drains,
+  then stops everything else; it installs the C{SIGTERM}/C{SIGINT}/C{SIGHUP} handlers once
+  the reactor runs, tells systemd C{READY=1} (C{Type=notify}), and with C{--log-format json}
+  makes twistd log JSON lines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+
+from aoaiproxy.config import Config, ConfigError, LiveConfig, load_config
+from aoaiproxy.log import json_observer, log_startup
+
+__all__ = ["Connections", "DaemonService", "Reloader", "sd_notify"]
+
+_log = Logger(namespace="aoaiproxy")
+
+
+def sd_notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
+    """
+    Send C{state} (C{READY=1}, C{STOPPING=1}, C{RELOADING=1}, C{STATUS=...}) to systemd's
+    notification socket, if C{$NOTIFY_SOCKET} is set.  A leading C{@} means the abstract
+    namespace.  Returns whether a datagram was sent; never raises.
+    """
+    path = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not path or path[0] not in "/@":
+        return False
+    address = "\0" + path[1:] if path[0] == "@" else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as e:
+        _log.warn("sd_notify {state} failed: {reason}", state=state, reason=e.strerror or str(e))
+        return False
+    return True
+
+
+def _channel(protocol: Any) -> Any:
+    """The HTTPChannel behind the protocol a Site builds (a wrapper around the channel)."""
+    return getattr(protocol, "_channel", protocol)
+
+
+class Connections:
+    """
+    The open client connections of one site, for a graceful stop.
+
+    L{ProxySite.buildProtocol} hands each new connection's protocol to L{track}.  A
+    connection is busy while its channel has a request that is not finished (a request being
+    read, a response or stream being sent, a CONNECT tunnel), idle otherwise.
+    """
+
+    def __init__(self) -> None:
+        self.open: set[Any] = set()
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
+
+    def track(self, protocol: Any) -> None:
+        """Count C{protocol} as open until its C{connectionLost}."""
+        self.open.add(protocol)
+        lost = protocol.connectionLost
+
+        def connectionLost(reason: Failure) -> None:
+            try:
+                lost(reason)
+            finally:
+                self._lost(protocol)
+
+        protocol.connectionLost = connectionLost
+
+    def _lost(self, protocol: Any) -> None:
+        self.open.discard(protocol)
+        if self.draining and not self.open:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    @staticmethod
+    def busy(protocol: Any) -> bool:
+        """Whether the connection has a request in flight."""
+        return bool(getattr(_channel(protocol), "requests", None))
+
+    def in_flight(self) -> int:
+        """How many open connections have a request in flight."""
+        return sum(1 for p in self.open if self.busy(p))
+
+    def close_idle(self) -> int:
+        """
+        Stop taking new requests: close idle connections now, and make busy ones close once
+        their response is done (C{Connection: close}).  Returns how many are busy.
+        """
+        self.draining = True
+        busy = 0
+        for protocol in list(self.open):
+            channel = _channel(protocol)
+            if self.busy(protocol):
+                busy += 1
+                channel.persistent = False
+                for request in list(channel.requests):
+                    if not request.startedWriting:
+                        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            elif getattr(channel, "transport", None) is not None:
+                channel.loseConnection()
+        return busy
+
+    def wait_closed(self) -> Deferred[None]:
+        """Fires once every tracked connection is gone (after L{close_idle})."""
+        self.draining = True
+        if not self.open:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    def cut(self) -> int:
+        """Abort every connection still open; returns how many."""
+        count = 0
+        for protocol in list(self.open):
+            transport = getattr(_channel(protocol), "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+                count += 1
+        return count
+
+    def drain(self, reactor: Any, timeout: float) -> Deferred[int]:
+        """
+        L{close_idle}, then wait until every connection is closed or C{timeout} seconds have
+        passed, and then L{cut} the rest.  Fires with how many connections were cut.
+        """
+        busy = self.close_idle()
+        _log.info(
+            "draining: {busy} connection(s) with a request in flight, waiting up to {timeout:g}s",
+            busy=busy,
+            timeout=timeout,
+        )
+        result: Deferred[int] = Deferred()
+        cut = [0]
+        timer: IDelayedCall | None = None
+
+        def deadline() -> None:
+            nonlocal timer
+            timer = None
+            cut[0] = self.cut()
+            _log.warn(
+                "drain timeout ({timeout:g}s): cut {count} connection(s) still open",
+                timeout=timeout,
+                count=cut[0],
+            )
+            # Aborted connections are lost on the next reactor iteration; do not wait for
+            # anything that might not go away.
+            reactor.callLater(0.5, finish, None)
+
+        def finish(_: object) -> None:
+            nonlocal timer
+            if timer is not None and timer.active():
+                timer.cancel()
+            timer = None
+            if not result.called:
+                if not cut[0]:
+                    _log.info("drained: every request in flight has finished")
+                result.callback(cut[0])
+
+        if self.open:
+            timer = reactor.callLater(timeout, deadline)
+        self.wait_closed().addCallback(finish)
+        return result
+
+
+class Reloadable(Protocol):
+    """Something with certificates or files to re-read on SIGHUP (a TLS listener)."""
+
+    def reload(self) -> object: ...
+
+
+@attrs.define
+class Reloader:
+    """
+    Re-reads the configuration as at start-up (same flags, the given environment) and swaps
+    it into C{live}; reloads each of C{reloadables()} (TLS listeners) too.  A failure keeps
+    what is in force and is logged in one line (a L{ConfigError} never holds a key).
+    """
+
+    flags: Mapping[str, Any]
+    environ: Mapping[str, str]
+    live: LiveConfig
+    reloadables: Callable[[], Iterable[Reloadable]] = lambda: ()
+    log: Logger = attrs.field(factory=lambda: Logger(namespace="aoaiproxy.reload"))
+
+    def reload(self) -> bool:
+        """Reload; returns whether the new configuration (and every reloadable) is in force."""
+        # Certificates are files of their own: renewed ones are taken even if the config is bad.
+        ok = self._reload_others()
+        old = self.live.config
+        try:
+            new = load_config(self.flags, self.environ)
+        except ConfigError as e:
+            self.log.error("reload failed, keeping the running configuration: {error}", error=str(e))
+            return False
+        except Exception as e:  # an unexpected bug must not take the daemon down
+            self.log.failure(
+                "reload failed, keeping the running configuration: {error}", error=type(e).__name__
+            )
+            return False
+        if new.listen != old.listen:
+            self.log.warn(
+                "listen changed from {old} to {new}: listeners change only on restart",
+                old=", ".join(old.listen),
+                new=", ".join(new.listen),
+            )
+            new = attrs.evolve(new, listen=old.listen)
+        self.live.config = new
+        self.log.info("configuration reloaded: {changes}", changes=describe_changes(old, new))
+        return ok
+
+    def _reload_others(self) -> bool:
+        ok = True
+        for item in self.reloadables():
+            try:
+                item.reload()
+            except Exception as e:
+                ok = False
+                self.log.error(
+                    "reloading {item} failed, it keeps its old certificate: {error}",
+                    item=type(item).__name__,
+                    error=str(e) or type(e).__name__,
+                )
+        return ok
+
+
+def describe_changes(old: Config, new: Config) -> str:
+    """Which settings a reload changed, by name only (never a key)."""
+    changed = [
+        field.name for field in attrs.fields(Config) if getattr(old, field.name) != getattr(new, field.name)
+    ]
+    return ", ".join(changed) if changed else "no changes"
+
+
+class DaemonService(service.MultiService):
+    """
+    The daemon's top service.
+
+    On stop: stop the listeners (so new connections are refused), drain the site's
+    connections for C{drain_timeout} seconds, then stop the other children (closing the
+    upstream pool).  twistd waits for the returned Deferred before the reactor stops.
+    """
+
+    def __init__(
+        self,
+        live: LiveConfig,
+        connections: Connections,
+        reactor: Any,
+        reloader: Reloader | None = None,
+        *,
+        install_signals: bool = True,
+    ) -> None:
+        super().__init__()
+        self.live = live
+        self.connections = connections
+        self.reactor = reactor
+        self.reloader = reloader
+        self.install_signals = install_signals
+        self._stopping: Deferred[Any] | None = None
+        if reloader is not None:
+            reloader.reloadables = self.reloadables
+
+    def reloadables(self) -> list[Reloadable]:
+        """The listeners with certificates to reload on SIGHUP (those with C{reload()})."""
+        return [s for s in self._listeners() if callable(getattr(s, "reload", None))]
+
+    # -- twistd integration -----------------------------------------------------------------
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd hands us its Application: with --log-format json, its log observer (which
+        # twistd looks up on the Application) writes JSON lines, twistd's own lines included.
+        if isinstance(parent, Componentized) and self.live.config.log_format == "json":
+            parent.setComponent(ILogObserver, json_observer())
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        log_startup(self.live.config)
+        if self.install_signals:
+            self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        self._install_signal_handlers()
+        if sd_notify("READY=1\nSTATUS=serving"):
+            _log.info("told systemd READY=1")
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(number: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._signalled, number)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+
+    def _signalled(self, number: int) -> None:
+        name = signal.Signals(number).name
+        if number == signal.SIGHUP:
+            _log.info("{signal}: reloading the configuration", signal=name)
+            self.reload()
+        elif self._stopping is None:
+            _log.info("{signal}: shutting down gracefully", signal=name)
+            self.reactor.stop()
+        else:
+            count = self.connections.cut()
+            _log.warn("{signal} again: cut {count} connection(s) now", signal=name, count=count)
+
+    def reload(self) -> bool:
+        if self.reloader is None:
+            return False
+        sd_notify("RELOADING=1")
+        try:
+            return self.reloader.reload()
+        finally:
+            sd_notify("READY=1")
+
+    # -- graceful stop ------------------------------------------------------------------------
+
+    def _listeners(self) -> list[Any]:
+        return [s for s in self if isinstance(s, StreamServerEndpointService)]
+
+    def stopService(self) -> Deferred[Any]:
+        if self._stopping is not None:
+            return self._stopping
+        sd_notify("STOPPING=1")
+        service.Service.stopService(self)
+        listeners = self._listeners()
+        others = [s for s in reversed(list(self)) if s not in listeners]
+        stopped = DeferredList([maybeDeferred(s.stopService) for s in listeners])
+        _log.info("stopped listening")
+        d: Deferred[Any] = self.connections.drain(self.reactor, self.live.config.drain_timeout)
+        d.addCallback(lambda _: stopped)
+        d.addCallback(lambda _: DeferredList([maybeDeferred(s.stopService) for s in others]))
+        self._stopping = d
+        return d
