@@ -1,0 +1,787 @@
+"""
+The forward proxy (SPEC §8) on a real loopback port: CONNECT tunnels (both ways, pipelined
+bytes, half-close, backpressure, idle timeout), 403/407/502/504, absolute-form requests
+(relayed with hop-by-hop and Proxy-* headers stripped, or served as API requests), and the
+rule that an allowlisted name never leads to a loopback or private address.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import select
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import error as ierror
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from aoaiproxy import forward
+from aoaiproxy.config import Config, LiveConfig, load_config
+from aoaiproxy.forward import Forwarder, pending_write_bytes
+from aoaiproxy.resource import ApiResource
+from aoaiproxy.site import ProxySite
+from aoaiproxy.testing import FakeAzure
+from aoaiproxy.upstream import UpstreamClient
+
+from .conftest import free_port, get_reactor
+
+BLOCK = bytes(range(256)) * 256  # 64 KiB
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class Client(Protocol):
+    """A raw client: sends C{first} on connect, collects everything, supports half-close."""
+
+    def __init__(self, first: bytes = b"") -> None:
+        self.first = first
+        self.received = b""
+        self.eof = False
+        self.closed: Deferred[None] = Deferred()
+        self._waiting: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
+        self.on_data: Callable[[bytes], None] | None = None
+        self.store = True
+
+    def connectionMade(self) -> None:
+        if self.first:
+            self.transport.write(self.first)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.store:
+            self.received += data
+        if self.on_data is not None:
+            self.on_data(data)
+        for pair in list(self._waiting):
+            if pair[0](self.received):
+                self._waiting.remove(pair)
+                pair[1].callback(self.received)
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.eof = True
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"closed; received {self.received[:300]!r}"))
+        self._waiting = []
+        self.closed.callback(None)
+
+    def wait_for(self, predicate: Callable[[bytes], bool]) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        if predicate(self.received):
+            d.callback(self.received)
+        else:
+            self._waiting.append((predicate, d))
+        return d.addTimeout(15, get_reactor())
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+def head_done(raw: bytes) -> bool:
+    return b"\r\n\r\n" in raw
+
+
+def response_done(raw: bytes) -> bool:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+@attrs.frozen
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_response(raw: bytes) -> Response:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = body[: int(headers["content-length"])]
+    return Response(status, headers, body)
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+class Echo(Protocol):
+    """Echoes everything; on EOF from the client, answers with how much it got, then closes."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
+        self.got = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+        self.factory.received.append(data)  # type: ignore[attr-defined]
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+@implementer(IHalfCloseableProtocol)
+class CountThenClose(Echo):
+    """Reads until the client half-closes, then answers C{got N} and closes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"got %d" % len(self.got))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class Firehose(Protocol):
+    """Sends C{blocks} deterministic 64 KiB blocks as fast as the connection takes them."""
+
+    blocks = 512
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
+        self.sent = 0
+        self.paused = False
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.sent < self.blocks:
+            self.sent += 1
+            self.transport.write(BLOCK)  # type: ignore[union-attr]
+        if self.sent >= self.blocks and not self.paused:
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class Record(Resource):
+    """A plain HTTP destination that records requests and answers with a small body."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[bytes, bytes, dict[bytes, list[bytes]], bytes]] = []
+
+    def render(self, request: server.Request) -> bytes:
+        assert request.content is not None
+        headers = {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.requests.append((request.method, request.uri, headers, request.content.read()))
+        request.setHeader(b"X-Upstream", b"yes")
+        request.setHeader(b"Keep-Alive", b"timeout=5")
+        request.setHeader(b"Proxy-Authenticate", b"Basic realm=upstream")
+        request.setHeader(b"Content-Type", b"text/plain")
+        return b"hello from " + request.uri
+
+
+@attrs.define
+class Servers:
+    ports: list[IListeningPort] = attrs.field(factory=list)
+    factories: list[Any] = attrs.field(factory=list)
+
+    def tcp(self, protocol: type[Protocol]) -> tuple[int, Any]:
+        factory = Factory.forProtocol(protocol)
+        factory.connections = []  # type: ignore[attr-defined]
+        factory.received = []  # type: ignore[attr-defined]
+        port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+        self.ports.append(port)
+        self.factories.append(factory)
+        return port.getHost().port, factory
+
+    def web(self, resource: Resource) -> int:
+        site = server.Site(resource)
+        site.connections = []  # type: ignore[attr-defined]
+        port = get_reactor().listenTCP(0, site, interface="127.0.0.1")
+        self.ports.append(port)
+        return int(port.getHost().port)
+
+
+@pytest_twisted.async_yield_fixture
+async def servers() -> AsyncIterator[Servers]:
+    s = Servers()
+    yield s
+    for port in s.ports:
+        await port.stopListening()
+    for factory in s.factories:
+        for conn in factory.connections:
+            if conn.transport is not None and conn.transport.connected:
+                conn.transport.abortConnection()
+
+
+@attrs.define
+class FwdProxy:
+    port: IListeningPort
+    live: LiveConfig
+    forwarder: Forwarder
+    upstream: UpstreamClient
+    clients: list[Client]
+
+    @property
+    def port_number(self) -> int:
+        return int(self.port.getHost().port)
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+    async def connect(self, first: bytes = b"", client: Client | None = None) -> Client:
+        client = client or Client(first)
+        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", self.port_number)
+        await connectProtocol(endpoint, client)
+        self.clients.append(client)
+        return client
+
+    async def ask(self, raw: bytes) -> Response:
+        """Send one raw request; return the parsed response."""
+        client = await self.connect(raw)
+        data = await client.wait_for(response_done)
+        return parse_response(data)
+
+
+@pytest_twisted.async_yield_fixture
+async def make_forward(fake: FakeAzure) -> AsyncIterator[Callable[..., FwdProxy]]:
+    """C{make_forward(resolver=, connector=, idle_timeout=, **flags)}: a proxy with a Forwarder."""
+    reactor = get_reactor()
+    started: list[FwdProxy] = []
+
+    def make(
+        resolver: forward.Resolver | None = None,
+        connector: forward.Connector | None = None,
+        idle_timeout: float | None = None,
+        **flags: Any,
+    ) -> FwdProxy:
+        flags.setdefault("endpoint", fake.url)
+        live = LiveConfig(load_config(flags, {}))
+        upstream = UpstreamClient(reactor)
+        forwarder = Forwarder(
+            reactor,
+            live,
+            resolver,
+            connector=connector,
+            upstream=upstream,
+            idle_timeout=idle_timeout,
+        )
+        site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        proxy = FwdProxy(port, live, forwarder, upstream, [])
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.forwarder.close()
+        for client in proxy.clients:
+            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+                client.transport.abortConnection()  # type: ignore[attr-defined]
+        await proxy.port.stopListening()
+        await proxy.upstream.close()
+
+
+def connect_request(target: str, *extra: bytes) -> bytes:
+    return b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
+        target.encode(),
+        target.encode(),
+        b"".join(h + b"\r\n" for h in extra),
+    )
+
+
+def assert_openai_error(response: Response, status: int) -> dict[str, Any]:
+    assert response.status == status
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["content-type"] == "application/json"
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+# -- CONNECT -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_relays_both_ways_including_pipelined_bytes(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    port, echo = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    # The client's first bytes ride in the same segment as the CONNECT head.
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"early bytes;")
+    data = await client.wait_for(lambda r: r.endswith(b"early bytes;"))
+    assert data == b"HTTP/1.1 200 Connection Established\r\n\r\nearly bytes;"
+    client.write(b"second write")
+    await client.wait_for(lambda r: r.endswith(b"second write"))
+    assert b"".join(echo.received) == b"early bytes;second write"
+    assert len(proxy.forwarder.tunnels) == 1
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_pipelined_bytes_after_async_head(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """Bytes sent after the head but before the 200 (buffered by HTTPChannel) get through."""
+    port, echo = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
+    client.write(b"A" * 100_000)  # more than HTTPChannel's eager-read buffer
+    await client.wait_for(lambda r: r.count(b"A") == 100_000)
+    assert b"".join(echo.received) == b"A" * 100_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_half_close(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    port, _ = servers.tcp(CountThenClose)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"x" * 5000)
+    await client.wait_for(head_done)
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await client.closed
+    assert client.received.endswith(b"\r\n\r\ngot 5000")
+    assert not proxy.forwarder.tunnels
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_idle_timeout(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    port, _ = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], idle_timeout=0.2)
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
+    await client.wait_for(head_done)
+    await client.closed  # nothing was sent either way: the proxy closes the tunnel
+    assert not proxy.forwarder.tunnels
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_reader_keeps_proxy_buffer_bounded(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """
+    The client stops reading while the target sends 32 MiB: the proxy stops reading from the
+    target once its write buffer to the client is full, so its buffer stays small; when the
+    client reads again every byte arrives, in order.
+    """
+    port, _ = servers.tcp(Firehose)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    digest = hashlib.sha256()
+    total = 0
+    first: Deferred[None] = Deferred()
+
+    def on_data(data: bytes) -> None:
+        nonlocal total
+        if not first.called:
+            head, _, data = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            first.callback(None)
+        digest.update(data)
+        total += len(data)
+
+    client = Client(connect_request(f"127.0.0.1:{port}"))
+    client.on_data = on_data
+    client.store = False
+    await proxy.connect(client=client)
+    await first
+    [tunnel] = proxy.forwarder.tunnels
+    client.transport.pauseProducing()  # type: ignore[union-attr]  # the stalled reader
+    most = pending_write_bytes(tunnel.client)
+    write = tunnel.client.write
+
+    def measured_write(data: bytes) -> None:
+        nonlocal most
+        write(data)
+        most = max(most, pending_write_bytes(tunnel.client))
+
+    tunnel.client.write = measured_write
+    # Wait for the stall: the proxy has stopped reading from the target, holds bytes for the
+    # client, and the kernel will not take more of them (the socket is not writable: its
+    # buffers are full because the client does not read).
+    stalled: Deferred[None] = Deferred()
+    pause = tunnel.target.pauseProducing
+
+    def on_pause() -> None:
+        pause()
+        writable = select.select([], [tunnel.client.socket], [], 0)[1]
+        if pending_write_bytes(tunnel.client) and not writable and not stalled.called:
+            stalled.callback(None)
+
+    tunnel.target.pauseProducing = on_pause
+    await stalled.addTimeout(15, get_reactor())
+    stalled_read = tunnel.bytes_down
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    await client.closed
+    assert total == len(BLOCK) * Firehose.blocks
+    assert digest.hexdigest() == hashlib.sha256(BLOCK * Firehose.blocks).hexdigest()
+    # Bounded: the proxy holds about one socket buffer's worth, never the stream.
+    assert most < 1024 * 1024, most
+    assert stalled_read < total
+    print(f"proxy write buffer at most {most} bytes; {stalled_read} bytes read when stalled")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_not_allowed_403(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    port, echo = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=["api.openai.com:443"])
+    response = await proxy.ask(connect_request(f"127.0.0.1:{port}"))
+    error = assert_openai_error(response, 403)
+    assert error["code"] == "forward_not_allowed"
+    assert echo.connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_forwarding_off_403(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    port, echo = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=["none"])
+    assert proxy.config.forward_allow == ()
+    for target in (f"127.0.0.1:{port}", "api.openai.com:443"):
+        assert_openai_error(await proxy.ask(connect_request(target)), 403)
+    response = await proxy.ask(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert_openai_error(response, 403)
+    assert echo.connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_loopback_by_name_is_refused(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    """'localhost' resolves (with the real resolver) to loopback: never reached by name."""
+    port, echo = servers.tcp(Echo)
+    web = servers.web(Record())
+    proxy = make_forward(forward_allow=[f"localhost:{port}", f"localhost:{web}"])
+    error = assert_openai_error(await proxy.ask(connect_request(f"localhost:{port}")), 403)
+    assert "non-public" in error["message"]
+    response = await proxy.ask(b"GET http://localhost:%d/x HTTP/1.1\r\nHost: localhost\r\n\r\n" % web)
+    assert_openai_error(response, 403)
+    assert echo.connections == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_name_connects_to_checked_address_not_name(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """
+    A name is resolved once, every address checked, and the connection goes to the checked
+    address.  A private address is allowed only when listed itself.
+    """
+    port, _ = servers.tcp(Echo)
+    asked: list[str] = []
+
+    def resolver(name: str) -> Deferred[list[str]]:
+        asked.append(name)
+        return succeed(["127.0.0.1"])
+
+    dialed: list[tuple[str, int]] = []
+    tcp = forward.tcp_connector(get_reactor())
+
+    def connector(ip: str, p: int, timeout: float) -> Any:
+        dialed.append((ip, p))
+        return tcp(ip, p, timeout)
+
+    blocked = make_forward(resolver, connector, forward_allow=[f"internal.example:{port}"])
+    assert_openai_error(await blocked.ask(connect_request(f"internal.example:{port}")), 403)
+    assert dialed == []
+
+    allowed = make_forward(
+        resolver, connector, forward_allow=[f"internal.example:{port}", f"127.0.0.1:{port}"]
+    )
+    client = await allowed.connect(connect_request(f"internal.example:{port}") + b"ping")
+    await client.wait_for(lambda r: r.endswith(b"ping"))
+    assert dialed == [("127.0.0.1", port)]
+    assert asked == ["internal.example", "internal.example"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_auth_407_then_ok(
+    make_forward: Callable[..., FwdProxy], servers: Servers, tmp_path: Path
+) -> None:
+    port, _ = servers.tcp(Echo)
+    users = tmp_path / "users"
+    users.write_text("alice:s3cret:with-colon\nbob:hunter2\n")
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], forward_users=str(users))
+    target = f"127.0.0.1:{port}"
+    for extra in (
+        (),
+        (b"Proxy-Authorization: " + basic("alice", "wrong"),),
+        (b"Proxy-Authorization: " + basic("mallory", "s3cret:with-colon"),),
+        (b"Proxy-Authorization: Basic !!notbase64",),
+        (b"Proxy-Authorization: Bearer s3cret",),
+    ):
+        response = await proxy.ask(connect_request(target, *extra))
+        error = assert_openai_error(response, 407)
+        assert response.headers["proxy-authenticate"] == 'Basic realm="aoaiproxy"'
+        assert "s3cret" not in response.body.decode() and "wrong" not in error["message"]
+    # Absolute-form requests too, including the API host.
+    response = await proxy.ask(
+        b"POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    assert_openai_error(response, 407)
+    # The same connection may retry with credentials (as curl does).
+    client = await proxy.connect(connect_request(target))
+    first = parse_response(await client.wait_for(response_done))
+    assert first.status == 407
+    client.received = b""
+    client.write(connect_request(target, b"Proxy-Authorization: " + basic("alice", "s3cret:with-colon")))
+    await client.wait_for(head_done)
+    assert client.received.startswith(b"HTTP/1.1 200 ")
+    client.write(b"tunnelled")
+    await client.wait_for(lambda r: r.endswith(b"tunnelled"))
+    # Origin-form API requests need no proxy credentials.
+    health = await proxy.ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert health.status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_refused_502(make_forward: Callable[..., FwdProxy]) -> None:
+    closed_port = free_port()  # bound, then closed: nothing listens there
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{closed_port}"])
+    response = await proxy.ask(connect_request(f"127.0.0.1:{closed_port}"))
+    error = assert_openai_error(response, 502)
+    assert "refused" in error["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout_504(make_forward: Callable[..., FwdProxy]) -> None:
+    cancelled: list[str] = []
+
+    class Never:
+        def __init__(self, ip: str) -> None:
+            self.ip = ip
+
+        def connect(self, factory: Any) -> Deferred[Any]:
+            return Deferred(lambda d: cancelled.append(self.ip))
+
+    proxy = make_forward(
+        connector=lambda ip, port, timeout: Never(ip),
+        forward_allow=["127.0.0.1:9"],
+        connect_timeout="0.2",
+    )
+    response = await proxy.ask(connect_request("127.0.0.1:9"))
+    error = assert_openai_error(response, 504)
+    assert "0.2s" in error["message"]
+    assert cancelled == ["127.0.0.1"]  # the attempt is cancelled, not left dangling
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_malformed_target_400(make_forward: Callable[..., FwdProxy]) -> None:
+    proxy = make_forward(forward_allow=["api.openai.com:443"])
+    for target in ("api.openai.com", "[::1:443", "a b:443", "host:0", "host:99999"):
+        assert_openai_error(await proxy.ask(connect_request(target)), 400)
+
+
+# -- absolute-form -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_relayed_without_hop_by_hop_or_proxy_headers(
+    make_forward: Callable[..., FwdProxy], servers: Servers, tmp_path: Path
+) -> None:
+    record = Record()
+    port = servers.web(record)
+    users = tmp_path / "users"
+    users.write_text("alice:pw\n")
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], forward_users=str(users))
+    response = await proxy.ask(
+        b"POST http://127.0.0.1:%d/some/path?q=1 HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:%d\r\n"
+        b"Proxy-Authorization: %s\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"Connection: keep-alive, X-Drop-Me\r\n"
+        b"X-Drop-Me: 1\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"TE: trailers\r\n"
+        b"Authorization: Bearer for-the-destination\r\n"
+        b"X-Keep: yes\r\n"
+        b"Content-Length: 5\r\n\r\nhello" % (port, port, basic("alice", "pw"))
+    )
+    assert response.status == 200
+    assert response.body == b"hello from /some/path?q=1"
+    assert response.headers["x-upstream"] == "yes"
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "keep-alive" not in response.headers
+    assert "proxy-authenticate" not in response.headers
+    [(method, uri, headers, body)] = record.requests
+    assert (method, uri, body) == (b"POST", b"/some/path?q=1", b"hello")
+    assert headers[b"x-keep"] == [b"yes"]
+    assert headers[b"authorization"] == [b"Bearer for-the-destination"]
+    assert headers[b"host"] == [b"127.0.0.1:%d" % port]
+    for name in (b"proxy-authorization", b"proxy-connection", b"x-drop-me", b"keep-alive", b"te"):
+        assert name not in headers, name
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_not_allowed_403(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    record = Record()
+    port = servers.web(record)
+    proxy = make_forward(forward_allow=["api.openai.com:443"])
+    response = await proxy.ask(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % port)
+    assert_openai_error(response, 403)
+    https = await proxy.ask(b"GET https://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert_openai_error(https, 400)
+    assert record.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_refused_502(make_forward: Callable[..., FwdProxy]) -> None:
+    closed_port = free_port()
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{closed_port}"])
+    response = await proxy.ask(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % closed_port)
+    assert_openai_error(response, 502)
+
+
+@pytest_twisted.ensureDeferred
+async def test_absolute_form_openai_is_converted_to_azure(
+    make_forward: Callable[..., FwdProxy], fake: FakeAzure
+) -> None:
+    proxy = make_forward(forward_allow=["none"])
+    body = json.dumps({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]})
+    response = await proxy.ask(
+        b"POST http://api.openai.com/v1/chat/completions?x=1 HTTP/1.1\r\n"
+        b"Host: api.openai.com\r\nProxy-Connection: keep-alive\r\n"
+        b"Authorization: Bearer client-key\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+    )
+    assert response.status == 200, response.body
+    assert response.json()["object"] == "chat.completion"
+    [rec] = fake.requests
+    assert rec.path == "/openai/deployments/gpt-35-turbo/chat/completions"
+    assert rec.query["api-version"] == [proxy.config.api_version]
+    assert rec.query["x"] == ["1"]
+    assert rec.header("api-key") == "client-key"
+    assert rec.header("proxy-connection") is None
+
+
+# -- pure functions ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (b"api.openai.com:443", ("api.openai.com", 443)),
+        (b"API.OpenAI.com.:443", ("api.openai.com", 443)),
+        (b"[::1]:8443", ("::1", 8443)),
+        (b"[0:0::1]:8443", ("::1", 8443)),
+        (b"10.0.0.1:80", ("10.0.0.1", 80)),
+    ],
+)
+def test_parse_authority(target: bytes, expected: tuple[str, int]) -> None:
+    assert forward.parse_authority(target) == expected
+
+
+@pytest.mark.parametrize(
+    "target", [b"host", b"host:", b"host:x", b"::1:443", b"[::1]", b"[zz]:1", b"h/x:1", b":443"]
+)
+def test_parse_authority_rejects(target: bytes) -> None:
+    with pytest.raises(ValueError):
+        forward.parse_authority(target)
+
+
+def test_destination_allowed() -> None:
+    config = Config(
+        endpoint="https://x.openai.azure.com",
+        forward_allow=("api.openai.com:443", "*.openai.azure.com:443", "[::1]:4443"),
+    )
+    assert forward.destination_allowed(config, "api.openai.com", 443)
+    assert not forward.destination_allowed(config, "api.openai.com", 80)
+    assert forward.destination_allowed(config, "res.openai.azure.com", 443)
+    assert forward.destination_allowed(config, "a.b.openai.azure.com", 443)
+    assert not forward.destination_allowed(config, "openai.azure.com", 443)
+    assert not forward.destination_allowed(config, "evilopenai.azure.com", 443)
+    assert forward.destination_allowed(config, "::1", 4443)
+    assert not forward.destination_allowed(config, "::1", 443)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::1",
+        "::",
+        "fd00:ec2::254",
+        "fc00::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "64:ff9b::a00:1",
+        "ff02::1",
+        "not-an-ip",
+    ],
+)
+def test_address_blocked(address: str) -> None:
+    assert forward.address_blocked(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1::1", "20.42.73.28"])
+def test_address_public(address: str) -> None:
+    assert not forward.address_blocked(address)
+
+
+def test_checked_addresses_all_or_nothing() -> None:
+    config = Config(forward_allow=("svc.example:443", "10.0.0.5:443"))
+    check = forward.checked_addresses
+    assert check(config, "svc.example", 443, ["93.184.216.34"]) == ["93.184.216.34"]
+    assert check(config, "svc.example", 443, ["93.184.216.34", "127.0.0.1"]) == []
+    assert check(config, "svc.example", 443, ["10.0.0.5"]) == ["10.0.0.5"]
+    assert check(config, "svc.example", 443, ["10.0.0.6"]) == []
+
+
+def test_proxy_authorized() -> None:
+    config = Config(forward_users={"alice": "pw:x", "bob": "b"})
+    ok = forward.proxy_authorized
+    assert ok(Config(), None)
+    assert ok(config, basic("alice", "pw:x"))
+    assert ok(config, b"basic " + base64.b64encode(b"bob:b"))
+    assert not ok(config, None)
+    assert not ok(config, basic("alice", "pw"))
+    assert not ok(config, basic("bob", "pw:x"))
+    assert not ok(config, b"Basic " + base64.b64encode(b"alicepw:x"))
+    assert not ok(config, b"Basic ***")
+
+
+def test_connect_error_classification() -> None:
+    classify = forward._connect_error
+    assert classify(Failure(ierror.TimeoutError()), 3).status == 504
+    assert classify(Failure(ierror.ConnectionRefusedError()), 3).status == 502
+    assert classify(Failure(ierror.NoRouteError()), 3).status == 502
