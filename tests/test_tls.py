@@ -1,0 +1,383 @@
+"""
+Native TLS listening (aoaiproxy.tls): one HTTPS listener serves the API (/healthz) and the
+forward proxy (CONNECT), and its certificate can be replaced without a restart; bad new files
+keep the old certificate serving.  Certificates are made at test time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+
+from aoaiproxy.config import LiveConfig, load_config
+from aoaiproxy.forward import Forwarder
+from aoaiproxy.resource import ApiResource
+from aoaiproxy.site import ProxySite
+from aoaiproxy.tls import (
+    ReloadableTLS,
+    TLSFilesError,
+    TLSListenerService,
+    TLSServerEndpoint,
+    listener_service,
+    split_tls,
+)
+from aoaiproxy.upstream import UpstreamClient
+
+from .conftest import free_port, get_reactor
+
+# -- certificates -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CA:
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.pem)
+        return path
+
+    def issue(
+        self, directory: Path, name: str, serial: int, hosts: tuple[str, ...] = ("127.0.0.1",)
+    ) -> tuple[Path, Path]:
+        """A server key and certificate for C{hosts}, written as NAME.key and NAME.pem."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        key_path = directory / f"{name}.key"
+        cert_path = directory / f"{name}.pem"
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return key_path, cert_path
+
+
+def make_ca(name: str = "aoaiproxy test CA") -> CA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return CA(key, cert)
+
+
+# -- blocking TLS clients (run in threads) --------------------------------------------------
+
+
+def _tls_socket(port: int, cafile: Path) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(cafile))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _read_until(sock: ssl.SSLSocket, predicate: Callable[[bytes], bool], limit: int = 1 << 20) -> bytes:
+    data = b""
+    while not predicate(data) and len(data) < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _http_done(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
+
+
+def peer_serial(port: int, cafile: Path) -> int:
+    with _tls_socket(port, cafile) as sock:
+        der = sock.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+
+def get(sock: ssl.SSLSocket, path: str) -> bytes:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return _read_until(sock, _http_done)
+
+
+def https_get(port: int, cafile: Path, path: str) -> bytes:
+    with _tls_socket(port, cafile) as sock:
+        return get(sock, path)
+
+
+def tunnel_exchange(port: int, cafile: Path, target: str, payload: bytes) -> bytes:
+    """CONNECT through the TLS proxy, send C{payload} right after the head, read it echoed."""
+    with _tls_socket(port, cafile) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + payload)
+        return _read_until(sock, lambda d: d.endswith(payload))
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+class Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+@attrs.define
+class TLSProxy:
+    port: IListeningPort
+    tls: ReloadableTLS
+    ca: CA
+    cafile: Path
+    directory: Path
+    echo_port: int
+
+    @property
+    def number(self) -> int:
+        return int(self.port.getHost().port)
+
+
+@pytest_twisted.async_yield_fixture
+async def tls_proxy(tmp_path: Path) -> AsyncIterator[TLSProxy]:
+    reactor = get_reactor()
+    ca = make_ca()
+    cafile = ca.write(tmp_path / "ca.pem")
+    key, cert = ca.issue(tmp_path, "server1", serial=1001)
+    echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+    echo_port = echo.getHost().port
+    live = LiveConfig(
+        load_config(
+            {"endpoint": "https://example.openai.azure.com", "forward_allow": [f"127.0.0.1:{echo_port}"]},
+            {},
+        )
+    )
+    upstream = UpstreamClient(reactor)
+    forwarder = Forwarder(reactor, live, upstream=upstream)
+    site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
+    tls = ReloadableTLS(str(key), str(cert))
+    endpoint = TLSServerEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), tls)
+    port = await endpoint.listen(site)
+    yield TLSProxy(port, tls, ca, cafile, tmp_path, echo_port)
+    forwarder.close()
+    await port.stopListening()
+    await echo.stopListening()
+    await upstream.close()
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_listener_serves_api_and_connect(tls_proxy: TLSProxy) -> None:
+    health = await deferToThread(https_get, tls_proxy.number, tls_proxy.cafile, "/healthz")
+    assert health.startswith(b"HTTP/1.1 200 ")
+    assert health.endswith(b'{"status": "ok"}')
+    echoed = await deferToThread(
+        tunnel_exchange,
+        tls_proxy.number,
+        tls_proxy.cafile,
+        f"127.0.0.1:{tls_proxy.echo_port}",
+        b"through a TLS proxy",
+    )
+    assert echoed == b"HTTP/1.1 200 Connection Established\r\n\r\nthrough a TLS proxy"
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_serves_new_certificate_to_new_connections(tls_proxy: TLSProxy) -> None:
+    assert await deferToThread(peer_serial, tls_proxy.number, tls_proxy.cafile) == 1001
+    # A connection open across the reload keeps working.
+    old = await deferToThread(_tls_socket, tls_proxy.number, tls_proxy.cafile)
+    try:
+        assert (await deferToThread(get, old, "/healthz")).startswith(b"HTTP/1.1 200 ")
+        key, cert = tls_proxy.ca.issue(tls_proxy.directory, "server2", serial=2002)
+        # Replace the files in place, as certbot or an operator does, then reload.
+        (tls_proxy.directory / "server1.key").write_bytes(key.read_bytes())
+        (tls_proxy.directory / "server1.pem").write_bytes(cert.read_bytes())
+        tls_proxy.tls.reload()
+        assert await deferToThread(peer_serial, tls_proxy.number, tls_proxy.cafile) == 2002
+        assert (await deferToThread(get, old, "/healthz")).startswith(b"HTTP/1.1 200 ")
+    finally:
+        old.close()
+
+
+@pytest.mark.parametrize("breakage", ["garbage-cert", "garbage-key", "mismatch", "missing", "empty"])
+@pytest_twisted.ensureDeferred
+async def test_reload_with_bad_files_keeps_old_certificate(tls_proxy: TLSProxy, breakage: str) -> None:
+    directory = tls_proxy.directory
+    key_path, cert_path = directory / "server1.key", directory / "server1.pem"
+    if breakage == "garbage-cert":
+        cert_path.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    elif breakage == "garbage-key":
+        key_path.write_bytes(b"this is no key")
+    elif breakage == "mismatch":
+        other_key, _ = tls_proxy.ca.issue(directory, "other", serial=3003)
+        key_path.write_bytes(other_key.read_bytes())
+    elif breakage == "missing":
+        cert_path.unlink()
+    else:
+        cert_path.write_bytes(b"")
+    with pytest.raises(TLSFilesError) as info:
+        tls_proxy.tls.reload()
+    assert "PRIVATE KEY" not in str(info.value)
+    assert await deferToThread(peer_serial, tls_proxy.number, tls_proxy.cafile) == 1001
+    health = await deferToThread(https_get, tls_proxy.number, tls_proxy.cafile, "/healthz")
+    assert health.startswith(b"HTTP/1.1 200 ")
+
+
+def test_fullchain_and_extra_chain(tmp_path: Path) -> None:
+    """A certKey holding the chain after the certificate, and extraCertChain, both load."""
+    ca = make_ca()
+    key, cert = ca.issue(tmp_path, "leaf", serial=7)
+    fullchain = tmp_path / "fullchain.pem"
+    fullchain.write_bytes(cert.read_bytes() + ca.pem)
+    ReloadableTLS(str(key), str(fullchain))
+    ReloadableTLS(str(key), str(cert), str(ca.write(tmp_path / "chain.pem")))
+    with pytest.raises(TLSFilesError):
+        ReloadableTLS(str(key), str(cert), str(key))  # a "chain" without certificates
+
+
+@pytest.mark.parametrize(
+    ("description", "inner", "params"),
+    [
+        (
+            "ssl:8443:privateKey=k.pem:certKey=c.pem",
+            "tcp:8443",
+            {"privateKey": "k.pem", "certKey": "c.pem"},
+        ),
+        (
+            "ssl:8443:interface=127.0.0.1:privateKey=/etc/a\\:b/k.pem:extraCertChain=ch.pem",
+            "tcp:8443:interface=127.0.0.1",
+            {"privateKey": "/etc/a:b/k.pem", "extraCertChain": "ch.pem"},
+        ),
+        ("ssl:8443", "tcp:8443", {"privateKey": "server.pem"}),
+        (
+            "systemd:domain=INET:name=aoaiproxy:privateKey=k.pem:certKey=c.pem",
+            "systemd:domain=INET:name=aoaiproxy",
+            {"privateKey": "k.pem", "certKey": "c.pem"},
+        ),
+        ("tcp:8080:interface=\\:\\:1", "tcp:8080:interface=\\:\\:1", None),
+        ("unix:/run/a.sock", "unix:/run/a.sock", None),
+    ],
+)
+def test_split_tls(description: str, inner: str, params: dict[str, str] | None) -> None:
+    assert split_tls(description) == (inner, params)
+
+
+def test_listener_service_plain_is_strports(tmp_path: Path) -> None:
+    svc = listener_service("tcp:0:interface=127.0.0.1", Factory.forProtocol(Echo), get_reactor())
+    assert not isinstance(svc, TLSListenerService)
+
+
+def test_listener_service_bad_files_raise(tmp_path: Path) -> None:
+    with pytest.raises(TLSFilesError) as info:
+        listener_service(
+            f"ssl:0:privateKey={tmp_path}/nope.key:certKey={tmp_path}/nope.pem",
+            Factory.forProtocol(Echo),
+            get_reactor(),
+        )
+    assert "nope.key" in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_listener_bind_failure_raises_at_start(tmp_path: Path) -> None:
+    """As with strports.service, a listener that cannot bind fails start-up (twistd exits 1)."""
+    ca = make_ca()
+    key, cert = ca.issue(tmp_path, "s", serial=5)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        port = blocker.getsockname()[1]
+        svc = listener_service(
+            f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+            Factory.forProtocol(Echo),
+            get_reactor(),
+        )
+        assert isinstance(svc, TLSListenerService)
+        with pytest.raises(CannotListenError):
+            svc.privilegedStartService()
+    finally:
+        blocker.close()
+    # And one that can bind serves TLS, and reloads through the service.
+    free = free_port()
+    svc = listener_service(
+        f"ssl:{free}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        Factory.forProtocol(Echo),
+        get_reactor(),
+    )
+    assert isinstance(svc, TLSListenerService)
+    svc.startService()
+    try:
+        cafile = ca.write(tmp_path / "ca.pem")
+        assert await deferToThread(peer_serial, free, cafile) == 5
+        key2, cert2 = ca.issue(tmp_path, "s2", serial=6)
+        svc.tls.private_key, svc.tls.cert = str(key2), str(cert2)
+        svc.reload()
+        assert await deferToThread(peer_serial, free, cafile) == 6
+    finally:
+        await svc.stopService()
