@@ -29,6 +29,15 @@ DEFAULT_API_VERSION = "2024-10-21"
 DEFAULT_OPENAI_ENDPOINT = "https://api.openai.com"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
+#: Limits on what a client may send and how long it may take (see L{Config}).
+DEFAULT_MAX_REQUEST_LINE = 8192
+DEFAULT_MAX_HEADER_SIZE = 16384
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_HEADER_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_TUNNEL_IDLE_TIMEOUT = 300.0
+DEFAULT_MAX_CONNECTIONS = 1024
+
 DEFAULT_MODELS: Mapping[str, str] = MappingProxyType(
     {
         "gpt-3.5-turbo": "gpt-35-turbo",
@@ -88,6 +97,21 @@ class Config:
     keep_filter_frames: bool = False
     connect_timeout: float = 10.0
     upstream_timeout: float = 600.0
+    #: Longest request line (method, target, version) in bytes: 414 beyond it.
+    max_request_line: int = DEFAULT_MAX_REQUEST_LINE
+    #: Longest request head (request line and every header line) in bytes: 431 beyond it.
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    #: Most header fields in one request: 431 beyond it.
+    max_headers: int = DEFAULT_MAX_HEADERS
+    #: Seconds from the first byte of a request head to its end: 408 and close beyond it.
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    #: Seconds a client connection may stay silent between requests (keep-alive) or while
+    #: sending a body: closed beyond it.
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Seconds a CONNECT tunnel may stay silent both ways: closed beyond it.
+    tunnel_idle_timeout: float = DEFAULT_TUNNEL_IDLE_TIMEOUT
+    #: Most open client connections per listener: a 503 (and close) beyond it.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def endpoint_host(self) -> str:
@@ -127,6 +151,13 @@ _FILE_KEYS = frozenset(
         "keep_filter_frames",
         "connect_timeout",
         "upstream_timeout",
+        "max_request_line",
+        "max_header_size",
+        "max_headers",
+        "header_timeout",
+        "idle_timeout",
+        "tunnel_idle_timeout",
+        "max_connections",
     }
 )
 _FORWARD_KEYS = frozenset({"allow", "users_file"})
@@ -454,12 +485,31 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
 
     connect_timeout = num("connect_timeout", 10.0)
     upstream_timeout = num("upstream_timeout", 600.0)
+    header_timeout = num("header_timeout", DEFAULT_HEADER_TIMEOUT)
+    idle_timeout = num("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    tunnel_idle_timeout = num("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT)
     for name, value in (
         ("--connect-timeout", connect_timeout),
         ("--upstream-timeout", upstream_timeout),
+        ("--header-timeout", header_timeout),
+        ("--idle-timeout", idle_timeout),
+        ("--tunnel-idle-timeout", tunnel_idle_timeout),
     ):
         if value <= 0:
             raise ConfigError(name, "must be more than 0 seconds")
+
+    max_request_line = int(num("max_request_line", DEFAULT_MAX_REQUEST_LINE, integer=True))
+    max_header_size = int(num("max_header_size", DEFAULT_MAX_HEADER_SIZE, integer=True))
+    max_headers = int(num("max_headers", DEFAULT_MAX_HEADERS, integer=True))
+    max_connections = int(num("max_connections", DEFAULT_MAX_CONNECTIONS, integer=True))
+    for name, value, least in (
+        ("--max-request-line", max_request_line, 16),
+        ("--max-header-size", max_header_size, 64),
+        ("--max-headers", max_headers, 1),
+        ("--max-connections", max_connections, 1),
+    ):
+        if value < least:
+            raise ConfigError(name, f"must be at least {least}")
 
     return Config(
         listen=listen,
@@ -482,6 +532,13 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         ),
         connect_timeout=connect_timeout,
         upstream_timeout=upstream_timeout,
+        max_request_line=max_request_line,
+        max_header_size=max_header_size,
+        max_headers=max_headers,
+        header_timeout=header_timeout,
+        idle_timeout=idle_timeout,
+        tunnel_idle_timeout=tunnel_idle_timeout,
+        max_connections=max_connections,
     )
 
 

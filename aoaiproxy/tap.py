@@ -84,6 +84,45 @@ class Options(usage.Options):
             "Longest wait for upstream response headers, and longest silence inside a body, "
             "in seconds [default 600]",
         ],
+        [
+            "max-request-line",
+            None,
+            None,
+            "Longest request line in bytes; longer gets 414 [default 8192]",
+        ],
+        [
+            "max-header-size",
+            None,
+            None,
+            "Longest request head (request line and headers) in bytes; longer gets 431 [default 16384]",
+        ],
+        ["max-headers", None, None, "Most header fields in a request; more gets 431 [default 100]"],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client may take to send a request head; slower gets 408 and is "
+            "disconnected [default 30]",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds a client connection may stay silent between requests (keep-alive) or "
+            "inside a request body before it is closed [default 60]",
+        ],
+        [
+            "tunnel-idle-timeout",
+            None,
+            None,
+            "Seconds a CONNECT tunnel may stay silent both ways before it is closed [default 300]",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most open client connections per listener; more get 503 and are closed [default 1024]",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -138,8 +177,9 @@ class Options(usage.Options):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from aoaiproxy.forward import Forwarder
     from aoaiproxy.resource import ApiResource
-    from aoaiproxy.site import ProxySite
+    from aoaiproxy.site import ConnectionCap, ProxySite
     from aoaiproxy.upstream import UpstreamClient
 
     assert options.config is not None
@@ -147,10 +187,12 @@ def makeService(options: Options) -> service.IService:
     live = LiveConfig(config)
     upstream = UpstreamClient(reactor)
     resource = ApiResource(live, upstream, reactor)
-    site = ProxySite(resource, live, reactor)
+    forwarder = Forwarder(reactor, live, upstream=upstream, idle_timeout=config.tunnel_idle_timeout)
+    site = ProxySite(resource, live, reactor, forwarder)
     top = service.MultiService()
     for description in config.listen:
-        strports.service(description, site).setServiceParent(top)
+        # Each listener caps its own open connections (--max-connections).
+        strports.service(description, ConnectionCap(site)).setServiceParent(top)
     _Closing(upstream).setServiceParent(top)
     return top
 

@@ -26,6 +26,8 @@ from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
+from .rawnet import raw_connect  # noqa: F401 - fixture: raw sockets to a listener
+
 REPO = Path(__file__).resolve().parent.parent
 
 
