@@ -239,10 +239,15 @@ class ProxyRequest(server.Request):
     """One request on any listener."""
 
     site: ProxySite
-    # Never parse form bodies into memory (Twisted does that for POST multipart/urlencoded).
-    _parsePOSTFormSubmission = False
     _refused = False
     _received = 0
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # Never parse form bodies into request.args: Twisted does that for every POST
+        # multipart/urlencoded body, in memory (a 20 MB upload cost 250 MB).  It must be
+        # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kwargs)
 
     @property
     def _site(self) -> ProxySite:
