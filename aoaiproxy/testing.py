@@ -207,6 +207,7 @@ def _openai_error(status: int, message: str) -> _Reply:
 
 
 _NOT_FOUND = _azure_error(404, "404", "Resource not found")
+_V1_BAD_API_VERSION = _azure_error(400, "BadRequest", "API version not supported")
 _UNAUTHORIZED = _azure_error(
     401,
     "401",
@@ -664,6 +665,9 @@ class FakeAzure:
                 return _NOT_FOUND
             return self._deployment(rec, match.group("dep"), match.group("op"))
         if rec.path.startswith(_V1_PREFIX):
+            # The v1 API takes no dated api-version: only v1 (the default) or preview.
+            if any(v not in ("v1", "preview") for v in rec.query.get("api-version", [])):
+                return _V1_BAD_API_VERSION
             return self._v1(rec, rec.path[len(_V1_PREFIX) :].strip("/").split("/"))
         return _NOT_FOUND
 

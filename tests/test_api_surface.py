@@ -265,6 +265,14 @@ async def test_v1_api_version(
     assert [r.raw_uri for r in fake.requests] == [expected]
 
 
+@pytest_twisted.ensureDeferred
+async def test_fake_v1_api_refuses_dated_api_version(fake: FakeAzure, client: HTTPClient) -> None:
+    """As Azure's v1 API does; an Azure-shaped /openai/v1/ request is relayed as it is."""
+    for query, status in [("", 200), ("?api-version=preview", 200), ("?api-version=2024-10-21", 400)]:
+        code, _, _ = await send(client, "GET", fake.url + "/openai/v1/files" + query)
+        assert code == status, query
+
+
 def test_v1_api_query() -> None:
     assert rewrite.v1_api_query(b"") == b""
     assert rewrite.v1_api_query(b"a=1&&api%2Dversion=2024-10-21&b") == b"a=1&b"
