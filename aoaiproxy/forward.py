@@ -46,6 +46,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
@@ -463,7 +464,7 @@ class Forwarder:
             attempt.addCallbacks(done, retry)
 
         def retry(failure: Failure) -> None:
-            if failure.check(CancelledError) or not remaining:
+            if failure.check(CancelledError, ierror.ConnectingCancelledError) or not remaining:
                 done(failure)
             else:
                 next_address(failure)
@@ -481,7 +482,7 @@ class Forwarder:
                 result.callback(outcome)
 
         def timed_out(failure: Failure) -> Failure:
-            if failure.check(CancelledError) and not deadline.active():
+            if failure.check(CancelledError, ierror.ConnectingCancelledError) and not deadline.active():
                 return Failure(ierror.TimeoutError())
             return failure
 
@@ -612,7 +613,7 @@ def relayed_request_headers(
 
 
 def _connect_error(failure: Failure, timeout: float) -> ProxyError:
-    if failure.check(ierror.TimeoutError, CancelledError):
+    if failure.check(ierror.TimeoutError, CancelledError, ierror.ConnectingCancelledError):
         return errors.upstream_timeout(f"could not connect within {timeout:g}s")
     if failure.check(ierror.ConnectionRefusedError):
         return errors.upstream_unreachable("connection refused")
@@ -657,8 +658,25 @@ def _push_producer(transport: Any) -> IPushProducer | None:
     return transport
 
 
+def _socket_transport(transport: Any) -> Any:
+    """
+    The socket-level transport under any protocol wrappers (which copy the interfaces of
+    the transport they wrap), or None when a TLS layer is in between.
+    """
+    while transport is not None:
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            return None
+        inner = getattr(transport, "__dict__", {}).get("transport")
+        if inner is None:
+            return transport
+        transport = inner
+    return None
+
+
 def _half_closeable(transport: Any) -> bool:
-    return IHalfCloseableDescriptor.providedBy(transport) and hasattr(transport, "loseWriteConnection")
+    """Whether a connection can be half-closed: plain TCP, not TLS."""
+    sock = _socket_transport(transport)
+    return IHalfCloseableDescriptor.providedBy(sock) and hasattr(sock, "loseWriteConnection")
 
 
 def pending_write_bytes(transport: Any) -> int:
@@ -747,7 +765,7 @@ class Tunnel:
         """Let a plain TCP client's FIN reach us as a half-close, not a full close."""
         if not _half_closeable(self.client):
             return
-        protocol = getattr(self.client, "protocol", None)
+        protocol = getattr(_socket_transport(self.client), "protocol", None)
         if protocol is None:
             return
         alsoProvides(protocol, IHalfCloseableProtocol)
@@ -777,14 +795,14 @@ class Tunnel:
         if self._target_eof or not _half_closeable(self.target):
             self._close()
         else:
-            self.target.loseWriteConnection()
+            _socket_transport(self.target).loseWriteConnection()
 
     def target_eof(self) -> None:
         self._target_eof = True
         if self._client_eof or not _half_closeable(self.client):
             self._close()
         else:
-            self.client.loseWriteConnection()
+            _socket_transport(self.client).loseWriteConnection()
 
     def _client_lost(self, reason: Failure) -> None:
         self._client_eof = True

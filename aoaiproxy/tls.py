@@ -104,6 +104,10 @@ def load_certificate_options(
             certificate=use_cert,
             extraCertChain=use_chain,
             dhParameters=dh,
+            # HTTP/1.1 is what every listener speaks.  Named here so that an ALPN-offering
+            # client (curl offers h2,http/1.1) always finds an overlap: with none, Twisted's
+            # ALPN callback fails the handshake ("internal error" alert).
+            acceptableProtocols=[b"http/1.1"],
         )
         # Build the context now: a key that does not match the certificate, or a bad DH
         # file, fails here rather than on the first connection.
@@ -147,7 +151,9 @@ class ReloadableTLS:
         self.options = self._load()
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return SSL.Connection(self.options.getContext(), None)
+        # CertificateOptions' own: it sets up ALPN for this connection.
+        connection: SSL.Connection = self.options.serverConnectionForTLS(tlsProtocol)
+        return connection
 
 
 @implementer(IStreamServerEndpoint)

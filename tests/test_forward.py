@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import select
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -596,6 +597,29 @@ async def test_connect_timeout_504(make_forward: Callable[..., FwdProxy]) -> Non
     error = assert_openai_error(response, 504)
     assert "0.2s" in error["message"]
     assert cancelled == ["127.0.0.1"]  # the attempt is cancelled, not left dangling
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout_504_real_socket(make_forward: Callable[..., FwdProxy]) -> None:
+    """A real connect that hangs: a listener whose accept queue is full drops new SYNs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], connect_timeout="0.3")
+        error = assert_openai_error(await proxy.ask(connect_request(f"127.0.0.1:{port}")), 504)
+        assert error["code"] == "gateway_timeout"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
 
 
 @pytest_twisted.ensureDeferred

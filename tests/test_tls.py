@@ -20,11 +20,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import WrappingFactory
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
@@ -132,6 +134,7 @@ def make_ca(name: str = "aoaiproxy test CA") -> CA:
 
 def _tls_socket(port: int, cafile: Path) -> ssl.SSLSocket:
     context = ssl.create_default_context(cafile=str(cafile))
+    context.set_alpn_protocols(["h2", "http/1.1"])  # as curl and browsers offer
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     return context.wrap_socket(raw, server_hostname="127.0.0.1")
 
@@ -184,8 +187,15 @@ def tunnel_exchange(port: int, cafile: Path, target: str, payload: bytes) -> byt
 
 
 class Echo(Protocol):
+    closed: list[Deferred[None]] = []
+
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: object = None) -> None:
+        waiting, Echo.closed = Echo.closed, []
+        for d in waiting:
+            d.callback(None)
 
 
 @attrs.define
@@ -196,6 +206,7 @@ class TLSProxy:
     cafile: Path
     directory: Path
     echo_port: int
+    forwarder: Forwarder
 
     @property
     def number(self) -> int:
@@ -221,8 +232,10 @@ async def tls_proxy(tmp_path: Path) -> AsyncIterator[TLSProxy]:
     site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
     tls = ReloadableTLS(str(key), str(cert))
     endpoint = TLSServerEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), tls)
-    port = await endpoint.listen(site)
-    yield TLSProxy(port, tls, ca, cafile, tmp_path, echo_port)
+    # Wrapped, as tap.py wraps the site (ConnectionCap): the wrapper hides the site's ALPN
+    # protocols, and the handshake must still succeed with a client that offers h2.
+    port = await endpoint.listen(WrappingFactory(site))
+    yield TLSProxy(port, tls, ca, cafile, tmp_path, echo_port, forwarder)
     forwarder.close()
     await port.stopListening()
     await echo.stopListening()
@@ -245,6 +258,18 @@ async def test_https_listener_serves_api_and_connect(tls_proxy: TLSProxy) -> Non
         b"through a TLS proxy",
     )
     assert echoed == b"HTTP/1.1 200 Connection Established\r\n\r\nthrough a TLS proxy"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_client_close_ends_the_tunnel(tls_proxy: TLSProxy) -> None:
+    """A TLS client that closes (close_notify, then FIN) closes the tunnel and its target."""
+    target_closed: Deferred[None] = Deferred()
+    Echo.closed.append(target_closed)
+    await deferToThread(
+        tunnel_exchange, tls_proxy.number, tls_proxy.cafile, f"127.0.0.1:{tls_proxy.echo_port}", b"bye"
+    )
+    await target_closed.addTimeout(10, get_reactor())
+    assert not tls_proxy.forwarder.tunnels
 
 
 @pytest_twisted.ensureDeferred
