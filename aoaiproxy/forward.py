@@ -509,7 +509,8 @@ class Forwarder:
             return False
         if not config.forward_allow or not destination_allowed(config, host, port):
             raise _Refused(_forbidden(f"{host}:{port}"))
-        authority = request.getHeader(b"host") or parts.netloc.encode("ascii")
+        # RFC 9112 §3.2.2: the request-target's authority, not the client's Host header.
+        authority = parts.netloc.encode("ascii")
         headers = relayed_request_headers(raw_headers(request), authority)
         d = self._addresses(config, host, port)
         finished = request.notifyFinish()

@@ -643,7 +643,7 @@ async def test_absolute_form_relayed_without_hop_by_hop_or_proxy_headers(
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], forward_users=str(users))
     response = await proxy.ask(
         b"POST http://127.0.0.1:%d/some/path?q=1 HTTP/1.1\r\n"
-        b"Host: 127.0.0.1:%d\r\n"
+        b"Host: not-the-target.example\r\n"
         b"Proxy-Authorization: %s\r\n"
         b"Proxy-Connection: keep-alive\r\n"
         b"Connection: keep-alive, X-Drop-Me\r\n"
@@ -652,7 +652,7 @@ async def test_absolute_form_relayed_without_hop_by_hop_or_proxy_headers(
         b"TE: trailers\r\n"
         b"Authorization: Bearer for-the-destination\r\n"
         b"X-Keep: yes\r\n"
-        b"Content-Length: 5\r\n\r\nhello" % (port, port, basic("alice", "pw"))
+        b"Content-Length: 5\r\n\r\nhello" % (port, basic("alice", "pw"))
     )
     assert response.status == 200
     assert response.body == b"hello from /some/path?q=1"
