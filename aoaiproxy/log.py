@@ -126,7 +126,8 @@ class AccessLog:
     def __init__(self, live: LiveConfig, reactor: Any) -> None:
         self._live = live
         self._reactor = reactor
-        self._log = Logger(namespace=ACCESS_NAMESPACE)
+        #: Where access events go (a test may give it an observer).
+        self.logger = Logger(namespace=ACCESS_NAMESPACE)
 
     def begin(self, request: Request) -> None:
         """Note the start time, and log the request if its connection is lost unfinished."""
@@ -143,6 +144,11 @@ class AccessLog:
     def refused(self, request: Request) -> None:
         """A request refused before its body was read (413)."""
         request.code = 413
+        # Its request line is read but not yet handed to the request: take it from the channel.
+        channel = getattr(request, "channel", None)
+        if request.uri == Request.uri and isinstance(getattr(channel, "_path", None), bytes):
+            request.method = channel._command  # type: ignore[union-attr]
+            request.uri = channel._path  # type: ignore[union-attr]
         self.emit(request)
 
     def refused_head(self, channel: Any, status: int) -> None:
@@ -180,7 +186,7 @@ class AccessLog:
             line = json.dumps(fields, separators=(",", ":"))
         else:
             line = format_text(fields)
-        self._log.info("{access_line}", access_line=line, access=fields)
+        self.logger.info("{access_line}", access_line=line, access=fields)
 
 
 def log_startup(config: Config) -> None:

@@ -26,6 +26,8 @@ from twisted.web.resource import Resource
 from aoaiproxy import errors
 from aoaiproxy.config import LiveConfig
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.log import AccessLog
+from aoaiproxy.service import Connections
 
 if TYPE_CHECKING:
     from aoaiproxy.forward import Forwarder
@@ -248,6 +250,7 @@ class ProxyRequest(server.Request):
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
+        channel.site.access_log.begin(self)
 
     @property
     def _site(self) -> ProxySite:
@@ -329,6 +332,7 @@ class ProxySite(server.Site):
     requestFactory = ProxyRequest
     protocol = _proxy_channel  # type: ignore[assignment]
     displayTracebacks = False
+    noisy = False
 
     def __init__(
         self,
@@ -340,17 +344,29 @@ class ProxySite(server.Site):
         super().__init__(resource, reactor=reactor)
         self.live = live
         self.forwarder = forwarder
+        self.access_log = AccessLog(live, self.reactor)
+        #: Open client connections, for the graceful stop (aoaiproxy.service).
+        self.connections = Connections()
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         # The idle timeout in force when the connection is made (a reload changes new ones).
         self.timeOut = self.live.config.idle_timeout
-        return super().buildProtocol(addr)
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self.connections.track(protocol)
+        return protocol
+
+    def log(self, request: http.Request) -> None:
+        """One access-log line per request (called by twisted.web when it finishes)."""
+        self.access_log.log(request)
 
     def log_refused(self, request: ProxyRequest) -> None:
         """Hook: a request refused before it was read (413)."""
+        self.access_log.refused(request)
 
     def log_refused_head(self, channel: ProxyChannel, error: ProxyError) -> None:
         """Hook: a request refused before its head was read (400, 408, 414, 431)."""
+        self.access_log.refused_head(channel, error.status)
 
 
 class ConnectionCap(WrappingFactory):

@@ -179,6 +179,7 @@ def makeService(options: Options) -> service.IService:
 
     from aoaiproxy.forward import Forwarder
     from aoaiproxy.resource import ApiResource
+    from aoaiproxy.service import DaemonService, Reloader
     from aoaiproxy.site import ConnectionCap, ProxySite
     from aoaiproxy.upstream import UpstreamClient
 
@@ -189,7 +190,9 @@ def makeService(options: Options) -> service.IService:
     resource = ApiResource(live, upstream, reactor)
     forwarder = Forwarder(reactor, live, upstream=upstream, idle_timeout=config.tunnel_idle_timeout)
     site = ProxySite(resource, live, reactor, forwarder)
-    top = service.MultiService()
+    # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
+    reloader = Reloader(options.flags(), os.environ, live)
+    top = DaemonService(live, site.connections, reactor, reloader)
     for description in config.listen:
         # Each listener caps its own open connections (--max-connections).
         strports.service(description, ConnectionCap(site)).setServiceParent(top)
