@@ -22,29 +22,19 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed
 
 from aoaiproxy.testing import FakeAzure
 
-from ..conftest import Daemon, free_port, get_reactor, twistd_command, twistd_env, wait_for_port
+from ..conftest import Daemon, free_port, twistd_command, twistd_env, wait_for_port
+from ..test_service import wait_until
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-e2e-41c7"
 NEW_KEY = "sk-new-DISTINCTIVE-e2e-9d02"
 SERVER_KEY = "srv-key-DISTINCTIVE-e2e-77ab"
 STREAM = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll C{predicate} on the reactor (bounded) until it holds."""
-    reactor = get_reactor()
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def wait_log(daemon: Daemon, text: str, count: int = 1) -> None:
