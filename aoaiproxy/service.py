@@ -231,6 +231,13 @@ class Reloader:
                 new=", ".join(new.listen),
             )
             new = attrs.evolve(new, listen=old.listen)
+        if new.log_format != old.log_format:
+            self.log.warn(
+                "log_format changed from {old} to {new}: the log format changes only on restart",
+                old=old.log_format,
+                new=new.log_format,
+            )
+            new = attrs.evolve(new, log_format=old.log_format)
         self.live.config = new
         self.log.info("configuration reloaded: {changes}", changes=describe_changes(old, new))
         return ok

@@ -299,14 +299,17 @@ def test_reload_with_a_bad_certificate_still_takes_the_config(tmp_path: Path) ->
     assert "it keeps its old certificate: certificate /etc/x.pem holds no PEM certificate" in log.text()
 
 
-def test_reload_cannot_change_listeners(tmp_path: Path) -> None:
+def test_reload_cannot_change_listeners_or_log_format(tmp_path: Path) -> None:
     flags: dict[str, Any] = {"endpoint": "https://r.openai.azure.com", "listen": ["tcp:8080"]}
     live = LiveConfig(load_config(flags, {}))
     log = Recorder()
     flags["listen"] = ["tcp:9090"]
+    flags["log_format"] = "json"
     assert Reloader(flags, {}, live, log=log.logger()).reload()
     assert live.config.listen == ("tcp:8080",)
+    assert live.config.log_format == "text"
     assert "listen changed from tcp:8080 to tcp:9090: listeners change only on restart" in log.text()
+    assert "log_format changed from text to json: the log format changes only on restart" in log.text()
 
 
 # -- drain ------------------------------------------------------------------------------------
