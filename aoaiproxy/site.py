@@ -376,6 +376,8 @@ class ConnectionCap(WrappingFactory):
     a flood of connections cannot use up the process's file descriptors.
     """
 
+    noisy = False  # no "Starting factory" log lines
+
     def __init__(self, site: ProxySite) -> None:
         super().__init__(site)
         self.site = site
