@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.python import usage
 
 from aoaiproxy.config import Config, ConfigError, LiveConfig, load_config
@@ -181,6 +181,7 @@ def makeService(options: Options) -> service.IService:
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService, Reloader
     from aoaiproxy.site import ConnectionCap, ProxySite
+    from aoaiproxy.tls import TLSFilesError, listener_service
     from aoaiproxy.upstream import UpstreamClient
 
     assert options.config is not None
@@ -194,8 +195,13 @@ def makeService(options: Options) -> service.IService:
     reloader = Reloader(options.flags(), os.environ, live)
     top = DaemonService(live, site.connections, reactor, reloader)
     for description in config.listen:
-        # Each listener caps its own open connections (--max-connections).
-        strports.service(description, ConnectionCap(site)).setServiceParent(top)
+        # strports.service semantics; ssl: listeners get reloadable certificates
+        # (aoaiproxy.tls.reload_certificates(top) on SIGHUP).
+        try:
+            # Each listener caps its own open connections (--max-connections).
+            listener_service(description, ConnectionCap(site), reactor).setServiceParent(top)
+        except TLSFilesError as e:
+            raise SystemExit(f"aoaiproxy: --listen: {e}") from None
     _Closing(upstream).setServiceParent(top)
     return top
 
