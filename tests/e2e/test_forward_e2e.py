@@ -33,8 +33,8 @@ from twisted.web.resource import Resource
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.tls import load_certificate_options
 
+from ..certs import make_ca
 from ..conftest import free_port, get_reactor, twistd_command, twistd_env, wait_for_port
-from ..test_tls import make_ca
 
 USER, PASSWORD = "alice", "pa:ss-e2e-DISTINCTIVE"
 PATTERN = hashlib.shake_256(b"aoaiproxy e2e").digest(1024 * 1024)  # 1 MiB, no repeats inside

@@ -8,7 +8,6 @@ no key ever reaches the log.
 
 from __future__ import annotations
 
-import datetime
 import json
 import shutil
 import signal
@@ -27,6 +26,7 @@ from twisted.web.client import ResponseFailed
 
 from aoaiproxy.testing import FakeAzure
 
+from ..certs import CA, make_ca
 from ..conftest import Daemon, free_port, twistd_command, twistd_env, wait_for_port
 from ..test_service import wait_until
 
@@ -199,35 +199,10 @@ async def test_sighup_with_a_broken_config_keeps_the_old_one(
     assert daemon.stop() == 0
 
 
-def make_certificate(directory: Path, name: str) -> tuple[Path, Path, str]:
-    """A self-signed certificate for 127.0.0.1 with common name C{name}: (key, cert, PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    cert_path.write_text(pem)
-    return key_path, cert_path, pem
+def make_certificate(ca: CA, directory: Path, name: str, serial: int) -> tuple[Path, Path, str]:
+    """A certificate for 127.0.0.1 issued by C{ca}: (key, cert, PEM)."""
+    key_path, cert_path = ca.issue(directory, name, serial)
+    return key_path, cert_path, cert_path.read_text()
 
 
 def server_certificate(port: int) -> str:
@@ -239,8 +214,9 @@ async def test_sighup_reloads_tls_certificates(
     fake: FakeAzure, start_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     pytest.importorskip("aoaiproxy.tls")
-    old_key, old_cert, old_pem = make_certificate(tmp_path, "old")
-    new_key, new_cert, new_pem = make_certificate(tmp_path, "new")
+    ca = make_ca()
+    old_key, old_cert, old_pem = make_certificate(ca, tmp_path, "old", 1)
+    new_key, new_cert, new_pem = make_certificate(ca, tmp_path, "new", 2)
     live_key, live_cert = tmp_path / "server.key", tmp_path / "server.crt"
     shutil.copy(old_key, live_key)
     shutil.copy(old_cert, live_cert)
