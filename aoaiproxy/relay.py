@@ -19,6 +19,10 @@ from twisted.web.http import PotentialDataLoss, Request
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
+#: After a failed upstream body, how long the client may take to read what was relayed before
+#: its connection is aborted.
+CUT_GRACE_SECONDS = 5.0
+
 
 def is_filter_only(event: bytes) -> bool:
     """
@@ -96,6 +100,7 @@ class BodyRelay(Protocol):
         self._tail = b""
         self._timer: IDelayedCall | None = None
         self._client_gone = False
+        self._timed_out = False
         self._on_done = on_done
         self.bytes_out = 0
 
@@ -111,7 +116,10 @@ class BodyRelay(Protocol):
 
     def _idle(self) -> None:
         self._timer = None
-        # Stop reading upstream; connectionLost sees a failure and aborts the client.
+        # Stop reading upstream; connectionLost then aborts the client.  Not a clean end even
+        # for a body delimited by the connection's close (which then reports only a
+        # PotentialDataLoss).
+        self._timed_out = True
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
@@ -133,7 +141,7 @@ class BodyRelay(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None and not self._timed_out
         if not self._client_gone:
             self.request.unregisterProducer()
             if clean:
@@ -143,9 +151,28 @@ class BodyRelay(Protocol):
                     self._write(_missing_blank_line(self._tail))
                 self.request.finish()
             else:
-                self.request.channel.transport.abortConnection()  # type: ignore[union-attr]
+                self._cut_client()
         if self._on_done is not None:
             self._on_done(clean and not self._client_gone)
+
+    def _cut_client(self) -> None:
+        """
+        The upstream body failed: end the client's connection so that the truncation is
+        visible.  A response framed by chunks or a length gets what was relayed, then a close
+        without the rest (no terminating 0-chunk; fewer bytes than its length), which every
+        HTTP client reports as an error; it is aborted if the client does not read it within
+        L{CUT_GRACE_SECONDS}.  Otherwise (nothing sent yet, or a response delimited by the
+        close itself) the connection is aborted at once.
+        """
+        request = self.request
+        transport: Any = request.channel.transport  # type: ignore[attr-defined]
+        framed = getattr(request, "chunked", False) or request.responseHeaders.hasHeader(b"content-length")
+        if not (request.startedWriting and framed):  # type: ignore[attr-defined]
+            transport.abortConnection()
+            return
+        timer = self._reactor.callLater(CUT_GRACE_SECONDS, transport.abortConnection)
+        request.notifyFinish().addBoth(lambda _: timer.cancel() if timer.active() else None)
+        request.loseConnection()
 
 
 def _missing_blank_line(tail: bytes) -> bytes:

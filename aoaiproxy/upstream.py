@@ -19,9 +19,14 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web._newclient import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.client import (
     URI,
     Agent,
@@ -34,6 +39,13 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 
 from aoaiproxy import errors
 from aoaiproxy.errors import ProxyError
+
+try:
+    from OpenSSL.SSL import Error as _SSLError
+
+    _TLS_ERRORS: tuple[type[BaseException], ...] = (_SSLError,)
+except ImportError:  # pragma: no cover - no TLS support installed
+    _TLS_ERRORS = ()
 
 #: Idle pooled connections are closed after this many seconds: below the idle timeout of
 #: Azure's front ends, so that a reused connection is rarely stale.
@@ -182,7 +194,7 @@ def _classify(failure: Failure, timed_out: bool, header_timeout: float, connect_
     """Turn an upstream failure into the client-visible error.  Never includes a key."""
     if isinstance(failure.value, ProxyError):
         return failure.value
-    if timed_out or (failure.check(CancelledError) and timed_out):
+    if timed_out:
         return errors.upstream_timeout(f"no response headers within {header_timeout:g}s")
     if failure.check(ierror.TimeoutError):
         return errors.upstream_timeout(f"could not connect within {connect_timeout:g}s")
@@ -190,12 +202,23 @@ def _classify(failure: Failure, timed_out: bool, header_timeout: float, connect_
         return errors.upstream_unreachable("connection refused")
     if failure.check(ierror.DNSLookupError):
         return errors.upstream_unreachable("host name lookup failed")
-    if failure.check(ResponseNeverReceived, RequestNotSent):
-        reasons = getattr(failure.value, "reasons", [])
-        for r in reasons:
-            if "SSL" in type(r.value).__name__ or "TLS" in type(r.value).__name__:
-                return errors.upstream_unreachable("TLS handshake or certificate failed")
+    # The HTTP client wraps what went wrong: RequestTransmissionFailed (e.g. a failed TLS
+    # handshake while sending), ResponseNeverReceived, ResponseFailed (a response began but
+    # could not be parsed, or was cut before its headers ended).
+    reasons: list[Failure] = getattr(failure.value, "reasons", None) or [failure]
+    if any(_is_tls_failure(r) for r in reasons):
+        return errors.upstream_unreachable("TLS handshake or certificate failed")
+    if failure.check(ResponseFailed):
+        return errors.upstream_unreachable("malformed or incomplete response")
+    if failure.check(ResponseNeverReceived, RequestNotSent, RequestTransmissionFailed):
         return errors.upstream_unreachable("connection closed before a response")
     if failure.check(ierror.ConnectError):
         return errors.upstream_unreachable(type(failure.value).__name__)
-    return errors.upstream_unreachable(f"malformed or failed response ({type(failure.value).__name__})")
+    return errors.upstream_unreachable(f"failed ({type(failure.value).__name__})")
+
+
+def _is_tls_failure(reason: Failure) -> bool:
+    """Whether C{reason} is a TLS handshake or certificate verification failure."""
+    if _TLS_ERRORS and reason.check(*_TLS_ERRORS):
+        return True
+    return type(reason.value).__name__ == "VerificationError"  # service_identity's

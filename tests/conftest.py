@@ -68,16 +68,17 @@ class Proxy:
 async def make_proxy(fake: FakeAzure) -> AsyncIterator[Callable[..., Proxy]]:
     """
     C{make_proxy(flags..., env=...)} starts a proxy whose endpoint defaults to the fake
-    upstream, configured through L{load_config} exactly as the daemon is.
+    upstream, configured through L{load_config} exactly as the daemon is.  C{upstream_reactor}
+    replaces the reactor its upstream client uses (to stub name resolution).
     """
     reactor = get_reactor()
     started: list[Proxy] = []
 
-    def make(env: dict[str, str] | None = None, **flags: Any) -> Proxy:
+    def make(env: dict[str, str] | None = None, upstream_reactor: Any = None, **flags: Any) -> Proxy:
         flags.setdefault("endpoint", fake.url)
         config = load_config(flags, env or {})
         live = LiveConfig(config)
-        upstream = UpstreamClient(reactor)
+        upstream = UpstreamClient(upstream_reactor or reactor)
         site = ProxySite(ApiResource(live, upstream, reactor), live, reactor)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         proxy = Proxy(port, live, site, upstream)
