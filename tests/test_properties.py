@@ -32,7 +32,10 @@ from aoaiproxy.errors import ProxyError
 
 from .rawnet import get_reactor
 
-PROPERTIES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the same examples on every run (and no flaky CI); raise max_examples to explore.
+PROPERTIES = settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 DEPLOYMENT_CHARS = string.ascii_letters + string.digits + "._-"
 deployments = st.text(DEPLOYMENT_CHARS, min_size=1, max_size=64).filter(lambda d: d not in (".", ".."))
@@ -227,7 +230,10 @@ def test_no_model_name_injects_into_the_upstream_url(model: str, route: str, que
     assert url.count("api-version=") == 1
 
 
-path_chars = st.sampled_from([*list("/ab.%2eEfF?#\\ \t\r\n\x00\x7f:@;"), "..", "%2f", "%2e%2e", "%00", "é"])
+# A request's path: no raw '?' or '#' (those end the path), anything else a client can send.
+path_chars = st.sampled_from(
+    [*"/ab.%2eEfF\\ \t\r\n\x00\x7f:@;", "..", "%2f", "%2e%2e", "%3f", "%23", "%00", "é"]
+)
 paths = st.lists(path_chars, max_size=30).map(lambda p: "/" + "".join(p))
 
 
