@@ -11,11 +11,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
+from zope.interface import implementer
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -72,12 +73,15 @@ class FilterFrames:
         return rest
 
 
+@implementer(IPushProducer)
 class BodyRelay(Protocol):
     """
     Receives the upstream body (C{response.deliverBody(relay)}) and writes it to the client.
 
-    The upstream transport is registered as the client request's streaming producer, so a
-    client that stops reading pauses the upstream read.  A body that ends cleanly finishes
+    The relay is registered as the client request's streaming producer and passes pause and
+    resume on to the upstream transport, so a client that stops reading pauses the upstream
+    read.  While paused, the inactivity timer is stopped: silence that our own backpressure
+    causes is not the upstream's.  A body that ends cleanly finishes
     the client's response; one that fails (reset, timeout) aborts the client's connection so
     the truncation is visible.
     """
@@ -105,14 +109,30 @@ class BodyRelay(Protocol):
         self.bytes_out = 0
 
     def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+        self.request.registerProducer(self, True)
         self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
         self.request.notifyFinish().addErrback(self._client_lost)
+
+    # IPushProducer, for the client's request: pass on to the upstream transport.
+
+    def pauseProducing(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.transport.pauseProducing()  # type: ignore[attr-defined,union-attr]
+
+    def resumeProducing(self) -> None:
+        if self._timer is None and not self._timed_out:
+            self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+        self.transport.resumeProducing()  # type: ignore[attr-defined,union-attr]
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]
 
     def _client_lost(self, _: Failure) -> None:
         self._client_gone = True
         if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]
 
     def _idle(self) -> None:
         self._timer = None
@@ -121,7 +141,7 @@ class BodyRelay(Protocol):
         # PotentialDataLoss).
         self._timed_out = True
         if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         if self._timer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
@@ -154,6 +155,9 @@ class ApiResource(Resource):
         idle_timeout: float,
     ) -> Deferred[None] | None:
         if request._disconnected:  # type: ignore[attr-defined]
+            # The client left while we waited for the headers: close the upstream connection
+            # rather than leave its body unread.
+            response.deliverBody(_Discard())
             return None
         request.setResponseCode(response.code, response.phrase)
         for name, values in response.headers.getAllRawHeaders():
@@ -213,3 +217,10 @@ class ApiResource(Resource):
         if request.method != b"HEAD":
             request.write(answer.body)
         request.finish()
+
+
+class _Discard(Protocol):
+    """Receives an upstream body nobody wants: stops the upstream at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]

@@ -33,6 +33,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     HTTPConnectionPool,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
@@ -79,6 +80,16 @@ class _Unclosable(io.RawIOBase):
         pass
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    """No "Starting factory" log line for every upstream connection."""
+
+    noisy = False
+
+
+class _Pool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
 class UpstreamClient:
     """
     Sends requests upstream.  One instance serves the whole daemon; L{close} when stopping.
@@ -90,7 +101,7 @@ class UpstreamClient:
         tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
         self._reactor = reactor
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _Pool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
         self._pool.cachedConnectionTimeout = int(CACHED_CONNECTION_TIMEOUT)
         # We retry ourselves, only when it is safe (see request).

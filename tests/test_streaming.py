@@ -220,3 +220,29 @@ async def test_client_disconnect_before_headers_cancels_the_upstream(
         await closed.addTimeout(2, get_reactor())
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_backpressure_pause_is_not_upstream_silence(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    """A client that stops reading for longer than --upstream-timeout still gets its stream:
+    only silence from the upstream while we are reading counts."""
+    from twisted.internet.task import deferLater
+
+    proxy = make_proxy(upstream_timeout="0.3")
+    fake.big_stream_bytes = 16 * 1024 * 1024
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    await client.wait_for(lambda got: b"\r\n\r\n" in got)
+    client.transport.pauseProducing()  # type: ignore[union-attr]
+    for _ in range(1000):
+        await fake.wait_stream_paused().addTimeout(20, get_reactor())
+        if not proxy_reads_upstream(fake):
+            break
+    # The condition under test is the passing of time: three inactivity timeouts go by
+    # while the proxy is held back by its own client.
+    await deferLater(get_reactor(), 1.0, lambda: None)
+    client.transport.resumeProducing()  # type: ignore[union-attr]
+    raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    assert dechunk(raw).endswith(b"data: [DONE]\n\n")
+    client.transport.loseConnection()  # type: ignore[union-attr]
