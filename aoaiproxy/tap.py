@@ -189,7 +189,8 @@ def makeService(options: Options) -> service.IService:
     live = LiveConfig(config)
     upstream = UpstreamClient(reactor)
     resource = ApiResource(live, upstream, reactor)
-    forwarder = Forwarder(reactor, live, upstream=upstream, idle_timeout=config.tunnel_idle_timeout)
+    # The tunnel idle timeout is read from the live config per tunnel, so a reload changes it.
+    forwarder = Forwarder(reactor, live, upstream=upstream)
     site = ProxySite(resource, live, reactor, forwarder)
     # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
     reloader = Reloader(options.flags(), os.environ, live)
