@@ -9,8 +9,8 @@ near its starting level (or file descriptors leaked, or requests failed).
 
 Run it from the repository root (it is not part of the test run)::
 
-    /work/venv/bin/python bench/soak.py                   # defaults: 5000 requests, 500 streams
-    /work/venv/bin/python bench/soak.py --requests 20000 --streams 2000 --concurrency 100
+    .venv/bin/python bench/soak.py                   # defaults: 5000 requests, 500 streams
+    .venv/bin/python bench/soak.py --requests 20000 --streams 2000 --concurrency 100
 
 Every loop is bounded in count, and every phase in time (--phase-timeout).
 """
