@@ -146,6 +146,19 @@ def proxy_reads_upstream(fake: FakeAzure) -> bool:
     return False
 
 
+async def proxy_stops_reading_upstream(fake: FakeAzure) -> None:
+    """
+    Each time the upstream is pushed back, look whether the proxy stopped reading it.  A proxy
+    without backpressure keeps reading until the whole stream is sent, the upstream stops
+    pausing, and the bounded wait fails.
+    """
+    for _ in range(1000):
+        await fake.wait_stream_paused().addTimeout(20, get_reactor())
+        if not proxy_reads_upstream(fake):
+            return
+    raise AssertionError("the proxy never stopped reading its upstream")
+
+
 @pytest_twisted.ensureDeferred
 async def test_client_that_stops_reading_pauses_the_upstream(
     fake: FakeAzure, make_proxy: Callable[..., Proxy]
@@ -155,14 +168,7 @@ async def test_client_that_stops_reading_pauses_the_upstream(
     client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
     await client.wait_for(lambda got: b"\r\n\r\n" in got)
     client.transport.pauseProducing()  # type: ignore[union-attr]
-    # Each time the upstream is pushed back, look whether the proxy stopped reading it. A
-    # proxy without backpressure keeps reading until the 64 MiB are sent, the upstream stops
-    # pausing, and the bounded wait fails.
-    for _ in range(1000):
-        await fake.wait_stream_paused().addTimeout(20, get_reactor())
-        if not proxy_reads_upstream(fake):
-            break
-    assert not proxy_reads_upstream(fake)
+    await proxy_stops_reading_upstream(fake)
     # What sits in the client's and the proxy's buffers is bounded, not the whole body.
     assert fake.bytes_sent < 24 * 1024 * 1024, fake.bytes_sent
     closed = fake.wait_connection_closed()
@@ -235,10 +241,7 @@ async def test_backpressure_pause_is_not_upstream_silence(
     client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
     await client.wait_for(lambda got: b"\r\n\r\n" in got)
     client.transport.pauseProducing()  # type: ignore[union-attr]
-    for _ in range(1000):
-        await fake.wait_stream_paused().addTimeout(20, get_reactor())
-        if not proxy_reads_upstream(fake):
-            break
+    await proxy_stops_reading_upstream(fake)
     # The condition under test is the passing of time: three inactivity timeouts go by
     # while the proxy is held back by its own client.
     await deferLater(get_reactor(), 1.0, lambda: None)
