@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from aoaiproxy.forward import Forwarder
 
 #: How long a connection whose body was refused (413) may go on sending it, so that the client
-#: reads our answer instead of a reset, before it is closed.
+#: reads our answer instead of a reset, before it is cut.
 LINGER_SECONDS = 5.0
 
 #: How long a connection refused before its request was read (400, 408, 414, 431, 503) is
@@ -45,25 +45,19 @@ REJECT_DISCARD_BYTES = 256 * 1024
 #: 503 and are closed at once (best effort), so a flood cannot pile up file descriptors.
 BUSY_LINGER_MAX = 64
 
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
 
-
-def answer_and_close(transport: Any, reactor: Any, error: ProxyError) -> IDelayedCall:
+def answer_and_close(
+    transport: Any, reactor: Any, error: ProxyError, linger: float = REJECT_LINGER_SECONDS
+) -> IDelayedCall:
     """
     Write C{error} as a complete HTTP/1.1 response on a connection whose request will not be
     read, half-close it (so the client sees the end of our answer at once), and abort it after
-    L{REJECT_LINGER_SECONDS}.  The caller discards whatever the client sends meanwhile, and
-    cancels the returned call when the connection is lost.
+    C{linger} seconds.  The caller discards whatever the client sends meanwhile, and cancels
+    the returned call when the connection is lost.
     """
     body = error.body()
     head = [
-        b"HTTP/1.1 %d %s" % (error.status, _REASONS.get(error.status, b"Error")),
+        b"HTTP/1.1 %d %s" % (error.status, http.RESPONSES.get(error.status, b"Error")),
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(body),
         b"Access-Control-Allow-Origin: *",
@@ -76,7 +70,7 @@ def answer_and_close(transport: Any, reactor: Any, error: ProxyError) -> IDelaye
     half_close = getattr(transport, "loseWriteConnection", None)
     if half_close is not None:
         half_close()
-    return reactor.callLater(REJECT_LINGER_SECONDS, transport.abortConnection)  # type: ignore[no-any-return]
+    return reactor.callLater(linger, transport.abortConnection)  # type: ignore[no-any-return]
 
 
 def _head_error(status: int, message: str, code: str) -> ProxyError:
@@ -279,20 +273,14 @@ class ProxyRequest(server.Request):
         super().handleContentChunk(data)
 
     def _refuse(self) -> None:
-        """Answer 413 now and close the connection once the client stops sending (or soon)."""
+        """
+        Answer 413 now; the rest of the body is read and discarded (so the client reads our
+        answer, not a reset) until it ends or L{LINGER_SECONDS} pass.
+        """
         self._refused = True
         # No "100 Continue" after our final answer.
         self.requestHeaders.removeHeader(b"expect")
-        body = errors.too_large(self._limit()).body()
-        transport = self._transport
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Access-Control-Allow-Origin: *\r\n"
-            b"Connection: close\r\n\r\n" % len(body) + body
-        )
-        self._site.reactor.callLater(LINGER_SECONDS, transport.loseConnection)
+        answer_and_close(self._transport, self._site.reactor, errors.too_large(self._limit()), LINGER_SECONDS)
         self._site.log_refused(self)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -302,28 +290,11 @@ class ProxyRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
-        forwarder = self._site.forwarder
-        if self.method == b"CONNECT" or self.uri[:1] != b"/":
-            if forwarder is not None and forwarder.handle(self):
-                return
-            if self.method == b"CONNECT" or self.uri[:1] != b"/":
-                self._proxy_refused()
-                return
+        # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
+        # turns an API request (http://api.openai.com/v1/...) into origin-form for the tree.
+        if (self.method == b"CONNECT" or self.uri[:1] != b"/") and self._site.forwarder.handle(self):
+            return
         super().process()
-
-    def _proxy_refused(self) -> None:
-        self.setHeader(b"Access-Control-Allow-Origin", b"*")
-        self.setResponseCode(403)
-        self.setHeader(b"Content-Type", b"application/json")
-        body = errors.error_body(
-            "Forwarding is turned off on this proxy.",
-            "invalid_request_error",
-            None,
-            "forward_not_allowed",
-        )
-        self.setHeader(b"Content-Length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
 
 
 class ProxySite(server.Site):
@@ -339,7 +310,7 @@ class ProxySite(server.Site):
         resource: Resource,
         live: LiveConfig,
         reactor: Any,
-        forwarder: Forwarder | None = None,
+        forwarder: Forwarder,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.live = live

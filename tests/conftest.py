@@ -21,6 +21,7 @@ import pytest_twisted
 from twisted.internet.interfaces import IListeningPort
 
 from aoaiproxy.config import Config, LiveConfig, load_config
+from aoaiproxy.forward import Forwarder
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
@@ -79,7 +80,9 @@ async def make_proxy(fake: FakeAzure) -> AsyncIterator[Callable[..., Proxy]]:
         config = load_config(flags, env or {})
         live = LiveConfig(config)
         upstream = UpstreamClient(upstream_reactor or reactor)
-        site = ProxySite(ApiResource(live, upstream, reactor), live, reactor)
+        site = ProxySite(
+            ApiResource(live, upstream, reactor), live, reactor, Forwarder(reactor, live, upstream=upstream)
+        )
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         proxy = Proxy(port, live, site, upstream)
         started.append(proxy)
