@@ -469,13 +469,15 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
                 raise ConfigError("--forward-users", "each line must be user:password")
             forward_users[user] = password
 
-    def num(name: str, default: float, *, integer: bool = False) -> float:
+    def num(name: str) -> float:
+        """A numeric option; its default and whether it is whole come from L{Config}."""
+        default = _DEFAULTS[name]
         value = pick(name)
         if value is None:
-            return default
-        return _number(value, "--" + name.replace("_", "-"), integer=integer)
+            return float(default)
+        return _number(value, "--" + name.replace("_", "-"), integer=isinstance(default, int))
 
-    max_body = int(num("max_body", DEFAULT_MAX_BODY, integer=True))
+    max_body = int(num("max_body"))
     if max_body < 1:
         raise ConfigError("--max-body", "must be at least 1 byte")
 
@@ -483,11 +485,11 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     if log_format not in ("text", "json"):
         raise ConfigError("--log-format", f"{log_format!r} is not text or json")
 
-    connect_timeout = num("connect_timeout", 10.0)
-    upstream_timeout = num("upstream_timeout", 600.0)
-    header_timeout = num("header_timeout", DEFAULT_HEADER_TIMEOUT)
-    idle_timeout = num("idle_timeout", DEFAULT_IDLE_TIMEOUT)
-    tunnel_idle_timeout = num("tunnel_idle_timeout", DEFAULT_TUNNEL_IDLE_TIMEOUT)
+    connect_timeout = num("connect_timeout")
+    upstream_timeout = num("upstream_timeout")
+    header_timeout = num("header_timeout")
+    idle_timeout = num("idle_timeout")
+    tunnel_idle_timeout = num("tunnel_idle_timeout")
     for name, value in (
         ("--connect-timeout", connect_timeout),
         ("--upstream-timeout", upstream_timeout),
@@ -498,10 +500,10 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         if value <= 0:
             raise ConfigError(name, "must be more than 0 seconds")
 
-    max_request_line = int(num("max_request_line", DEFAULT_MAX_REQUEST_LINE, integer=True))
-    max_header_size = int(num("max_header_size", DEFAULT_MAX_HEADER_SIZE, integer=True))
-    max_headers = int(num("max_headers", DEFAULT_MAX_HEADERS, integer=True))
-    max_connections = int(num("max_connections", DEFAULT_MAX_CONNECTIONS, integer=True))
+    max_request_line = int(num("max_request_line"))
+    max_header_size = int(num("max_header_size"))
+    max_headers = int(num("max_headers"))
+    max_connections = int(num("max_connections"))
     for name, value, least in (
         ("--max-request-line", max_request_line, 16),
         ("--max-header-size", max_header_size, 64),
@@ -525,7 +527,7 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         config_file=config_path,
         max_body=max_body,
         log_format=log_format,
-        drain_timeout=num("drain_timeout", 30.0),
+        drain_timeout=num("drain_timeout"),
         keep_filter_frames=_boolean(
             flags.get("keep_filter_frames") or file.get("keep_filter_frames", False),
             "--keep-filter-frames",
@@ -540,6 +542,10 @@ def load_config(flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         tunnel_idle_timeout=tunnel_idle_timeout,
         max_connections=max_connections,
     )
+
+
+#: Each option's default, from L{Config} itself.
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in attrs.fields(Config)}
 
 
 class LiveConfig:

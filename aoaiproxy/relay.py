@@ -153,7 +153,8 @@ class BodyRelay(Protocol):
     def _write(self, data: bytes) -> None:
         if data and not self._client_gone:
             if self._event_stream:
-                self._tail = (self._tail + data)[-4:]
+                # Only the last bytes matter (is there a final blank line?): no copy of data.
+                self._tail = (self._tail + data[-4:])[-4:]
             self.bytes_out += len(data)
             self.request.write(data)
 

@@ -17,7 +17,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from aoaiproxy import rewrite
+from aoaiproxy import errors, rewrite
 from aoaiproxy.config import LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.multipart import form_field
@@ -194,8 +194,6 @@ class ApiResource(Resource):
             return
         error = failure.value if isinstance(failure.value, ProxyError) else None
         if error is None:
-            from aoaiproxy import errors
-
             error = errors.upstream_unreachable(type(failure.value).__name__)
         write_error(request, error)
 
