@@ -26,6 +26,7 @@ import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -305,6 +306,14 @@ class DaemonService(service.MultiService):
         if isinstance(parent, Componentized) and self.live.config.log_format == "json":
             parent.setComponent(ILogObserver, json_observer())
         super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        # The listeners bind here: one that cannot stops start-up with one line naming the
+        # option (SPEC §2), not twistd's traceback.
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"aoaiproxy: --listen: {e}") from None
 
     def startService(self) -> None:
         super().startService()
