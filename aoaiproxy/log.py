@@ -28,7 +28,7 @@ __all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_st
 
 #: Facts a request handler may note in C{request.log_info} that go into the access line.  Any
 #: other key is ignored, so that nothing unexpected (a header, a key) reaches the log.
-LOGGED_INFO = ("model", "deployment", "upstream_status", "target", "user", "error")
+LOGGED_INFO = ("model", "deployment", "upstream_status", "error")
 
 #: The namespace of access-log events.
 ACCESS_NAMESPACE = "aoaiproxy.access"
@@ -103,7 +103,7 @@ def format_text(fields: Mapping[str, Any]) -> str:
         f"bytes={fields['bytes']}",
         f"duration={fields['duration']:.3f}s",
     ]
-    for key in ("model", "deployment", "upstream_status", "target", "user", "error"):
+    for key in LOGGED_INFO:
         if key in fields:
             name = "upstream" if key == "upstream_status" else key
             value = str(fields[key])
@@ -115,41 +115,43 @@ def format_text(fields: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _format_json(fields: Mapping[str, Any]) -> str:
+    return json.dumps(fields, separators=(",", ":"))
+
+
+class _Line:
+    """An access line rendered only if a text observer formats the event."""
+
+    __slots__ = ("fields", "render")
+
+    def __init__(self, fields: Mapping[str, Any], render: Any) -> None:
+        self.fields = fields
+        self.render = render
+
+    def __format__(self, spec: str) -> str:
+        rendered: str = self.render(self.fields)
+        return rendered
+
+
 class AccessLog:
     """
-    Writes one line per request.  L{ProxySite} calls L{begin} when a request starts, L{log}
-    when it finishes (twisted.web's C{Site.log} hook) and L{refused} for a request refused
-    before it was read (413); a request whose connection goes away before its response is
-    finished (client gone, stream cut) is logged once too, marked C{aborted}.
+    Writes one line per request: L{emit} when a request finishes (twisted.web's C{Site.log}
+    hook) or its connection goes away unfinished (marked C{aborted}), L{refused} for one
+    refused before its body was read (413), L{refused_head} before its head was read.  Each
+    request is logged once.
     """
 
     def __init__(self, live: LiveConfig, reactor: Any) -> None:
-        self._live = live
         self._reactor = reactor
+        # The log format changes only on restart (a reload keeps it).
+        self._render = _format_json if live.config.log_format == "json" else format_text
         #: Where access events go (a test may give it an observer).
         self.logger = Logger(namespace=ACCESS_NAMESPACE)
-
-    def begin(self, request: Request) -> None:
-        """Note the start time, and log the request if its connection is lost unfinished."""
-        request._aoaiproxy_started = self._reactor.seconds()  # type: ignore[attr-defined]
-        request.notifyFinish().addErrback(self._lost, request)
-
-    def _lost(self, _: Failure, request: Request) -> None:
-        self.emit(request, aborted=True)
-
-    def log(self, request: Request) -> None:
-        """A request finished (called by C{Request.finish} through C{Site.log})."""
-        self.emit(request)
 
     def refused(self, request: Request) -> None:
         """A request refused before its body was read (413)."""
         request.code = 413
-        # Its request line is read but not yet handed to the request: take it from the channel.
-        channel = getattr(request, "channel", None)
-        if request.uri == Request.uri and isinstance(getattr(channel, "_path", None), bytes):
-            request.method = channel._command  # type: ignore[union-attr]
-            request.uri = channel._path  # type: ignore[union-attr]
-        self.emit(request)
+        self.emit(_with_request_line(request))
 
     def refused_head(self, channel: Any, status: int) -> None:
         """A request refused before its head was read (400, 408, 414, 431)."""
@@ -157,7 +159,7 @@ class AccessLog:
         if requests:
             request = requests[-1]
             request.code = status
-            self.emit(request)
+            self.emit(_with_request_line(request))
             return
         transport = getattr(channel, "transport", None)
         peer = transport.getPeer() if transport is not None else None
@@ -172,21 +174,30 @@ class AccessLog:
         self._write(fields)
 
     def emit(self, request: Request, *, aborted: bool = False) -> None:
-        if getattr(request, "_aoaiproxy_logged", False):
+        """Log C{request} (once; later calls for it do nothing)."""
+        if getattr(request, "log_done", False):
             return
-        request._aoaiproxy_logged = True  # type: ignore[attr-defined]
+        request.log_done = True  # type: ignore[attr-defined]
         now = self._reactor.seconds()
-        started: float = getattr(request, "_aoaiproxy_started", now)
+        started: float = getattr(request, "log_started", now)
         # A CONNECT tunnel always ends with its connection: that is not an abort.
         aborted = aborted and request.method != b"CONNECT"
         self._write(access_fields(request, started, now, aborted=aborted))
 
     def _write(self, fields: dict[str, Any]) -> None:
-        if self._live.config.log_format == "json":
-            line = json.dumps(fields, separators=(",", ":"))
-        else:
-            line = format_text(fields)
-        self.logger.info("{access_line}", access_line=line, access=fields)
+        self.logger.info("{access_line}", access_line=_Line(fields, self._render), access=fields)
+
+
+def _with_request_line(request: Request) -> Request:
+    """
+    A request refused before the channel handed it its request line: take method and path
+    from the channel, so the access line shows them.
+    """
+    channel = getattr(request, "channel", None)
+    if request.uri == Request.uri and isinstance(getattr(channel, "_path", None), bytes):
+        request.method = channel._command  # type: ignore[union-attr]
+        request.uri = channel._path  # type: ignore[union-attr]
+    return request
 
 
 def log_startup(config: Config) -> None:

@@ -208,7 +208,7 @@ class ProxyChannel(http.HTTPChannel):
         # Read (and discard) until the client closes: it may have been paused for pipelining.
         self._networkProducer.resumeProducing()
         self._linger = answer_and_close(self.transport, self.site.reactor, error)
-        self.site.log_refused_head(self, error)
+        self.site.access_log.refused_head(self, error.status)
 
     def _discard(self, data: bytes) -> None:
         self._discarded += len(data)
@@ -237,6 +237,9 @@ class ProxyRequest(server.Request):
     site: ProxySite
     _refused = False
     _received = 0
+    #: For the access log: when the request started, and whether it has been logged.
+    log_started = 0.0
+    log_done = False
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -244,7 +247,14 @@ class ProxyRequest(server.Request):
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
-        channel.site.access_log.begin(self)
+        self.log_started = channel.site.reactor.seconds()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The connection went away before the response was finished (client gone, stream
+        # cut, drain deadline): still one access line, marked aborted.
+        site = self._site  # Request.connectionLost drops the channel
+        super().connectionLost(reason)
+        site.access_log.emit(self, aborted=True)
 
     @property
     def _site(self) -> ProxySite:
@@ -281,7 +291,7 @@ class ProxyRequest(server.Request):
         # No "100 Continue" after our final answer.
         self.requestHeaders.removeHeader(b"expect")
         answer_and_close(self._transport, self._site.reactor, errors.too_large(self._limit()), LINGER_SECONDS)
-        self._site.log_refused(self)
+        self._site.access_log.refused(self)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -329,15 +339,7 @@ class ProxySite(server.Site):
 
     def log(self, request: http.Request) -> None:
         """One access-log line per request (called by twisted.web when it finishes)."""
-        self.access_log.log(request)
-
-    def log_refused(self, request: ProxyRequest) -> None:
-        """Hook: a request refused before it was read (413)."""
-        self.access_log.refused(request)
-
-    def log_refused_head(self, channel: ProxyChannel, error: ProxyError) -> None:
-        """Hook: a request refused before its head was read (400, 408, 414, 431)."""
-        self.access_log.refused_head(channel, error.status)
+        self.access_log.emit(request)
 
 
 class ConnectionCap(WrappingFactory):
