@@ -57,7 +57,7 @@ from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.relay import BodyRelay
 from aoaiproxy.resource import raw_headers, write_error
-from aoaiproxy.rewrite import HOP_BY_HOP
+from aoaiproxy.rewrite import strip_hop_by_hop
 from aoaiproxy.upstream import UpstreamClient
 
 #: Seconds a tunnel may stay silent both ways before it is closed.
@@ -546,11 +546,9 @@ class Forwarder:
             if cancelled or getattr(request, "_disconnected", False):
                 return
             request.setResponseCode(response.code, response.phrase)
-            listed = _connection_listed(v for v in response.headers.getRawHeaders(b"connection", []))
-            for name, values in response.headers.getAllRawHeaders():
-                lname = name.lower()
-                if lname not in HOP_BY_HOP and lname not in listed:
-                    request.responseHeaders.setRawHeaders(name, values)
+            kept = strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
+            for name in dict.fromkeys(n for n, _ in kept):
+                request.responseHeaders.setRawHeaders(name, [v for n, v in kept if n == name])
             request.setHeader(b"Access-Control-Allow-Origin", b"*")
             request.defaultContentType = None  # type: ignore[attr-defined]
             if isinstance(response.length, int):
@@ -585,12 +583,10 @@ def _to_origin_form(request: Request, uri: bytes, path: bytes) -> None:
     """Make an absolute-form API request look as if it had been sent in origin-form."""
     request.uri = uri
     request.path = path
-    for name in (b"proxy-connection", b"proxy-authorization"):
-        request.requestHeaders.removeHeader(name)
 
 
-def _connection_listed(values: Any) -> set[bytes]:
-    return {token.strip().lower() for value in values for token in value.split(b",")}
+#: Besides hop-by-hop ones: the client's headers a relayed request sets itself.
+_NOT_RELAYED = frozenset({b"host", b"content-length"})
 
 
 def relayed_request_headers(
@@ -600,14 +596,10 @@ def relayed_request_headers(
     A forwarded request's headers: the client's, less hop-by-hop ones, those its
     C{Connection} header lists and every C{Proxy-*}; C{Host} is the request-target's.
     """
-    listed = _connection_listed(v for n, v in headers if n.lower() == b"connection")
     out = [
         (name, value)
-        for name, value in headers
-        if (lname := name.lower()) not in HOP_BY_HOP
-        and lname not in listed
-        and lname not in (b"host", b"content-length")
-        and not lname.startswith(b"proxy-")
+        for name, value in strip_hop_by_hop(headers, _NOT_RELAYED)
+        if not name.lower().startswith(b"proxy-")
     ]
     out.append((b"Host", authority))
     return out

@@ -37,7 +37,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"api-key"}
+#: Besides hop-by-hop ones: the client's headers that the upstream request sets itself.
+_NOT_FORWARDED = frozenset({b"host", b"content-length", b"authorization", b"api-key"})
 
 #: Per-deployment operations: client path after /v1/ -> Azure path after deployments/{d}/.
 DEPLOYMENT_ROUTES: Mapping[str, str] = {
@@ -189,8 +190,11 @@ def upstream_auth(config: Config, headers: Iterable[Header]) -> tuple[Header, ..
     return ((b"api-key", presented),)
 
 
-def forward_headers(headers: Iterable[Header], auth: Sequence[Header]) -> tuple[Header, ...]:
-    """The client's headers less hop-by-hop, host, length and credentials, plus C{auth}."""
+def strip_hop_by_hop(headers: Iterable[Header], drop: frozenset[bytes] = frozenset()) -> list[Header]:
+    """
+    C{headers} less hop-by-hop ones (L{HOP_BY_HOP} and those their C{Connection} header
+    lists, RFC 9110 §7.6.1) and those named in C{drop} (lower case), in order.
+    """
     headers = list(headers)
     listed = {
         token.strip().lower()
@@ -198,12 +202,13 @@ def forward_headers(headers: Iterable[Header], auth: Sequence[Header]) -> tuple[
         if name.lower() == b"connection"
         for token in value.split(b",")
     }
-    kept = [
-        (name, value)
-        for name, value in headers
-        if (lname := name.lower()) not in _NOT_FORWARDED and lname not in listed
-    ]
-    return (*kept, *auth)
+    gone = HOP_BY_HOP | drop | listed
+    return [(name, value) for name, value in headers if name.lower() not in gone]
+
+
+def forward_headers(headers: Iterable[Header], auth: Sequence[Header]) -> tuple[Header, ...]:
+    """The client's headers less hop-by-hop, host, length and credentials, plus C{auth}."""
+    return (*strip_hop_by_hop(headers, _NOT_FORWARDED), *auth)
 
 
 def query_with_api_version(query: bytes, api_version: str) -> bytes:
