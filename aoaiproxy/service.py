@@ -104,10 +104,6 @@ class Connections:
         """Whether the connection has a request in flight."""
         return bool(getattr(_channel(protocol), "requests", None))
 
-    def in_flight(self) -> int:
-        """How many open connections have a request in flight."""
-        return sum(1 for p in self.open if self.busy(p))
-
     def close_idle(self) -> int:
         """
         Stop taking new requests: close idle connections now, and make busy ones close once
@@ -190,6 +186,14 @@ class Connections:
         return result
 
 
+#: Settings a reload cannot change: the listeners are bound, the log observer is installed.
+RESTART_ONLY = ("listen", "log_format")
+
+
+def _shown(value: object) -> str:
+    return ", ".join(value) if isinstance(value, tuple) else str(value)
+
+
 class Reloadable(Protocol):
     """Something with certificates or files to re-read on SIGHUP (a TLS listener)."""
 
@@ -225,20 +229,15 @@ class Reloader:
                 "reload failed, keeping the running configuration: {error}", error=type(e).__name__
             )
             return False
-        if new.listen != old.listen:
-            self.log.warn(
-                "listen changed from {old} to {new}: listeners change only on restart",
-                old=", ".join(old.listen),
-                new=", ".join(new.listen),
-            )
-            new = attrs.evolve(new, listen=old.listen)
-        if new.log_format != old.log_format:
-            self.log.warn(
-                "log_format changed from {old} to {new}: the log format changes only on restart",
-                old=old.log_format,
-                new=new.log_format,
-            )
-            new = attrs.evolve(new, log_format=old.log_format)
+        for name in RESTART_ONLY:
+            if getattr(new, name) != getattr(old, name):
+                self.log.warn(
+                    "{name} changed from {old} to {new}: it changes only on restart",
+                    name=name,
+                    old=_shown(getattr(old, name)),
+                    new=_shown(getattr(new, name)),
+                )
+                new = attrs.evolve(new, **{name: getattr(old, name)})
         self.live.config = new
         self.log.info("configuration reloaded: {changes}", changes=describe_changes(old, new))
         return ok
@@ -280,19 +279,15 @@ class DaemonService(service.MultiService):
         live: LiveConfig,
         connections: Connections,
         reactor: Any,
-        reloader: Reloader | None = None,
-        *,
-        install_signals: bool = True,
+        reloader: Reloader,
     ) -> None:
         super().__init__()
         self.live = live
         self.connections = connections
         self.reactor = reactor
         self.reloader = reloader
-        self.install_signals = install_signals
         self._stopping: Deferred[Any] | None = None
-        if reloader is not None:
-            reloader.reloadables = self.reloadables
+        reloader.reloadables = self.reloadables
 
     def reloadables(self) -> list[Reloadable]:
         """The listeners with certificates to reload on SIGHUP (those with C{reload()})."""
@@ -318,8 +313,7 @@ class DaemonService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         log_startup(self.live.config)
-        if self.install_signals:
-            self.reactor.callWhenRunning(self._running)
+        self.reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
         self._install_signal_handlers()
@@ -346,8 +340,6 @@ class DaemonService(service.MultiService):
             _log.warn("{signal} again: cut {count} connection(s) now", signal=name, count=count)
 
     def reload(self) -> bool:
-        if self.reloader is None:
-            return False
         sd_notify("RELOADING=1")
         try:
             return self.reloader.reload()

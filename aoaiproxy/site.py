@@ -164,6 +164,15 @@ class ProxyChannel(http.HTTPChannel):
         self._end_head()
         super().allHeadersReceived()
 
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        # While draining, a request whose head was still arriving must not make its
+        # connection keep-alive again: it is answered with Connection: close.
+        if self.site.connections.draining:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        persistent: bool = super().checkPersistence(request, version)
+        return persistent
+
     def requestDone(self, request: http.Request) -> None:
         # The next request's head starts now (its bytes may already be buffered).
         self._in_head = True

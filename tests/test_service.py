@@ -308,8 +308,8 @@ def test_reload_cannot_change_listeners_or_log_format(tmp_path: Path) -> None:
     assert Reloader(flags, {}, live, log=log.logger()).reload()
     assert live.config.listen == ("tcp:8080",)
     assert live.config.log_format == "text"
-    assert "listen changed from tcp:8080 to tcp:9090: listeners change only on restart" in log.text()
-    assert "log_format changed from text to json: the log format changes only on restart" in log.text()
+    assert "listen changed from tcp:8080 to tcp:9090: it changes only on restart" in log.text()
+    assert "log_format changed from text to json: it changes only on restart" in log.text()
 
 
 # -- drain ------------------------------------------------------------------------------------
@@ -357,9 +357,31 @@ async def test_drain_deadline_cuts_open_streams_visibly(
 
 
 @pytest_twisted.ensureDeferred
-async def test_drain_with_nothing_open_is_immediate(make_proxy: Callable[..., Proxy]) -> None:
+async def test_drain_during_a_request_head_closes_after_its_answer(
+    make_proxy: Callable[..., Proxy],
+) -> None:
     proxy = make_proxy()
-    assert await proxy.site.connections.drain(get_reactor(), 30) == 0
+    client = await connect(proxy, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n")
+    connections = proxy.site.connections
+    await wait_until(lambda: any(connections.busy(p) for p in connections.open), "the request line")
+    drained = connections.drain(get_reactor(), 30)
+    assert client.transport is not None
+    client.transport.write(b"\r\n")  # the head ends after the drain began
+    # Answered, then closed: the head's end did not make the connection keep-alive again.
+    await client.closed.addTimeout(10, get_reactor())
+    assert b'{"status": "ok"}' in client.received
+    assert b"connection: close" in client.received.lower()
+    assert await drained == 0
+
+
+def test_drain_with_nothing_open_is_immediate() -> None:
+    # A clock that never advances: the drain must not wait for any time to pass.
+    from twisted.internet.task import Clock
+
+    from aoaiproxy.service import Connections
+
+    d = Connections().drain(Clock(), 30)
+    assert d.called and d.result == 0
 
 
 # -- sd_notify --------------------------------------------------------------------------------
