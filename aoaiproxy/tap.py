@@ -153,18 +153,9 @@ class Options(usage.Options):
         _opt.__doc__ = " ".join((_opt.__doc__ or "").split())
 
     def flags(self) -> dict[str, Any]:
-        """The options given on the command line, keyed for L{load_config}."""
-        out: dict[str, Any] = {}
-        for key, value in self.items():
-            name = key.replace("-", "_")
-            if value in (None, [], 0) and name not in ("allow_anonymous", "keep_filter_frames"):
-                continue
-            out[name] = value
-        if not self["allow-anonymous"]:
-            out.pop("allow_anonymous", None)
-        if not self["keep-filter-frames"]:
-            out.pop("keep_filter_frames", None)
-        return out
+        """The options given on the command line, keyed for L{load_config} (an option not
+        given is None, an empty list, or 0 for a flag, and is left out)."""
+        return {key.replace("-", "_"): value for key, value in self.items() if value not in (None, [], 0)}
 
     def postOptions(self) -> None:
         try:
