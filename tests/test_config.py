@@ -94,7 +94,20 @@ def test_invalid_input_names_the_option(flags: dict[str, object], env: dict[str,
     with pytest.raises(ConfigError) as e:
         load_config({**EP, **flags}, env)
     assert e.value.option == option
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"token": "secret-server-key"},  # refused: an open relay
+        {"token": "secret-server-key", "allow_anonymous": True, "mode": "bogus"},
+    ],
+)
+def test_config_errors_never_show_the_key(flags: dict[str, object]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config({**EP, **flags}, {"AZURE_OPENAI_TOKEN": "env-secret-key"})
     assert "secret-server-key" not in str(e.value)
+    assert "env-secret-key" not in str(e.value)
 
 
 def test_endpoint_required_in_azure_mode_only() -> None:

@@ -185,10 +185,11 @@ async def test_idle_keep_alive_connection_is_closed_silently(
 async def test_long_upstream_wait_is_not_cut_by_idle_timeout(
     fake: Any, make_proxy: Callable[..., Proxy]
 ) -> None:
-    # The idle timeout is off while a request is in flight (Twisted suspends it).
+    # The idle timeout is off while a request is in flight (Twisted suspends it): each gap
+    # between chunks is longer than the timeout.
     proxy = make_proxy(idle_timeout=0.2)
-    fake.stream_interval = 0.15
-    fake.stream_chunks = 4
+    fake.stream_interval = 0.3
+    fake.stream_chunks = 2
     response = await treq.post(
         proxy.url + "/v1/chat/completions",
         json={"model": "gpt-4o", "messages": [], "stream": True},

@@ -1,7 +1,7 @@
 """
 A seeded raw-socket fuzz of a live C{twistd -n aoaiproxy}: random bytes, truncated and
-pipelined requests, invalid methods, huge headers, broken bodies and resets.  Bounded in count
-and time.  Afterwards the daemon still answers C{/healthz}, never answered with a 500 or a
+pipelined requests, invalid methods, huge headers, broken bodies and resets: a fixed, seeded
+set of cases.  Afterwards the daemon still answers C{/healthz}, never answered with a 500 or a
 non-HTTP reply, logged no unhandled error, and its memory grew by a bounded amount.
 """
 
@@ -11,7 +11,6 @@ import random
 import re
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from aoaiproxy.testing import FakeAzure
 from ..conftest import Daemon
 
 SEED = 20260601
-CASES = 600
-TIME_BUDGET = 8.0  # seconds for the whole fuzz loop
+CASES = 300
 RSS_GROWTH_LIMIT_KB = 30 * 1024
 
 _STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
@@ -144,11 +142,8 @@ def healthz(port: int) -> bytes:
 def fuzz(port: int) -> tuple[int, set[int]]:
     rng = random.Random(SEED)
     statuses: set[int] = set()
-    deadline = time.monotonic() + TIME_BUDGET
     done = 0
     for _ in range(CASES):
-        if time.monotonic() > deadline:
-            break
         data, end = case(rng)
         answer = exchange(port, data, end)
         if answer:
@@ -175,7 +170,7 @@ async def test_fuzzed_listener_stays_up_and_bounded(
     answer = await deferToThread(healthz, daemon.port)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status": "ok"}')
     after = rss_kb(daemon.proc.pid)
-    assert done >= 200, done
+    assert done == CASES, done
     assert 500 not in statuses, statuses  # no unhandled error reached a client
     assert {200, 400}.issubset(statuses), statuses
     assert after - before < RSS_GROWTH_LIMIT_KB, (before, after)
