@@ -55,8 +55,7 @@ from zope.interface import alsoProvides, implementer
 from aoaiproxy import errors
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
-from aoaiproxy.relay import BodyRelay
-from aoaiproxy.resource import raw_headers, write_error
+from aoaiproxy.resource import raw_headers, relay_response, write_error
 from aoaiproxy.rewrite import strip_hop_by_hop
 from aoaiproxy.upstream import UpstreamClient
 
@@ -542,22 +541,6 @@ class Forwarder:
                 header_timeout=config.upstream_timeout,
             )
 
-        def relay(response: IResponse) -> None:
-            if cancelled or getattr(request, "_disconnected", False):
-                return
-            request.setResponseCode(response.code, response.phrase)
-            kept = strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
-            for name in dict.fromkeys(n for n, _ in kept):
-                request.responseHeaders.setRawHeaders(name, [v for n, v in kept if n == name])
-            request.setHeader(b"Access-Control-Allow-Origin", b"*")
-            request.defaultContentType = None  # type: ignore[attr-defined]
-            if isinstance(response.length, int):
-                request.setHeader(b"Content-Length", b"%d" % response.length)
-            if request.method == b"HEAD" or response.code in (204, 304):
-                request.finish()
-                return
-            response.deliverBody(BodyRelay(request, self._reactor, config.upstream_timeout))
-
         def failed(failure: Failure) -> None:
             if cancelled:
                 return
@@ -575,7 +558,7 @@ class Forwarder:
             self._answer_error(request, error)
 
         d.addCallback(send)
-        d.addCallbacks(relay, failed)
+        d.addCallbacks(relay_response, failed, (request, self._reactor, config.upstream_timeout))
         return True
 
 

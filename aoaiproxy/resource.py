@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http import Request
@@ -59,6 +58,56 @@ def _note(request: Request, **info: Any) -> None:
         notes = {}
         request.log_info = notes  # type: ignore[attr-defined]
     notes.update(info)
+
+
+def relay_response(
+    response: IResponse,
+    request: Request,
+    reactor: Any,
+    idle_timeout: float,
+    *,
+    event_streams: bool = False,
+    filter_frames: bool = False,
+) -> None:
+    """
+    Relay an upstream response to the client: its status, its headers but hop-by-hop ones
+    (SPEC §6), C{Access-Control-Allow-Origin: *}, then its body (L{BodyRelay}).  A client
+    that left while the headers were awaited gets nothing, and the upstream body is not read.
+
+    @param event_streams: treat an unencoded C{text/event-stream} body as Server-Sent
+        Events: its length may change (a final blank line is added), so no C{Content-Length}.
+    @param filter_frames: and drop Azure's filter-only frames from it.
+    """
+    if request._disconnected:  # type: ignore[attr-defined]
+        # Close the upstream connection rather than leave its body unread.
+        response.deliverBody(_Discard())
+        return
+    request.setResponseCode(response.code, response.phrase)
+    # Twisted's client keeps Connection and the other connection-control headers out of
+    # response.headers, so the names a response's Connection header lists cannot be seen
+    # here; the rest of the hop-by-hop set can.
+    kept = rewrite.strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
+    for name in dict.fromkeys(n for n, _ in kept):
+        request.responseHeaders.setRawHeaders(name, [v for n, v in kept if n == name])
+    request.setHeader(b"Access-Control-Allow-Origin", b"*")
+    request.defaultContentType = None  # type: ignore[attr-defined]
+    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
+    encoded = response.headers.hasHeader(b"content-encoding")
+    event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
+    if not event_stream and isinstance(response.length, int):
+        request.setHeader(b"Content-Length", b"%d" % response.length)
+    _note(request, upstream_status=response.code)
+    if request.method == b"HEAD" or response.code in (204, 304):
+        request.finish()
+        return
+    relay = BodyRelay(
+        request,
+        reactor,
+        idle_timeout,
+        event_stream=event_stream,
+        filter_frames=event_stream and filter_frames,
+    )
+    response.deliverBody(relay)
 
 
 class ApiResource(Resource):
@@ -143,48 +192,15 @@ class ApiResource(Resource):
         )
         finished = request.notifyFinish()
         finished.addErrback(lambda _: d.cancel())
-        d.addCallback(self._relay, request, upstream, config.keep_filter_frames, config.upstream_timeout)
-        d.addErrback(self._failed, request)
-
-    def _relay(
-        self,
-        response: IResponse,
-        request: Request,
-        upstream: rewrite.Upstream,
-        keep_filter_frames: bool,
-        idle_timeout: float,
-    ) -> Deferred[None] | None:
-        if request._disconnected:  # type: ignore[attr-defined]
-            # The client left while we waited for the headers: close the upstream connection
-            # rather than leave its body unread.
-            response.deliverBody(_Discard())
-            return None
-        request.setResponseCode(response.code, response.phrase)
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in rewrite.HOP_BY_HOP:
-                request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
-        request.defaultContentType = None  # type: ignore[attr-defined]
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
-        encoded = response.headers.hasHeader(b"content-encoding")
-        event_stream = content_type.startswith(b"text/event-stream") and not encoded
-        filter_frames = event_stream and upstream.azure_stream and not keep_filter_frames
-        # An event stream's length may change (frames dropped, a final blank line added).
-        if not event_stream and isinstance(response.length, int):
-            request.setHeader(b"Content-Length", b"%d" % response.length)
-        _note(request, upstream_status=response.code)
-        if request.method == b"HEAD" or response.code in (204, 304):
-            request.finish()
-            return None
-        relay = BodyRelay(
+        d.addCallback(
+            relay_response,
             request,
             self._reactor,
-            idle_timeout,
-            event_stream=event_stream,
-            filter_frames=filter_frames,
+            config.upstream_timeout,
+            event_streams=True,
+            filter_frames=upstream.azure_stream and not config.keep_filter_frames,
         )
-        response.deliverBody(relay)
-        return None
+        d.addErrback(self._failed, request)
 
     def _failed(self, failure: Failure, request: Request) -> None:
         if request._disconnected or request.finished:  # type: ignore[attr-defined]
