@@ -59,9 +59,6 @@ from aoaiproxy.resource import raw_headers, relay_response, write_error
 from aoaiproxy.rewrite import strip_hop_by_hop
 from aoaiproxy.upstream import UpstreamClient
 
-#: Seconds a tunnel may stay silent both ways before it is closed.
-TUNNEL_IDLE_TIMEOUT = 300.0
-
 #: Absolute-form requests to this host are API requests, not forwarded ones.
 OPENAI_API_HOST = "api.openai.com"
 
@@ -301,8 +298,6 @@ class Forwarder:
     @param connector: builds the endpoint to a checked address (default: TCP).
     @param upstream: the HTTP client for relayed absolute-form requests (default: a new one,
         closed by L{close}).
-    @param idle_timeout: seconds a tunnel may stay silent both ways (default: the
-        configuration's C{tunnel_idle_timeout}, else L{TUNNEL_IDLE_TIMEOUT}).
     """
 
     def __init__(
@@ -313,7 +308,6 @@ class Forwarder:
         *,
         connector: Connector | None = None,
         upstream: UpstreamClient | None = None,
-        idle_timeout: float | None = None,
     ) -> None:
         self._reactor = reactor
         self._live = live
@@ -321,7 +315,6 @@ class Forwarder:
         self._connector = connector or tcp_connector(reactor)
         self._own_upstream = upstream is None
         self._upstream = upstream or UpstreamClient(reactor)
-        self.idle_timeout = idle_timeout
         #: Open tunnels.
         self.tunnels: set[Tunnel] = set()
 
@@ -424,10 +417,7 @@ class Forwarder:
                 transport: Any = target.transport
                 transport.abortConnection()
                 return
-            idle = self.idle_timeout
-            if idle is None:
-                idle = getattr(config, "tunnel_idle_timeout", TUNNEL_IDLE_TIMEOUT)
-            tunnel = Tunnel(self._reactor, request, target, idle, self.tunnels)
+            tunnel = Tunnel(self._reactor, request, target, config.tunnel_idle_timeout, self.tunnels)
             tunnel.start()
 
         def failed(failure: Failure) -> None:

@@ -282,27 +282,19 @@ class FwdProxy:
 
 @pytest_twisted.async_yield_fixture
 async def make_forward(fake: FakeAzure) -> AsyncIterator[Callable[..., FwdProxy]]:
-    """C{make_forward(resolver=, connector=, idle_timeout=, **flags)}: a proxy with a Forwarder."""
+    """C{make_forward(resolver=, connector=, **flags)}: a proxy with a Forwarder."""
     reactor = get_reactor()
     started: list[FwdProxy] = []
 
     def make(
         resolver: forward.Resolver | None = None,
         connector: forward.Connector | None = None,
-        idle_timeout: float | None = None,
         **flags: Any,
     ) -> FwdProxy:
         flags.setdefault("endpoint", fake.url)
         live = LiveConfig(load_config(flags, {}))
         upstream = UpstreamClient(reactor)
-        forwarder = Forwarder(
-            reactor,
-            live,
-            resolver,
-            connector=connector,
-            upstream=upstream,
-            idle_timeout=idle_timeout,
-        )
+        forwarder = Forwarder(reactor, live, resolver, connector=connector, upstream=upstream)
         site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         proxy = FwdProxy(port, live, forwarder, upstream, [])
@@ -385,7 +377,7 @@ async def test_tunnel_half_close(make_forward: Callable[..., FwdProxy], servers:
 @pytest_twisted.ensureDeferred
 async def test_tunnel_idle_timeout(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
     port, _ = servers.tcp(Echo)
-    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], idle_timeout=0.2)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], tunnel_idle_timeout=0.2)
     client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
     await client.wait_for(head_done)
     await client.closed  # nothing was sent either way: the proxy closes the tunnel
