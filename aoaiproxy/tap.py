@@ -188,7 +188,7 @@ def makeService(options: Options) -> service.IService:
     top = DaemonService(live, site.connections, reactor, reloader)
     for description in config.listen:
         # strports.service semantics; ssl: listeners get reloadable certificates
-        # (aoaiproxy.tls.reload_certificates(top) on SIGHUP).
+        # (reloaded on SIGHUP: DaemonService.reloadables()).
         try:
             # Each listener caps its own open connections (--max-connections).
             listener_service(description, ConnectionCap(site), reactor).setServiceParent(top)

@@ -16,7 +16,6 @@ served on a systemd-activated socket.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from cryptography import x509
@@ -33,7 +32,6 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -42,8 +40,6 @@ from zope.interface import implementer
 TLS_PARAMETERS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
-
-_log = Logger()
 
 
 class TLSFilesError(Exception):
@@ -256,27 +252,3 @@ def listener_service(description: str, factory: IProtocolFactory, reactor: Any) 
     )
     endpoint = TLSServerEndpoint(serverFromString(reactor, inner), tls)
     return TLSListenerService(endpoint, factory)
-
-
-def tls_listeners(root: service.IServiceCollection) -> Iterator[TLSListenerService]:
-    """Every L{TLSListenerService} under C{root}."""
-    for child in root:
-        if isinstance(child, TLSListenerService):
-            yield child
-        elif isinstance(child, service.MultiService):
-            yield from tls_listeners(child)
-
-
-def reload_certificates(root: service.IServiceCollection) -> list[TLSFilesError]:
-    """
-    Reload the certificates of every TLS listener under C{root} (for SIGHUP).  A listener
-    whose new files are bad keeps its old certificate; its error is logged and returned.
-    """
-    failures: list[TLSFilesError] = []
-    for listener in tls_listeners(root):
-        try:
-            listener.reload()
-        except TLSFilesError as e:
-            _log.error("TLS certificates not reloaded, the old ones stay: {error}", error=str(e))
-            failures.append(e)
-    return failures
