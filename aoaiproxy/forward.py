@@ -55,7 +55,7 @@ from zope.interface import alsoProvides, implementer
 from aoaiproxy import errors
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
-from aoaiproxy.resource import raw_headers, relay_response, write_error
+from aoaiproxy.resource import note, raw_headers, relay_response, write_error
 from aoaiproxy.rewrite import strip_hop_by_hop
 from aoaiproxy.upstream import UpstreamClient
 
@@ -603,7 +603,7 @@ class _TargetProtocol(Protocol):
         if self.tunnel is None:  # pragma: no cover - targets speak after the tunnel starts
             self._early += data
         else:
-            self.tunnel.from_target(data)
+            self.tunnel._pass(data, self.tunnel.client)
 
     def readConnectionLost(self) -> None:
         if self.tunnel is not None:
@@ -692,7 +692,7 @@ class Tunnel:
         self._target_eof = False
         self._closed = False
         self._channel_lost: Callable[[Failure], None] = lambda reason: None
-        self.bytes_up = 0
+        #: Bytes relayed to the client (for the access log).
         self.bytes_down = 0
 
     def start(self) -> None:
@@ -705,8 +705,9 @@ class Tunnel:
         pipelined = b"".join(channel._dataBuffer) + bytes(channel._buffer)
         channel._dataBuffer = []
         channel._buffer = b""
-        channel.dataReceived = self.from_client
-        channel.rawDataReceived = self.from_client
+        to_target = functools.partial(self._pass, out=self.target)
+        channel.dataReceived = to_target
+        channel.rawDataReceived = to_target
         self._channel_lost = channel.connectionLost
         channel.connectionLost = self._client_lost
         self._enable_client_half_close()
@@ -715,17 +716,17 @@ class Tunnel:
         self._request.code = 200
         # A slow side pauses the other (as twisted.protocols.portforward does).
         self.client.registerProducer(self.target, True)
-        self.target.registerProducer(_push_producer(self.client), True)
         producer = _push_producer(self.client)
+        self.target.registerProducer(producer, True)
         if producer is not None:
             # The channel may have paused reading while it buffered pipelined bytes.
             producer.resumeProducing()
         self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
         if pipelined:
-            self.from_client(pipelined)
+            self._pass(pipelined, self.target)
         early, self._target_protocol._early = self._target_protocol._early, b""
         if early:
-            self.from_target(early)
+            self._pass(early, self.client)
 
     def _enable_client_half_close(self) -> None:
         """Let a plain TCP client's FIN reach us as a half-close, not a full close."""
@@ -742,19 +743,14 @@ class Tunnel:
         if self._timer is not None and self._timer.active():
             self._timer.reset(self._idle_timeout)
 
-    def from_client(self, data: bytes) -> None:
+    def _pass(self, data: bytes, out: Any) -> None:
+        """Relay bytes from one side to the other: C{out} is the client or the target."""
         if self._closed:
             return
         self._touch()
-        self.bytes_up += len(data)
-        self.target.write(data)
-
-    def from_target(self, data: bytes) -> None:
-        if self._closed:
-            return
-        self._touch()
-        self.bytes_down += len(data)
-        self.client.write(data)
+        if out is self.client:
+            self.bytes_down += len(data)
+        out.write(data)
 
     def client_eof(self) -> None:
         self._client_eof = True
@@ -804,7 +800,4 @@ class Tunnel:
                 # Writes what is still buffered, then closes.
                 transport.loseConnection()
         # For the access-log line the channel writes when the connection is gone.
-        info = getattr(self._request, "log_info", None)
-        if info is None:
-            info = self._request.log_info = {}  # type: ignore[attr-defined]
-        info["bytes"] = self.bytes_down
+        note(self._request, bytes=self.bytes_down)

@@ -45,13 +45,13 @@ def write_error(request: Request, error: ProxyError) -> None:
     request.setHeader(b"Content-Length", b"%d" % len(body))
     for name, value in error.headers:
         request.setHeader(name, value)
-    _note(request, status_reason=error.message)
+    note(request, status_reason=error.message)
     if request.method != b"HEAD":
         request.write(body)
     request.finish()
 
 
-def _note(request: Request, **info: Any) -> None:
+def note(request: Request, **info: Any) -> None:
     """Facts about a request for its access-log line (never a key)."""
     notes: dict[str, Any] | None = getattr(request, "log_info", None)
     if notes is None:
@@ -96,7 +96,7 @@ def relay_response(
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
         request.setHeader(b"Content-Length", b"%d" % response.length)
-    _note(request, upstream_status=response.code)
+    note(request, upstream_status=response.code)
     if request.method == b"HEAD" or response.code in (204, 304):
         request.finish()
         return
@@ -175,7 +175,7 @@ class ApiResource(Resource):
                 body = content.read()
                 content.seek(0)
         upstream = rewrite.plan_upstream(config, route, request.method, query, headers, body, model_from_form)
-        _note(request, model=upstream.model, deployment=upstream.deployment)
+        note(request, model=upstream.model, deployment=upstream.deployment)
         send_body: Any = upstream.body if upstream.body is not None else content
         if upstream.body is None and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             content.seek(0, 2)
