@@ -403,17 +403,10 @@ class Forwarder:
         started = time.monotonic()
         d = self._addresses(config, host, port)
         d.addCallback(self._dial, port, config.connect_timeout, started)
-        cancelled = False
-
-        def client_gone(_: Failure) -> None:
-            nonlocal cancelled
-            cancelled = True
-            d.cancel()
-
-        request.notifyFinish().addErrback(client_gone)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def connected(target: _TargetProtocol) -> None:
-            if cancelled or getattr(request, "_disconnected", False):
+            if request._disconnected:  # type: ignore[attr-defined]
                 transport: Any = target.transport
                 transport.abortConnection()
                 return
@@ -421,8 +414,6 @@ class Forwarder:
             tunnel.start()
 
         def failed(failure: Failure) -> None:
-            if cancelled:
-                return
             error = failure.value.error if isinstance(failure.value, _Refused) else None
             if error is None:
                 error = _connect_error(failure, config.connect_timeout)
@@ -502,15 +493,7 @@ class Forwarder:
         authority = parts.netloc.encode("ascii")
         headers = relayed_request_headers(raw_headers(request), authority)
         d = self._addresses(config, host, port)
-        finished = request.notifyFinish()
-        cancelled = False
-
-        def client_gone(_: Failure) -> None:
-            nonlocal cancelled
-            cancelled = True
-            d.cancel()
-
-        finished.addErrback(client_gone)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def send(addresses: list[str]) -> Deferred[IResponse]:
             ip = addresses[0]
@@ -532,23 +515,15 @@ class Forwarder:
             )
 
         def failed(failure: Failure) -> None:
-            if cancelled:
-                return
-            if request.startedWriting:
-                transport: Any = request.channel.transport
-                if transport is not None:
-                    transport.abortConnection()
-                return
-            if isinstance(failure.value, _Refused):
-                error = failure.value.error
-            elif isinstance(failure.value, ProxyError):
-                error = failure.value
-            else:
+            error = failure.value.error if isinstance(failure.value, _Refused) else failure.value
+            if not isinstance(error, ProxyError):
+                # Not from the upstream client (its failures are ProxyErrors): a bug in relaying.
                 error = errors.upstream_unreachable(type(failure.value).__name__)
             self._answer_error(request, error)
 
-        d.addCallback(send)
-        d.addCallbacks(relay_response, failed, (request, self._reactor, config.upstream_timeout))
+        relayed = d.addCallback(send)
+        relayed.addCallback(relay_response, request, self._reactor, config.upstream_timeout)
+        relayed.addErrback(failed)
         return True
 
 

@@ -682,6 +682,22 @@ async def test_absolute_form_refused_502(make_forward: Callable[..., FwdProxy]) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_absolute_form_error_while_relaying_is_answered(
+    make_forward: Callable[..., FwdProxy], servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception while relaying the response still answers the client (502), not silence."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(forward, "relay_response", broken)
+    port = servers.web(Record())
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    response = await proxy.ask(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % port)
+    assert_openai_error(response, 502)
+
+
+@pytest_twisted.ensureDeferred
 async def test_absolute_form_openai_is_converted_to_azure(
     make_forward: Callable[..., FwdProxy], fake: FakeAzure
 ) -> None:
