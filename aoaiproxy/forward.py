@@ -55,7 +55,7 @@ from zope.interface import alsoProvides, implementer
 from aoaiproxy import errors
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
-from aoaiproxy.resource import note, raw_headers, relay_response, write_error
+from aoaiproxy.resource import nonempty_body, note, raw_headers, relay_response, write_error
 from aoaiproxy.rewrite import strip_hop_by_hop
 from aoaiproxy.upstream import UpstreamClient
 
@@ -498,18 +498,11 @@ class Forwarder:
         def send(addresses: list[str]) -> Deferred[IResponse]:
             ip = addresses[0]
             netloc = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-            content = request.content
-            body: Any = None
-            if content is not None:
-                content.seek(0, 2)
-                if content.tell():
-                    content.seek(0)
-                    body = content
             return self._upstream.request(
                 request.method,
                 f"http://{netloc}".encode("ascii") + origin,
                 headers,
-                body,
+                nonempty_body(request.content),
                 connect_timeout=config.connect_timeout,
                 header_timeout=config.upstream_timeout,
             )

@@ -7,7 +7,7 @@ Data flows one way: request in, route (L{rewrite.classify}), authenticate and re
 
 from __future__ import annotations
 
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -49,6 +49,16 @@ def write_error(request: Request, error: ProxyError) -> None:
     if request.method != b"HEAD":
         request.write(body)
     request.finish()
+
+
+def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
+    """A request's body file, rewound, or None when it is empty (nothing to send)."""
+    if content is None:
+        return None
+    content.seek(0, 2)
+    empty = content.tell() == 0
+    content.seek(0)
+    return None if empty else content
 
 
 def note(request: Request, **info: Any) -> None:
@@ -178,10 +188,7 @@ class ApiResource(Resource):
         note(request, model=upstream.model, deployment=upstream.deployment)
         send_body: Any = upstream.body if upstream.body is not None else content
         if upstream.body is None and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            content.seek(0, 2)
-            if content.tell() == 0:
-                send_body = None
-            content.seek(0)
+            send_body = nonempty_body(content)
         d = self._upstream.request(
             upstream.method,
             upstream.url,
