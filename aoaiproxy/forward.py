@@ -26,7 +26,6 @@ import binascii
 import functools
 import hmac
 import ipaddress
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -400,7 +399,7 @@ class Forwarder:
         self._check_auth(config, request)
         if not config.forward_allow or not destination_allowed(config, host, port):
             raise _Refused(_forbidden(f"{host}:{port}"))
-        started = time.monotonic()
+        started = self._reactor.seconds()
         d = self._addresses(config, host, port)
         d.addCallback(self._dial, port, config.connect_timeout, started)
         request.notifyFinish().addErrback(lambda _: d.cancel())
@@ -424,21 +423,20 @@ class Forwarder:
     def _dial(
         self, addresses: list[str], port: int, timeout: float, started: float
     ) -> Deferred[_TargetProtocol]:
-        """Connect to the first address that accepts, within the connect timeout."""
+        """
+        Connect to the first address that accepts, within the connect timeout counted from
+        C{started} (reactor time).  C{addresses} is never empty (L{_addresses} refuses first).
+        """
         factory = Factory.forProtocol(_TargetProtocol)
         result: Deferred[_TargetProtocol] = Deferred(lambda _: attempt.cancel())
         deadline = self._reactor.callLater(
-            max(0.0, timeout - (time.monotonic() - started)), lambda: result.cancel()
+            max(0.0, timeout - (self._reactor.seconds() - started)), lambda: result.cancel()
         )
         remaining = list(addresses)
         attempt: Deferred[Any] = Deferred()
 
-        def next_address(last: Failure | None) -> None:
+        def next_address() -> None:
             nonlocal attempt
-            if not remaining:
-                assert last is not None
-                done(last)
-                return
             ip = remaining.pop(0)
             attempt = self._connector(ip, port, timeout).connect(factory)
             attempt.addCallbacks(done, retry)
@@ -447,7 +445,7 @@ class Forwarder:
             if failure.check(CancelledError, ierror.ConnectingCancelledError) or not remaining:
                 done(failure)
             else:
-                next_address(failure)
+                next_address()
 
         def done(outcome: Any) -> None:
             if deadline.active():
@@ -467,7 +465,7 @@ class Forwarder:
             return failure
 
         result.addErrback(timed_out)
-        next_address(None)
+        next_address()
         return result
 
     # -- absolute-form
