@@ -397,7 +397,7 @@ class Forwarder:
         except (ValueError, UnicodeDecodeError):
             raise _Refused(_bad_target()) from None
         self._check_auth(config, request)
-        if not config.forward_allow or not destination_allowed(config, host, port):
+        if not destination_allowed(config, host, port):
             raise _Refused(_forbidden(f"{host}:{port}"))
         started = self._reactor.seconds()
         d = self._addresses(config, host, port)
@@ -485,7 +485,7 @@ class Forwarder:
         if host == OPENAI_API_HOST:
             _to_origin_form(request, origin, path.encode("ascii"))
             return False
-        if not config.forward_allow or not destination_allowed(config, host, port):
+        if not destination_allowed(config, host, port):
             raise _Refused(_forbidden(f"{host}:{port}"))
         # RFC 9112 §3.2.2: the request-target's authority, not the client's Host header.
         authority = parts.netloc.encode("ascii")
