@@ -94,9 +94,15 @@ def parse_authority(target: bytes) -> tuple[str, int]:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
             raise ValueError("authority without a port")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not port_text.isdigit():
         raise ValueError("bad port")
-    return _normal_host(host), int(port_text)
+    return _normal_host(host), _valid_port(int(port_text))
+
+
+def _valid_port(port: int) -> int:
+    if not 0 < port < 65536:
+        raise ValueError("bad port")
+    return port
 
 
 def _normal_host(host: str) -> str:
@@ -476,7 +482,7 @@ class Forwarder:
             if parts.scheme != "http" or parts.username is not None or parts.password is not None:
                 raise ValueError("not an http URL")
             host = _normal_host(parts.hostname or "")
-            port = parts.port or 80
+            port = _valid_port(80 if parts.port is None else parts.port)
         except (ValueError, UnicodeDecodeError):
             raise _Refused(_bad_target()) from None
         self._check_auth(config, request)

@@ -674,6 +674,15 @@ async def test_absolute_form_not_allowed_403(make_forward: Callable[..., FwdProx
 
 
 @pytest_twisted.ensureDeferred
+async def test_absolute_form_bad_port_400(make_forward: Callable[..., FwdProxy]) -> None:
+    """An explicit port 0 (or one out of range) is refused as CONNECT's is, not taken for 80."""
+    proxy = make_forward(forward_allow=["127.0.0.1:80"])
+    for authority in (b"127.0.0.1:0", b"127.0.0.1:65536", b"127.0.0.1:-1"):
+        response = await proxy.ask(b"GET http://%s/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % authority)
+        assert_openai_error(response, 400)
+
+
+@pytest_twisted.ensureDeferred
 async def test_absolute_form_refused_502(make_forward: Callable[..., FwdProxy]) -> None:
     closed_port = free_port()
     proxy = make_forward(forward_allow=[f"127.0.0.1:{closed_port}"])
