@@ -17,6 +17,8 @@ setup(
         "twisted[tls]>=24.7",
         "treq>=24.9",
         "pyopenssl>=24",
+        # Imported by aoaiproxy.tls; load_pem_x509_certificates is from 39.
+        "cryptography>=39",
         "service-identity>=24",
         "attrs>=23",
         "tomli>=2; python_version<'3.11'",

@@ -39,8 +39,6 @@ from zope.interface import implementer
 #: Endpoint-string parameters that belong to TLS, not to the endpoint underneath.
 TLS_PARAMETERS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
-
 
 class TLSFilesError(Exception):
     """Certificate or key files that cannot be used.  The message names the file, never
@@ -52,6 +50,17 @@ def _read(path: str, what: str) -> bytes:
         return FilePath(path).getContent()
     except OSError as e:
         raise TLSFilesError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
+
+
+def _certificates(path: str, what: str) -> list[x509.Certificate]:
+    """The certificates in a PEM file, in order (other blocks, such as a key, are skipped)."""
+    pem = _read(path, what)
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except Exception as e:
+        raise TLSFilesError(
+            f"{what} {path} holds no PEM certificate that can be loaded ({type(e).__name__})"
+        ) from None
 
 
 def load_certificate_options(
@@ -66,25 +75,13 @@ def load_certificate_options(
     Raises L{TLSFilesError} when a file is missing, malformed, or the key does not match.
     """
     key_pem = _read(private_key, "private key")
-    cert_pem = _read(cert, "certificate")
-    certs = _PEM_CERT.findall(cert_pem)
-    if not certs:
-        raise TLSFilesError(f"certificate {cert} holds no PEM certificate")
-    chain_certs = certs[1:]
+    leaf, *extra = _certificates(cert, "certificate")
     if chain is not None:
-        more = _PEM_CERT.findall(_read(chain, "certificate chain"))
-        if not more:
-            raise TLSFilesError(f"certificate chain {chain} holds no PEM certificate")
-        chain_certs += more
+        extra += _certificates(chain, "certificate chain")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except Exception as e:
         raise TLSFilesError(f"private key {private_key} cannot be loaded ({type(e).__name__})") from None
-    try:
-        leaf = x509.load_pem_x509_certificate(certs[0])
-        extra = [x509.load_pem_x509_certificate(pem) for pem in chain_certs]
-    except Exception as e:
-        raise TLSFilesError(f"certificate {cert} cannot be loaded ({type(e).__name__})") from None
     dh = None
     if dh_parameters is not None:
         _read(dh_parameters, "DH parameters")

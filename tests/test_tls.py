@@ -226,15 +226,22 @@ async def test_reload_with_bad_files_keeps_old_certificate(tls_proxy: TLSProxy, 
 
 
 def test_fullchain_and_extra_chain(tmp_path: Path) -> None:
-    """A certKey holding the chain after the certificate, and extraCertChain, both load."""
+    """A certKey holding the chain after the certificate, extraCertChain, and a file holding
+    the key and the certificates all load."""
     ca = make_ca()
     key, cert = ca.issue(tmp_path, "leaf", serial=7)
     fullchain = tmp_path / "fullchain.pem"
     fullchain.write_bytes(cert.read_bytes() + ca.pem)
     ReloadableTLS(str(key), str(fullchain))
     ReloadableTLS(str(key), str(cert), str(ca.write(tmp_path / "chain.pem")))
-    with pytest.raises(TLSFilesError):
+    with pytest.raises(TLSFilesError) as info:
         ReloadableTLS(str(key), str(cert), str(key))  # a "chain" without certificates
+    assert str(info.value).startswith(f"certificate chain {key} ")
+    assert "PRIVATE KEY" not in str(info.value)
+    # One file holding key and certificate (ssl:PORT:privateKey=server.pem, no certKey).
+    combined = tmp_path / "server.pem"
+    combined.write_bytes(key.read_bytes() + fullchain.read_bytes())
+    ReloadableTLS(str(combined))
 
 
 @pytest.mark.parametrize(
