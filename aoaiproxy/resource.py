@@ -45,7 +45,7 @@ def write_error(request: Request, error: ProxyError) -> None:
     request.setHeader(b"Content-Length", b"%d" % len(body))
     for name, value in error.headers:
         request.setHeader(name, value)
-    note(request, status_reason=error.message)
+    note(request, error=error.code)
     if request.method != b"HEAD":
         request.write(body)
     request.finish()
@@ -174,13 +174,8 @@ class ApiResource(Resource):
                     model_from_form = form_field(content, content_type, b"model")
                     content.seek(0)
                     if model_from_form is None:
-                        rewrite.upstream_auth(config, headers)
-                        raise ProxyError(
-                            400,
-                            "You must provide a model parameter.",
-                            param="model",
-                            code="missing_model",
-                        )
+                        rewrite.upstream_auth(config, headers)  # a 401 comes before a 400
+                        raise errors.missing_model()
             elif rewrite.is_json(content_type) or route.kind == "deployment":
                 body = content.read()
                 content.seek(0)

@@ -154,6 +154,8 @@ async def test_curl_with_server_key_and_client_keys(
     health = await deferToThread(curl, daemon.url + "/healthz")
     assert json.loads(health.stdout) == {"status": "ok"}
     log = daemon.log()
+    # The refused request's access line says why, by code (never by key).
+    assert '"POST /v1/chat/completions" 401' in log and 'error="invalid_api_key"' in log
     for secret in ("S3rv3r-K3y-do-not-log", "team-key-1", "wrong-key"):
         assert secret not in log
 
