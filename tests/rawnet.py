@@ -6,12 +6,12 @@ exactly what comes back (and how the connection ended), and tiny misbehaving ups
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -25,58 +25,82 @@ def get_reactor() -> Any:
 
 
 class RawClient(Protocol):
-    """Sends bytes as told; records every byte received and the reason the connection ended."""
+    """
+    Sends C{first} once connected, then bytes as told; records every byte received and the
+    reason the connection ended.  With C{on_data}, each piece goes to it instead of into
+    C{received} (for streams too long to keep).
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, first: bytes = b"", on_data: Callable[[bytes], None] | None = None) -> None:
+        self.first = first
+        self.on_data = on_data
         self.received = b""
         self.reason: Failure | None = None
-        self._closed: list[Deferred[None]] = []
-        self._waiting: list[tuple[bytes, Deferred[bytes]]] = []
+        self.closed: Deferred[None] = Deferred()
+        self._waiting: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
+
+    def connectionMade(self) -> None:
+        if self.first:
+            self.send(self.first)
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        still = []
-        for marker, d in self._waiting:
-            if marker in self.received:
+        if self.on_data is not None:
+            self.on_data(data)
+        else:
+            self.received += data
+        waiting, self._waiting = self._waiting, []
+        for predicate, d in waiting:
+            if d.called:  # timed out
+                continue
+            if predicate(self.received):
                 d.callback(self.received)
             else:
-                still.append((marker, d))
-        self._waiting = still
+                self._waiting.append((predicate, d))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
         waiting, self._waiting = self._waiting, []
         for _, d in waiting:
-            d.callback(self.received)
-        closed, self._closed = self._closed, []
-        for c in closed:
-            c.callback(None)
+            if not d.called:
+                d.errback(self._closed_early())
+        self.closed.callback(None)
 
-    async def closed(self) -> Failure:
-        """The reason, once the connection is closed (by either side)."""
-        if self.reason is None:
-            d: Deferred[None] = Deferred()
-            self._closed.append(d)
-            await d
-        assert self.reason is not None
-        return self.reason
+    def _closed_early(self) -> AssertionError:
+        return AssertionError(f"connection closed; received {self.received[:300]!r}")
 
-    def until(self, marker: bytes) -> Deferred[bytes]:
-        """Fires with everything received so far once C{marker} was received, or at close."""
-        if marker in self.received or self.reason is not None:
+    def wait_for(self, until: bytes | Callable[[bytes], bool], timeout: float = 15.0) -> Deferred[bytes]:
+        """
+        Fires with everything received so far once C{until} (a marker to find in it, or a
+        predicate on it) holds; fails if the connection closes first, or after C{timeout}s.
+        """
+        predicate = until if callable(until) else lambda received: until in received
+        if predicate(self.received):
             return succeed(self.received)
+        if self.reason is not None:
+            return fail(self._closed_early())
         d: Deferred[bytes] = Deferred()
-        self._waiting.append((marker, d))
-        return d
+        self._waiting.append((predicate, d))
+        return d.addTimeout(timeout, get_reactor())
 
-    async def abort(self) -> Failure:
+    def abort(self) -> Deferred[None]:
+        """Reset the connection (if still open); fires once it is closed."""
         if self.reason is None and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-        return await self.closed()
+        return self.closed
+
+
+async def connect(
+    target: int | Any, first: bytes = b"", on_data: Callable[[bytes], None] | None = None
+) -> RawClient:
+    """A L{RawClient} connected to 127.0.0.1 at C{target} (a port, or a proxy with a C{port})."""
+    port = target if isinstance(target, int) else int(target.port.getHost().port)
+    client = RawClient(first, on_data)
+    await connectProtocol(TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port), client)
+    return client
 
 
 @attrs.define
@@ -116,22 +140,22 @@ def assert_openai_error(response: Response, status: int, code: str) -> None:
     assert response.headers[b"access-control-allow-origin"] == b"*"
 
 
+Connect = Callable[[int], Awaitable[RawClient]]
+
+
 @pytest_twisted.async_yield_fixture
-async def raw_connect() -> AsyncIterator[Callable[[int], Deferred[RawClient]]]:
+async def raw_connect() -> AsyncIterator[Connect]:
     """C{await raw_connect(port)}: a L{RawClient} connected to 127.0.0.1:port; aborted at the end."""
-    reactor = get_reactor()
     clients: list[RawClient] = []
 
-    def connect(port: int) -> Deferred[RawClient]:
-        client = RawClient()
+    async def open_client(port: int) -> RawClient:
+        client = await connect(port)
         clients.append(client)
-        d: Deferred[RawClient] = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        return d
+        return client
 
-    yield connect
+    yield open_client
     for client in clients:
-        if client.transport is not None:
-            await client.abort()
+        await client.abort()
 
 
 class Scripted(Protocol):

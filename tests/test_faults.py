@@ -23,16 +23,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IReactorPluggableNameResolver
 from zope.interface import implementer
 
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import Proxy
-from .rawnet import RawClient, Scripted, ScriptedUpstream, assert_openai_error, get_reactor, parse_response
-
-Connect = Callable[[int], Deferred[RawClient]]
+from .rawnet import (
+    Connect,
+    RawClient,
+    Scripted,
+    ScriptedUpstream,
+    assert_openai_error,
+    get_reactor,
+    parse_response,
+)
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -54,7 +59,7 @@ async def ask(raw_connect: Connect, proxy: Proxy, stream: bool = False) -> RawCl
 async def proxy_error(raw_connect: Connect, proxy: Proxy) -> Any:
     """The proxy's own complete answer to a chat request."""
     client = await ask(raw_connect, proxy)
-    return parse_response(await client.until(b"}}"))
+    return parse_response(await client.wait_for(b"}}"))
 
 
 @pytest_twisted.async_yield_fixture
@@ -260,7 +265,7 @@ async def test_stall_mid_stream_aborts_the_client(
     fake.hold_last_chunk()
     proxy = make_proxy(upstream_timeout=0.5)
     client = await ask(raw_connect, proxy, stream=True)
-    await client.closed()
+    await client.closed
     body = assert_truncated_chunked(client)
     assert b'"delta"' in body  # the events before the stall did arrive
     assert b"[DONE]" not in body
@@ -292,7 +297,7 @@ async def test_reset_mid_chunked_stream_aborts_the_client(
     )
     proxy = make_proxy(endpoint=upstream.url, idle_timeout=5)
     client = await ask(raw_connect, proxy, stream=True)
-    await client.closed()
+    await client.closed
     body = assert_truncated_chunked(client)
     assert event in body
 
@@ -309,7 +314,7 @@ async def test_reset_mid_sized_body_leaves_it_visibly_short(
     )
     proxy = make_proxy(endpoint=upstream.url, idle_timeout=5)
     client = await ask(raw_connect, proxy)
-    await client.closed()
+    await client.closed
     head, _, body = client.received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"content-length: 1000" in head.lower()
@@ -329,6 +334,6 @@ async def test_stall_in_body_without_length_is_not_a_clean_end(
     upstream = scripted(script)
     proxy = make_proxy(endpoint=upstream.url, upstream_timeout=0.5, idle_timeout=5)
     client = await ask(raw_connect, proxy, stream=True)
-    await client.closed()
+    await client.closed
     body = assert_truncated_chunked(client)
     assert b"data: 1\n\n" in body

@@ -21,7 +21,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -38,64 +37,12 @@ from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
 from .conftest import free_port, get_reactor
+from .rawnet import RawClient, connect
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-@implementer(IHalfCloseableProtocol)
-class Client(Protocol):
-    """A raw client: sends C{first} on connect, collects everything, supports half-close."""
-
-    def __init__(self, first: bytes = b"") -> None:
-        self.first = first
-        self.received = b""
-        self.eof = False
-        self.closed: Deferred[None] = Deferred()
-        self._waiting: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
-        self.on_data: Callable[[bytes], None] | None = None
-        self.store = True
-
-    def connectionMade(self) -> None:
-        if self.first:
-            self.transport.write(self.first)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.store:
-            self.received += data
-        if self.on_data is not None:
-            self.on_data(data)
-        for pair in list(self._waiting):
-            if pair[0](self.received):
-                self._waiting.remove(pair)
-                pair[1].callback(self.received)
-
-    def readConnectionLost(self) -> None:
-        self.eof = True
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.eof = True
-        for _, d in self._waiting:
-            d.errback(AssertionError(f"closed; received {self.received[:300]!r}"))
-        self._waiting = []
-        self.closed.callback(None)
-
-    def wait_for(self, predicate: Callable[[bytes], bool]) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        if predicate(self.received):
-            d.callback(self.received)
-        else:
-            self._waiting.append((predicate, d))
-        return d.addTimeout(15, get_reactor())
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
 
 
 def head_done(raw: bytes) -> bool:
@@ -256,7 +203,7 @@ class FwdProxy:
     live: LiveConfig
     forwarder: Forwarder
     upstream: UpstreamClient
-    clients: list[Client]
+    clients: list[RawClient]
 
     @property
     def port_number(self) -> int:
@@ -266,10 +213,8 @@ class FwdProxy:
     def config(self) -> Config:
         return self.live.config
 
-    async def connect(self, first: bytes = b"", client: Client | None = None) -> Client:
-        client = client or Client(first)
-        endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", self.port_number)
-        await connectProtocol(endpoint, client)
+    async def connect(self, first: bytes = b"", on_data: Callable[[bytes], None] | None = None) -> RawClient:
+        client = await connect(self.port_number, first, on_data)
         self.clients.append(client)
         return client
 
@@ -305,8 +250,7 @@ async def make_forward(fake: FakeAzure) -> AsyncIterator[Callable[..., FwdProxy]
     for proxy in started:
         proxy.forwarder.close()
         for client in proxy.clients:
-            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
-                client.transport.abortConnection()  # type: ignore[attr-defined]
+            await client.abort()
         await proxy.port.stopListening()
         await proxy.upstream.close()
 
@@ -341,7 +285,7 @@ async def test_tunnel_relays_both_ways_including_pipelined_bytes(
     client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"early bytes;")
     data = await client.wait_for(lambda r: r.endswith(b"early bytes;"))
     assert data == b"HTTP/1.1 200 Connection Established\r\n\r\nearly bytes;"
-    client.write(b"second write")
+    client.send(b"second write")
     await client.wait_for(lambda r: r.endswith(b"second write"))
     assert b"".join(echo.received) == b"early bytes;second write"
     assert len(proxy.forwarder.tunnels) == 1
@@ -357,7 +301,7 @@ async def test_tunnel_pipelined_bytes_after_async_head(
     port, echo = servers.tcp(Echo)
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
     client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
-    client.write(b"A" * 100_000)  # more than HTTPChannel's eager-read buffer
+    client.send(b"A" * 100_000)  # more than HTTPChannel's eager-read buffer
     await client.wait_for(lambda r: r.count(b"A") == 100_000)
     assert b"".join(echo.received) == b"A" * 100_000
 
@@ -408,10 +352,7 @@ async def test_stalled_reader_keeps_proxy_buffer_bounded(
         digest.update(data)
         total += len(data)
 
-    client = Client(connect_request(f"127.0.0.1:{port}"))
-    client.on_data = on_data
-    client.store = False
-    await proxy.connect(client=client)
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}"), on_data)
     await first
     [tunnel] = proxy.forwarder.tunnels
     client.transport.pauseProducing()  # type: ignore[union-attr]  # the stalled reader
@@ -550,10 +491,10 @@ async def test_proxy_auth_407_then_ok(
     first = parse_response(await client.wait_for(response_done))
     assert first.status == 407
     client.received = b""
-    client.write(connect_request(target, b"Proxy-Authorization: " + basic("alice", "s3cret:with-colon")))
+    client.send(connect_request(target, b"Proxy-Authorization: " + basic("alice", "s3cret:with-colon")))
     await client.wait_for(head_done)
     assert client.received.startswith(b"HTTP/1.1 200 ")
-    client.write(b"tunnelled")
+    client.send(b"tunnelled")
     await client.wait_for(lambda r: r.endswith(b"tunnelled"))
     # Origin-form API requests need no proxy credentials.
     health = await proxy.ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -23,13 +22,12 @@ from aoaiproxy.tap import Options
 
 from .conftest import Daemon, Proxy
 from .rawnet import (
+    Connect,
     RawClient,
     assert_openai_error,
     get_reactor,
     parse_response,
 )
-
-Connect = Callable[[int], Deferred[RawClient]]
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n"
 
@@ -42,8 +40,9 @@ async def refused(raw_connect: Connect, proxy: Proxy, data: bytes) -> tuple[Any,
     """Send C{data}, read until the proxy closes; the parsed answer and the client."""
     client = await raw_connect(port_of(proxy))
     client.send(data)
-    reason = await client.closed()
-    assert reason.check(ConnectionDone), reason  # an orderly close after the answer
+    await client.closed
+    # An orderly close after the answer.
+    assert client.reason is not None and client.reason.check(ConnectionDone), client.reason
     return parse_response(client.received), client
 
 
@@ -57,7 +56,7 @@ async def test_request_line_over_limit_is_414(make_proxy: Callable[..., Proxy], 
     assert len(ok.split(b"\r\n")[0]) == 100
     client = await raw_connect(port_of(proxy))
     client.send(ok)
-    assert parse_response(await client.until(b"}")).status == 200
+    assert parse_response(await client.wait_for(b"}")).status == 200
 
     response, _ = await refused(raw_connect, proxy, b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: p\r\n\r\n")
     assert_openai_error(response, 414, "request_line_too_long")
@@ -89,7 +88,7 @@ async def test_header_size_at_limit_passes_and_over_is_431(
 
     client = await raw_connect(port_of(proxy))
     client.send(head(limit))
-    assert parse_response(await client.until(b"}")).status == 200
+    assert parse_response(await client.wait_for(b"}")).status == 200
 
     response, _ = await refused(raw_connect, proxy, head(limit + 1))
     assert_openai_error(response, 431, "request_header_fields_too_large")
@@ -113,7 +112,7 @@ async def test_header_count_at_limit_passes_and_over_is_431(
 
     client = await raw_connect(port_of(proxy))
     client.send(head(5))
-    assert parse_response(await client.until(b"}")).status == 200
+    assert parse_response(await client.wait_for(b"}")).status == 200
 
     response, _ = await refused(raw_connect, proxy, head(6))
     assert_openai_error(response, 431, "request_header_fields_too_large")
@@ -158,7 +157,7 @@ async def test_head_timer_starts_again_for_each_request(
     proxy = make_proxy(header_timeout=0.3, idle_timeout=600)
     client = await raw_connect(port_of(proxy))
     client.send(HEALTH + b"GET /healthz HTTP/1.1\r\n")  # a whole request, then half of one
-    await client.closed()
+    await client.closed
     first, _, rest = client.received.partition(b"}")
     assert parse_response(first + b"}").status == 200
     assert_openai_error(parse_response(rest), 408, "request_timeout")
@@ -171,13 +170,13 @@ async def test_idle_keep_alive_connection_is_closed_silently(
     proxy = make_proxy(idle_timeout=0.3, header_timeout=600)
     client = await raw_connect(port_of(proxy))
     client.send(HEALTH)
-    reason = await client.closed()
-    assert reason.check(ConnectionDone)
+    await client.closed
+    assert client.reason is not None and client.reason.check(ConnectionDone), client.reason
     assert parse_response(client.received).status == 200
     assert client.received.endswith(b'{"status": "ok"}')  # nothing after the answer
 
     silent = await raw_connect(port_of(proxy))
-    await silent.closed()
+    await silent.closed
     assert silent.received == b""
 
 
@@ -210,7 +209,7 @@ async def test_announced_body_over_max_body_is_413_before_it_is_sent(
     proxy = make_proxy(max_body=100)
     client = await raw_connect(port_of(proxy))
     client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 101\r\n\r\n")
-    assert_openai_error(parse_response(await client.until(b"}}")), 413, "request_too_large")
+    assert_openai_error(parse_response(await client.wait_for(b"}}")), 413, "request_too_large")
     assert fake.requests == []
 
 
@@ -223,7 +222,7 @@ async def test_chunked_body_over_max_body_is_413_before_the_rest(
     client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n")
     client.send(b"60\r\n" + b"a" * 0x60 + b"\r\n")  # 96 bytes: still under
     client.send(b"5\r\nbbbbb\r\n")  # 101: over, and the body has not ended
-    response = parse_response(await client.until(b"}}"))
+    response = parse_response(await client.wait_for(b"}}"))
     assert_openai_error(response, 413, "request_too_large")
     assert response.headers[b"connection"] == b"close"
     assert fake.requests == []
@@ -257,12 +256,12 @@ async def test_connections_over_the_cap_get_503_and_close(
     held = [await raw_connect(port), await raw_connect(port)]
     for client in held:  # both are accepted and served, and stay open (keep-alive)
         client.send(HEALTH)
-        assert parse_response(await client.until(b"}")).status == 200
+        assert parse_response(await client.wait_for(b"}")).status == 200
     assert cap.open_connections == 2
 
     over = await raw_connect(port)
-    reason = await over.closed()
-    assert reason.check(ConnectionDone)
+    await over.closed
+    assert over.reason is not None and over.reason.check(ConnectionDone), over.reason
     response = parse_response(over.received)
     assert_openai_error(response, 503, "server_busy")
     assert response.json()["error"]["type"] == "server_error"
@@ -271,7 +270,7 @@ async def test_connections_over_the_cap_get_503_and_close(
     await held[0].abort()
     again = await raw_connect(port)
     again.send(HEALTH)
-    assert parse_response(await again.until(b"}")).status == 200
+    assert parse_response(await again.wait_for(b"}")).status == 200
     assert cap.open_connections == 2
 
 
@@ -348,19 +347,19 @@ async def test_daemon_caps_connections_and_times_out_idle_tunnels(
         tunnel.send(
             b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (target_port, target_port)
         )
-        established = await tunnel.until(b"\r\n\r\n")
+        established = await tunnel.wait_for(b"\r\n\r\n")
         assert established.startswith(b"HTTP/1.1 200")
 
         # The tunnel and a served keep-alive connection hold the two this listener allows.
         # (Served: so the daemon has also seen start_daemon's probe connection close.)
         other = await raw_connect(daemon.port)
         other.send(HEALTH)
-        assert parse_response(await other.until(b"}")).status == 200
+        assert parse_response(await other.wait_for(b"}")).status == 200
         over = await raw_connect(daemon.port)
-        await over.closed()
+        await over.closed
         assert_openai_error(parse_response(over.received), 503, "server_busy")
 
-        await tunnel.closed()  # closed by the idle timeout, not by us
+        await tunnel.closed  # closed by the idle timeout, not by us
         assert tunnel.received == established
     finally:
         await target.stopListening()

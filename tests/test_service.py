@@ -18,11 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.log import ACCESS_NAMESPACE, JSONLinesObserver, format_text
@@ -30,6 +26,7 @@ from aoaiproxy.service import Reloader, sd_notify
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import REPO, Proxy, get_reactor
+from .rawnet import connect
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-7f3a9c"
 SERVER_KEY = "srv-key-DISTINCTIVE-b81e42"
@@ -46,44 +43,6 @@ def raw_post(path: str, body: Any, key: str = CLIENT_KEY, extra: bytes = b"") ->
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n%s\r\n"
         % (path.encode(), key.encode(), len(data), extra)
     ) + data
-
-
-class RawClient(Protocol):
-    """Sends raw bytes, collects the raw answer, and says when the connection is gone."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.closed: Deferred[None] = Deferred()
-        self._waiting: list[tuple[bytes, Deferred[bytes]]] = []
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        for marker, d in list(self._waiting):
-            if marker in self.received:
-                self._waiting.remove((marker, d))
-                d.callback(self.received)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.closed.callback(None)
-
-    def wait_for(self, marker: bytes) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        if marker in self.received:
-            d.callback(self.received)
-        else:
-            self._waiting.append((marker, d))
-        return d.addTimeout(10, get_reactor())
-
-
-async def connect(proxy: Proxy, request: bytes) -> RawClient:
-    client = RawClient(request)
-    endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", proxy.port.getHost().port)
-    await connectProtocol(endpoint, client)
-    return client
 
 
 @pytest.fixture

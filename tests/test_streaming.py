@@ -12,13 +12,13 @@ from collections.abc import Callable
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import Proxy, get_reactor
+from .rawnet import connect
 
 STREAM = {
     "model": "gpt-3.5-turbo",
@@ -28,37 +28,6 @@ STREAM = {
 }
 
 
-class RawClient(Protocol):
-    """Sends one raw HTTP request and collects the raw response bytes."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.closed: Deferred[None] = Deferred()
-        self._waiting: list[tuple[Callable[[bytes], bool], Deferred[bytes]]] = []
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        for pair in list(self._waiting):
-            if pair[0](self.received):
-                self._waiting.remove(pair)
-                pair[1].callback(self.received)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.closed.callback(None)
-
-    def wait_for(self, predicate: Callable[[bytes], bool]) -> Deferred[bytes]:
-        d: Deferred[bytes] = Deferred()
-        if predicate(self.received):
-            d.callback(self.received)
-        else:
-            self._waiting.append((predicate, d))
-        return d.addTimeout(10, get_reactor())
-
-
 def raw_post(path: str, body: dict[str, object], key: str = "k") -> bytes:
     data = json.dumps(body).encode()
     return (
@@ -66,13 +35,6 @@ def raw_post(path: str, body: dict[str, object], key: str = "k") -> bytes:
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
         % (path.encode(), key.encode(), len(data), data)
     )
-
-
-async def connect(proxy: Proxy, request: bytes) -> RawClient:
-    endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", proxy.port.getHost().port)
-    client = RawClient(request)
-    await connectProtocol(endpoint, client)
-    return client
 
 
 def dechunk(raw: bytes) -> bytes:
@@ -96,7 +58,7 @@ async def test_first_chunks_arrive_while_upstream_holds_the_last(
     proxy = make_proxy()
     fake.hold_last_chunk()
     client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
-    await client.wait_for(lambda got: b"chunk2 " in got)
+    await client.wait_for(b"chunk2 ")
     assert fake.held_streams == 1
     assert b"[DONE]" not in client.received
     assert b"text/event-stream" in client.received.split(b"\r\n\r\n", 1)[0].lower()
@@ -167,7 +129,7 @@ async def test_client_that_stops_reading_pauses_the_upstream(
     proxy = make_proxy()
     fake.big_stream_bytes = 64 * 1024 * 1024
     client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
-    await client.wait_for(lambda got: b"\r\n\r\n" in got)
+    await client.wait_for(b"\r\n\r\n")
     client.transport.pauseProducing()  # type: ignore[union-attr]
     await proxy_stops_reading_upstream(fake)
     # What sits in the client's and the proxy's buffers is bounded, not the whole body.
@@ -184,7 +146,7 @@ async def test_client_disconnect_cancels_the_upstream(
     proxy = make_proxy()
     fake.hold_last_chunk()
     client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
-    await client.wait_for(lambda got: b"chunk0 " in got)
+    await client.wait_for(b"chunk0 ")
     assert fake.open_connections == 1
     closed = fake.wait_connection_closed()
     client.transport.abortConnection()  # type: ignore[union-attr]
@@ -240,7 +202,7 @@ async def test_backpressure_pause_is_not_upstream_silence(
     proxy = make_proxy(upstream_timeout="0.3")
     fake.big_stream_bytes = 16 * 1024 * 1024
     client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
-    await client.wait_for(lambda got: b"\r\n\r\n" in got)
+    await client.wait_for(b"\r\n\r\n")
     client.transport.pauseProducing()  # type: ignore[union-attr]
     await proxy_stops_reading_upstream(fake)
     # The condition under test is the passing of time: three inactivity timeouts go by
