@@ -130,14 +130,28 @@ def parse_response(raw: bytes) -> Response:
     return Response(status, headers, body)
 
 
-def assert_openai_error(response: Response, status: int, code: str) -> None:
-    """The proxy's own error: status, OpenAI's shape, and a connection that will close."""
+def response_done(raw: bytes) -> bool:
+    """Whether C{raw} holds a whole response with a Content-Length."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+def assert_openai_error(response: Response, status: int, code: str | None = None) -> dict[str, Any]:
+    """The proxy's own error: status, OpenAI's shape (and C{code}, if given); the error object."""
     assert response.status == status, response
     assert response.headers[b"content-type"] == b"application/json"
-    error = response.json()["error"]
+    error: dict[str, Any] = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code, error
+    if code is not None:
+        assert error["code"] == code, error
     assert response.headers[b"access-control-allow-origin"] == b"*"
+    return error
 
 
 Connect = Callable[[int], Awaitable[RawClient]]

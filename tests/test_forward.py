@@ -37,50 +37,12 @@ from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
 from .conftest import free_port, get_reactor
-from .rawnet import RawClient, connect
+from .rawnet import RawClient, Response, assert_openai_error, connect, parse_response, response_done
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def head_done(raw: bytes) -> bool:
-    return b"\r\n\r\n" in raw
-
-
-def response_done(raw: bytes) -> bool:
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value)
-    return False
-
-
-@attrs.frozen
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def parse_response(raw: bytes) -> Response:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if "content-length" in headers:
-        body = body[: int(headers["content-length"])]
-    return Response(status, headers, body)
 
 
 def basic(user: str, password: str) -> bytes:
@@ -263,15 +225,6 @@ def connect_request(target: str, *extra: bytes) -> bytes:
     )
 
 
-def assert_openai_error(response: Response, status: int) -> dict[str, Any]:
-    assert response.status == status
-    assert response.headers["access-control-allow-origin"] == "*"
-    assert response.headers["content-type"] == "application/json"
-    error: dict[str, Any] = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
-
-
 # -- CONNECT -----------------------------------------------------------------------------------
 
 
@@ -311,7 +264,7 @@ async def test_tunnel_half_close(make_forward: Callable[..., FwdProxy], servers:
     port, _ = servers.tcp(CountThenClose)
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
     client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"x" * 5000)
-    await client.wait_for(head_done)
+    await client.wait_for(b"\r\n\r\n")
     client.transport.loseWriteConnection()  # type: ignore[union-attr]
     await client.closed
     assert client.received.endswith(b"\r\n\r\ngot 5000")
@@ -323,7 +276,7 @@ async def test_tunnel_idle_timeout(make_forward: Callable[..., FwdProxy], server
     port, _ = servers.tcp(Echo)
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"], tunnel_idle_timeout=0.2)
     client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
-    await client.wait_for(head_done)
+    await client.wait_for(b"\r\n\r\n")
     await client.closed  # nothing was sent either way: the proxy closes the tunnel
     assert not proxy.forwarder.tunnels
 
@@ -478,7 +431,7 @@ async def test_proxy_auth_407_then_ok(
     ):
         response = await proxy.ask(connect_request(target, *extra))
         error = assert_openai_error(response, 407)
-        assert response.headers["proxy-authenticate"] == 'Basic realm="aoaiproxy"'
+        assert response.headers[b"proxy-authenticate"] == b'Basic realm="aoaiproxy"'
         assert "s3cret" not in response.body.decode() and "wrong" not in error["message"]
     # Absolute-form requests too, including the API host.
     response = await proxy.ask(
@@ -492,7 +445,7 @@ async def test_proxy_auth_407_then_ok(
     assert first.status == 407
     client.received = b""
     client.send(connect_request(target, b"Proxy-Authorization: " + basic("alice", "s3cret:with-colon")))
-    await client.wait_for(head_done)
+    await client.wait_for(b"\r\n\r\n")
     assert client.received.startswith(b"HTTP/1.1 200 ")
     client.send(b"tunnelled")
     await client.wait_for(lambda r: r.endswith(b"tunnelled"))
@@ -589,10 +542,10 @@ async def test_absolute_form_relayed_without_hop_by_hop_or_proxy_headers(
     )
     assert response.status == 200
     assert response.body == b"hello from /some/path?q=1"
-    assert response.headers["x-upstream"] == "yes"
-    assert response.headers["access-control-allow-origin"] == "*"
-    assert "keep-alive" not in response.headers
-    assert "proxy-authenticate" not in response.headers
+    assert response.headers[b"x-upstream"] == b"yes"
+    assert response.headers[b"access-control-allow-origin"] == b"*"
+    assert b"keep-alive" not in response.headers
+    assert b"proxy-authenticate" not in response.headers
     [(method, uri, headers, body)] = record.requests
     assert (method, uri, body) == (b"POST", b"/some/path?q=1", b"hello")
     assert headers[b"x-keep"] == [b"yes"]

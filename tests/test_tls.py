@@ -39,6 +39,7 @@ from aoaiproxy.upstream import UpstreamClient
 
 from .certs import CA, make_ca
 from .conftest import free_port, get_reactor
+from .rawnet import response_done
 
 # -- blocking TLS clients (run in threads) --------------------------------------------------
 
@@ -60,16 +61,6 @@ def _read_until(sock: ssl.SSLSocket, predicate: Callable[[bytes], bool], limit: 
     return data
 
 
-def _http_done(data: bytes) -> bool:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return len(body) >= int(line.split(b":", 1)[1])
-    return False
-
-
 def peer_serial(port: int, cafile: Path) -> int:
     with _tls_socket(port, cafile) as sock:
         der = sock.getpeercert(binary_form=True)
@@ -79,7 +70,7 @@ def peer_serial(port: int, cafile: Path) -> int:
 
 def get(sock: ssl.SSLSocket, path: str) -> bytes:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    return _read_until(sock, _http_done)
+    return _read_until(sock, response_done)
 
 
 def https_get(port: int, cafile: Path, path: str) -> bytes:
