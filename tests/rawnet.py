@@ -103,6 +103,16 @@ async def connect(
     return client
 
 
+def raw_post(path: str, body: Any, key: str = "k", extra: bytes = b"") -> bytes:
+    """A POST of C{body} as JSON with a bearer C{key}; C{extra} holds more header lines."""
+    data = json.dumps(body).encode()
+    return (
+        b"POST %s HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+        % (path.encode(), key.encode(), len(data), extra)
+    ) + data
+
+
 @attrs.define
 class Response:
     """One HTTP/1.1 response parsed from raw bytes."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -37,22 +36,15 @@ from .rawnet import (
     assert_openai_error,
     get_reactor,
     parse_response,
+    raw_post,
 )
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def chat_request(stream: bool = False) -> bytes:
-    body = json.dumps({**CHAT, "stream": stream}).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer k\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-    ) + body
-
-
 async def ask(raw_connect: Connect, proxy: Proxy, stream: bool = False) -> RawClient:
     client = await raw_connect(int(proxy.port.getHost().port))  # type: ignore[attr-defined]
-    client.send(chat_request(stream))
+    client.send(raw_post("/v1/chat/completions", {**CHAT, "stream": stream}))
     return client
 
 

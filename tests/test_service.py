@@ -26,7 +26,7 @@ from aoaiproxy.service import Reloader, sd_notify
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import REPO, Proxy, get_reactor
-from .rawnet import connect
+from .rawnet import connect, raw_post
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-7f3a9c"
 SERVER_KEY = "srv-key-DISTINCTIVE-b81e42"
@@ -34,15 +34,6 @@ OTHER_KEY = "sk-other-DISTINCTIVE-55d1aa"
 SECRETS = (CLIENT_KEY, SERVER_KEY, OTHER_KEY)
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def raw_post(path: str, body: Any, key: str = CLIENT_KEY, extra: bytes = b"") -> bytes:
-    data = json.dumps(body).encode()
-    return (
-        b"POST %s HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n%s\r\n"
-        % (path.encode(), key.encode(), len(data), extra)
-    ) + data
 
 
 @pytest.fixture
@@ -91,7 +82,7 @@ async def test_access_line_text_has_the_facts_and_no_key(
         token=SERVER_KEY, client_keys=keys_file(tmp_path, CLIENT_KEY), model_mapper=["gpt-4o=prod-4o"]
     )
     path = f"/v1/chat/completions?api-key={OTHER_KEY}"
-    client = await connect(proxy, raw_post(path, CHAT, extra=b"Connection: close\r\n"))
+    client = await connect(proxy, raw_post(path, CHAT, key=CLIENT_KEY, extra=b"Connection: close\r\n"))
     await client.closed
     assert client.received.startswith(b"HTTP/1.1 200")
     assert fake.requests[0].header("api-key") == SERVER_KEY
@@ -116,7 +107,7 @@ async def test_access_line_json_and_refused_requests(
     client = await connect(proxy, raw_post("/v1/chat/completions", CHAT, key=OTHER_KEY))
     await client.wait_for(b"}}")
     big = {"model": "gpt-4o", "input": "x" * 200_000}
-    client = await connect(proxy, raw_post("/v1/embeddings", big))
+    client = await connect(proxy, raw_post("/v1/embeddings", big, key=CLIENT_KEY))
     await client.wait_for(b"HTTP/1.1 413")
     await wait_until(lambda: len(access_lines(events)) == 2, "two access lines")
     first, second = (json.loads(line) for line in access_lines(events))
@@ -135,7 +126,7 @@ async def test_stream_cut_by_the_client_is_logged_once_as_aborted(
 ) -> None:
     fake.hold_last_chunk()
     proxy = make_proxy()
-    client = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}))
+    client = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}, key=CLIENT_KEY))
     await client.wait_for(b"data: ")
     assert client.transport is not None
     client.transport.abortConnection()
@@ -280,7 +271,7 @@ async def test_drain_closes_idle_connections_and_waits_for_streams(
 ) -> None:
     fake.hold_last_chunk()
     proxy = make_proxy()
-    stream = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}))
+    stream = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}, key=CLIENT_KEY))
     await stream.wait_for(b"data: ")
     idle = await connect(proxy, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
     await idle.wait_for(b'"ok"}')
@@ -304,7 +295,7 @@ async def test_drain_deadline_cuts_open_streams_visibly(
 ) -> None:
     fake.hold_last_chunk()
     proxy = make_proxy()
-    stream = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}))
+    stream = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}, key=CLIENT_KEY))
     await stream.wait_for(b"data: ")
     await wait_until(lambda: fake.held_streams == 1, "the held stream")
     cut = await proxy.site.connections.drain(get_reactor(), 0.05)

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import Proxy, get_reactor
-from .rawnet import connect
+from .rawnet import connect, raw_post
 
 STREAM = {
     "model": "gpt-3.5-turbo",
@@ -26,15 +26,6 @@ STREAM = {
     "stream_options": {"include_usage": True},
     "messages": [{"role": "user", "content": "hi"}],
 }
-
-
-def raw_post(path: str, body: dict[str, object], key: str = "k") -> bytes:
-    data = json.dumps(body).encode()
-    return (
-        b"POST %s HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer %s\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (path.encode(), key.encode(), len(data), data)
-    )
 
 
 def dechunk(raw: bytes) -> bytes:
