@@ -14,38 +14,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import free_port, read_response, rss_kib, wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def request(stream: bool) -> bytes:
@@ -58,22 +35,6 @@ def request(stream: bool) -> bytes:
     )
 
 
-async def read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    lower = head.lower()
-    if b"content-length:" in lower:
-        n = int(lower.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-        await reader.readexactly(n)
-    else:  # chunked
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                break
-    return status
-
-
 async def worker(port: int, count: int, payload: bytes, latencies: list[float], deadline: float) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     errors = 0
@@ -82,7 +43,8 @@ async def worker(port: int, count: int, payload: bytes, latencies: list[float], 
             break
         t = time.perf_counter()
         writer.write(payload)
-        if await read_response(reader) != 200:
+        status, _ = await read_response(reader)
+        if status != 200:
             errors += 1
         latencies.append(time.perf_counter() - t)
     writer.close()
@@ -141,9 +103,8 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        wait_port(up_port, deadline)
-        wait_port(proxy_port, deadline)
+        wait_for_port(up_port, fake)
+        wait_for_port(proxy_port, proxy)
         asyncio.run(phase(proxy_port, 200, 4, False, 10))  # warm up
         start_rss = rss_kib(proxy.pid)
         print(asyncio.run(phase(proxy_port, args.requests, args.concurrency, False, args.time_limit)))

@@ -28,41 +28,18 @@ import sys
 import time
 from pathlib import Path
 
+from _common import HOST, free_port, read_response, rss_kib, wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 
 CHAT = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
 STREAM = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
 EMBED = b'{"model": "text-embedding-3-small", "input": ["a", "b"]}'
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s")
-
-
 def proc_status(pid: int) -> tuple[int, int]:
     """(VmRSS in kB, open file descriptors) of a process."""
-    rss = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def request(method: str, path: str, body: bytes = b"") -> bytes:
@@ -70,27 +47,6 @@ def request(method: str, path: str, body: bytes = b"") -> bytes:
     if body:
         head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
     return head + b"\r\n" + body
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """Read one whole response (Content-Length or chunked); (status, body)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return status, body
-            body += chunk[:-2]
-    length = int(headers.get(b"content-length", b"0"))
-    return status, await reader.readexactly(length)
 
 
 class Stats:

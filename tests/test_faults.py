@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from aoaiproxy.testing import FakeAzure
 
-from .conftest import Proxy
+from .conftest import Proxy, free_port
 from .rawnet import (
     Connect,
     RawClient,
@@ -68,19 +68,13 @@ async def scripted() -> AsyncIterator[Callable[[Callable[[Scripted], None]], Scr
         await server.stop()
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port  # nothing listens here once the socket is closed
-
-
 # -- before the response headers -------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
 async def test_connection_refused_is_502(make_proxy: Callable[..., Proxy], raw_connect: Connect) -> None:
-    proxy = make_proxy(endpoint=f"http://127.0.0.1:{closed_port()}")
+    closed_port = free_port()  # bound, then closed: nothing listens there
+    proxy = make_proxy(endpoint=f"http://127.0.0.1:{closed_port}")
     response = await proxy_error(raw_connect, proxy)
     assert_openai_error(response, 502, "bad_gateway")
     assert response.json()["error"]["type"] == "api_error"
