@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,39 +155,52 @@ def twistd_command(*args: str) -> list[str]:
     return [str(twistd), "--nodaemon", "--pidfile=", "aoaiproxy", *args]
 
 
+@contextmanager
+def spawned(
+    command: list[str], log_path: Path, *ports: int, env: dict[str, str] | None = None
+) -> Iterator[Daemon]:
+    """
+    Runs C{command} (in C{log_path}'s folder, output to C{log_path}, with L{twistd_env}(C{env}))
+    and waits until something listens on each of C{ports}, or fails with the log; kills it at
+    the end if it still runs.
+    """
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=twistd_env(env),
+            cwd=log_path.parent,
+        )
+    daemon = Daemon(proc, ports[0], log_path)
+    try:
+        for port in ports:
+            try:
+                wait_for_port(port, proc)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{daemon.log()}") from None
+        yield daemon
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """
     C{start_daemon(*args, env={...}, port=None)} runs C{twistd -n aoaiproxy --listen
     tcp:PORT:interface=127.0.0.1 ARGS} from the source tree and waits until it listens.
     """
-    daemons: list[Daemon] = []
+    with ExitStack() as daemons:
 
-    def start(
-        *args: str, env: dict[str, str] | None = None, port: int | None = None, listen: bool = True
-    ) -> Daemon:
-        port = port or free_port()
-        log_path = tmp_path / f"twistd-{port}.log"
-        listen_args = ["--listen", f"tcp:{port}:interface=127.0.0.1"] if listen else []
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                twistd_command(*listen_args, *args),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=twistd_env(env),
-                cwd=tmp_path,
-            )
-        daemon = Daemon(proc, port, log_path)
-        daemons.append(daemon)
-        try:
-            wait_for_port(port, proc)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{daemon.log()}") from None
-        return daemon
+        def start(
+            *args: str, env: dict[str, str] | None = None, port: int | None = None, listen: bool = True
+        ) -> Daemon:
+            port = port or free_port()
+            listen_args = ["--listen", f"tcp:{port}:interface=127.0.0.1"] if listen else []
+            command = twistd_command(*listen_args, *args)
+            return daemons.enter_context(spawned(command, tmp_path / f"twistd-{port}.log", port, env=env))
 
-    yield start
-    for d in daemons:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        yield start

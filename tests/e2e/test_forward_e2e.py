@@ -33,7 +33,7 @@ from aoaiproxy.testing import FakeAzure
 from aoaiproxy.tls import load_certificate_options
 
 from ..certs import make_ca
-from ..conftest import free_port, get_reactor, twistd_command, twistd_env, wait_for_port
+from ..conftest import free_port, get_reactor, spawned, twistd_command
 
 USER, PASSWORD = "alice", "pa:ss-e2e-DISTINCTIVE"
 PATTERN = hashlib.shake_256(b"aoaiproxy e2e").digest(1024 * 1024)  # 1 MiB, no repeats inside
@@ -189,43 +189,28 @@ async def env(tmp_path_factory: pytest.TempPathFactory, blackhole: int) -> Async
     ):
         args += ["--forward-allow", allowed]
     log = directory / "twistd.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            twistd_command(*args),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=twistd_env(),
-            cwd=directory,
-        )
     try:
-        try:
-            wait_for_port(proxy_port, proc)
-            wait_for_port(tls_port, proc)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n{log.read_text()}") from None
-        yield Env(
-            directory,
-            proxy_port,
-            tls_port,
-            up,
-            closed_port,
-            blackhole,
-            proxy_ca.write(directory / "proxy-ca.pem"),
-            upstream_ca.write(directory / "upstream-ca.pem"),
-            fake,
-            log,
-            by_name,
-        )
-    finally:
-        proc.terminate()
-        try:
+        with spawned(twistd_command(*args), log, proxy_port, tls_port) as daemon:
+            yield Env(
+                directory,
+                proxy_port,
+                tls_port,
+                up,
+                closed_port,
+                blackhole,
+                proxy_ca.write(directory / "proxy-ca.pem"),
+                upstream_ca.write(directory / "upstream-ca.pem"),
+                fake,
+                log,
+                by_name,
+            )
             # Every tunnel and request is over: the daemon drains at once and exits.
-            assert proc.wait(10) == 0, log.read_text()[-3000:]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"twistd did not stop on SIGTERM\n{log.read_text()[-3000:]}") from None
+            try:
+                code = daemon.stop(timeout=10)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"twistd did not stop on SIGTERM\n{daemon.log()[-3000:]}") from None
+            assert code == 0, daemon.log()[-3000:]
+    finally:
         await fake.stop()
         await upstream_port.stopListening()
     text = log.read_text()

@@ -13,8 +13,8 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from twisted.web.client import ResponseFailed
 from aoaiproxy.testing import FakeAzure
 
 from ..certs import CA, make_ca
-from ..conftest import Daemon, free_port, twistd_command, twistd_env, wait_for_port
+from ..conftest import Daemon, free_port, spawned, twistd_command, twistd_env
 from ..test_service import wait_until
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-e2e-41c7"
@@ -300,40 +300,23 @@ def socket_activated(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
         pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
-    started: list[Daemon] = []
+    with ExitStack() as daemons:
 
-    def start(*args: str) -> Daemon:
-        port = free_port()
-        log_path = tmp_path / f"activated-{port}.log"
-        env = twistd_env()
-        command = [
-            activate,
-            "-l",
-            f"127.0.0.1:{port}",
-            "--fdname=aoaiproxy",
-            # It passes on only the environment it is told to (and LISTEN_FDS and friends).
-            f"--setenv=PYTHONPATH={env['PYTHONPATH']}",
-            *twistd_command("--listen", "systemd:domain=INET:name=aoaiproxy", *args),
-        ]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=tmp_path,
-            )
-        daemon = Daemon(proc, port, log_path)
-        started.append(daemon)
-        wait_for_port(port, proc)  # systemd-socket-activate listens; twistd starts on a connection
-        return daemon
+        def start(*args: str) -> Daemon:
+            port = free_port()
+            command = [
+                activate,
+                "-l",
+                f"127.0.0.1:{port}",
+                "--fdname=aoaiproxy",
+                # It passes on only the environment it is told to (and LISTEN_FDS and friends).
+                f"--setenv=PYTHONPATH={twistd_env()['PYTHONPATH']}",
+                *twistd_command("--listen", "systemd:domain=INET:name=aoaiproxy", *args),
+            ]
+            # systemd-socket-activate listens; twistd starts on a connection.
+            return daemons.enter_context(spawned(command, tmp_path / f"activated-{port}.log", port))
 
-    yield start
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
+        yield start
 
 
 @pytest_twisted.ensureDeferred
