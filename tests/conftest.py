@@ -19,7 +19,9 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from treq.client import HTTPClient
 from twisted.internet.interfaces import IListeningPort
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from aoaiproxy.config import Config, LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
@@ -28,15 +30,9 @@ from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
-from .rawnet import raw_connect  # noqa: F401 - fixture: raw sockets to a listener
+from .rawnet import get_reactor, raw_connect  # noqa: F401 - raw_connect: a fixture
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def get_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 @pytest_twisted.async_yield_fixture
@@ -46,6 +42,15 @@ async def fake() -> AsyncIterator[FakeAzure]:
     f.listen()
     yield f
     await f.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def client() -> AsyncIterator[HTTPClient]:
+    """A treq client over a plain Agent with a pool this test owns and closes."""
+    reactor = get_reactor()
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    await pool.closeCachedConnections()
 
 
 @attrs.define

@@ -113,6 +113,42 @@ def raw_post(path: str, body: Any, key: str = "k", extra: bytes = b"") -> bytes:
     ) + data
 
 
+class BodyReader(Protocol):
+    """Collects a response body as it arrives; wait_for() fires once a marker is in it."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if not self._waiting:
+            return
+        still = []
+        for marker, d in self._waiting:
+            if marker in self.data:
+                d.callback(None)
+            else:
+                still.append((marker, d))
+        self._waiting = still
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.reason = reason
+        self.done.callback(None)
+
+    def wait_for(self, marker: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append((marker, d))
+        self.dataReceived(b"")
+        return d
+
+
 @attrs.define
 class Response:
     """One HTTP/1.1 response parsed from raw bytes."""

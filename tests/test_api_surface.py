@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,25 +17,17 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.web import server
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 
 from aoaiproxy import multipart, rewrite
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import Proxy
-from .test_fake_azure import BodyReader
+from .rawnet import BodyReader
 
 AUTH = {"Authorization": "Bearer client-key"}
 API_VERSION = "2024-10-21"
-
-
-@pytest_twisted.async_yield_fixture
-async def client() -> AsyncIterator[HTTPClient]:
-    """A treq client over a plain Agent with a pool this test owns and closes."""
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    yield HTTPClient(Agent(reactor, pool=pool))
-    await pool.closeCachedConnections()
 
 
 def form(

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import IPolicyForHTTPS
@@ -23,58 +22,9 @@ from zope.interface import implementer
 
 from aoaiproxy.testing import FakeAzure
 
+from .rawnet import BodyReader
+
 CHAT = "/openai/deployments/gpt-35-turbo/chat/completions?api-version=2024-10-21"
-
-
-@pytest_twisted.async_yield_fixture
-async def fake() -> AsyncIterator[FakeAzure]:
-    server = FakeAzure(reactor)
-    server.listen()
-    yield server
-    await server.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def client() -> AsyncIterator[HTTPClient]:
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    yield HTTPClient(Agent(reactor, pool=pool))
-    await pool.closeCachedConnections()
-
-
-class BodyReader(Protocol):
-    """Collects a response body as it arrives; wait_for() fires once a marker is in it."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self.done: Deferred[None] = Deferred()
-        self.reason: Failure | None = None
-        self._waiting: list[tuple[bytes, Deferred[None]]] = []
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self._chunks)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._chunks.append(data)
-        if not self._waiting:
-            return
-        still = []
-        for marker, d in self._waiting:
-            if marker in self.data:
-                d.callback(None)
-            else:
-                still.append((marker, d))
-        self._waiting = still
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.reason = reason
-        self.done.callback(None)
-
-    def wait_for(self, marker: bytes) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._waiting.append((marker, d))
-        self.dataReceived(b"")
-        return d
 
 
 async def stream(client: HTTPClient, url: str, body: dict[str, Any]) -> tuple[Any, BodyReader]:
