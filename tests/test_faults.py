@@ -9,24 +9,19 @@ Broken upstreams, each injected on loopback and its client-visible outcome asser
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IReactorPluggableNameResolver
 from zope.interface import implementer
 
 from aoaiproxy.testing import FakeAzure
 
+from .certs import make_ca
 from .conftest import Proxy, free_port
 from .rawnet import (
     Connect,
@@ -133,36 +128,18 @@ async def test_dns_failure_is_502(make_proxy: Callable[..., Proxy], raw_connect:
 
 
 @pytest.fixture(scope="module")
-def self_signed() -> Iterator[ssl.PrivateCertificate]:
-    """A certificate for 127.0.0.1 that no trust store knows."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    yield ssl.PrivateCertificate.loadPEM(key_pem + cert.public_bytes(serialization.Encoding.PEM))
+def untrusted(tmp_path_factory: pytest.TempPathFactory) -> ssl.PrivateCertificate:
+    """A certificate for 127.0.0.1 from a CA that no trust store knows."""
+    key, cert = make_ca("untrusted CA").issue(tmp_path_factory.mktemp("untrusted"), "upstream", 1)
+    return ssl.PrivateCertificate.loadPEM(key.read_bytes() + cert.read_bytes())
 
 
 @pytest_twisted.ensureDeferred
 async def test_untrusted_tls_certificate_is_502(
-    make_proxy: Callable[..., Proxy], raw_connect: Connect, self_signed: ssl.PrivateCertificate
+    make_proxy: Callable[..., Proxy], raw_connect: Connect, untrusted: ssl.PrivateCertificate
 ) -> None:
     upstream = FakeAzure(get_reactor())
-    upstream.listen(context_factory=self_signed.options())
+    upstream.listen(context_factory=untrusted.options())
     try:
         assert upstream.url.startswith("https://127.0.0.1:")
         proxy = make_proxy(endpoint=upstream.url)
