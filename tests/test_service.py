@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 
 from aoaiproxy.config import LiveConfig, load_config
@@ -36,13 +37,43 @@ SECRETS = (CLIENT_KEY, SERVER_KEY, OTHER_KEY)
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
+class Events(list[dict[str, Any]]):
+    """Log events as they are published; L{access} waits for access lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[int, Deferred[list[str]]]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.append(event)
+        if event.get("log_namespace") == ACCESS_NAMESPACE:
+            lines = access_lines(self)
+            waiting, self._waiting = self._waiting, []
+            for count, d in waiting:
+                if len(lines) >= count:
+                    # On the reactor's next turn: not inside the logging call (the test
+                    # would go on, and may end, while the log publisher is still at work).
+                    get_reactor().callLater(0, d.callback, lines)
+                else:
+                    self._waiting.append((count, d))
+
+    def access(self, count: int, timeout: float = 10.0) -> Deferred[list[str]]:
+        """Fires with the access lines once there are C{count} of them (a bounded wait)."""
+        lines = access_lines(self)
+        if len(lines) >= count:
+            return succeed(lines)
+        d: Deferred[list[str]] = Deferred()
+        self._waiting.append((count, d))
+        return d.addTimeout(timeout, get_reactor())
+
+
 @pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
+def events() -> Iterator[Events]:
     """Every log event published while the test runs."""
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
+    seen = Events()
+    globalLogPublisher.addObserver(seen)
     yield seen
-    globalLogPublisher.removeObserver(seen.append)
+    globalLogPublisher.removeObserver(seen)
 
 
 def access_lines(events: list[dict[str, Any]]) -> list[str]:
@@ -76,7 +107,7 @@ def keys_file(tmp_path: Path, *keys: str) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_access_line_text_has_the_facts_and_no_key(
-    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: list[dict[str, Any]], tmp_path: Path
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: Events, tmp_path: Path
 ) -> None:
     proxy = make_proxy(
         token=SERVER_KEY, client_keys=keys_file(tmp_path, CLIENT_KEY), model_mapper=["gpt-4o=prod-4o"]
@@ -96,7 +127,7 @@ async def test_access_line_text_has_the_facts_and_no_key(
 
 @pytest_twisted.ensureDeferred
 async def test_access_line_json_and_refused_requests(
-    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: list[dict[str, Any]], tmp_path: Path
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: Events, tmp_path: Path
 ) -> None:
     proxy = make_proxy(
         token=SERVER_KEY,
@@ -109,7 +140,7 @@ async def test_access_line_json_and_refused_requests(
     big = {"model": "gpt-4o", "input": "x" * 200_000}
     client = await connect(proxy, raw_post("/v1/embeddings", big, key=CLIENT_KEY))
     await client.wait_for(b"HTTP/1.1 413")
-    await wait_until(lambda: len(access_lines(events)) == 2, "two access lines")
+    await events.access(2)
     first, second = (json.loads(line) for line in access_lines(events))
     assert first["method"] == "POST" and first["path"] == "/v1/chat/completions"
     assert first["status"] == 401 and first["bytes"] > 0
@@ -122,7 +153,7 @@ async def test_access_line_json_and_refused_requests(
 
 @pytest_twisted.ensureDeferred
 async def test_stream_cut_by_the_client_is_logged_once_as_aborted(
-    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: list[dict[str, Any]]
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: Events
 ) -> None:
     fake.hold_last_chunk()
     proxy = make_proxy()
@@ -130,8 +161,9 @@ async def test_stream_cut_by_the_client_is_logged_once_as_aborted(
     await client.wait_for(b"data: ")
     assert client.transport is not None
     client.transport.abortConnection()
-    await wait_until(lambda: len(access_lines(events)) == 1, "the access line")
-    assert access_lines(events)[0].endswith(" aborted")
+    await events.access(1)
+    [line] = access_lines(events)
+    assert line.endswith(" aborted")
 
 
 def test_format_text_quotes_odd_values() -> None:
@@ -272,10 +304,10 @@ async def test_drain_closes_idle_connections_and_waits_for_streams(
     fake.hold_last_chunk()
     proxy = make_proxy()
     stream = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}, key=CLIENT_KEY))
-    await stream.wait_for(b"data: ")
+    await stream.wait_for(b"chunk2 ")  # the fake holds a stream once its last content chunk is out
     idle = await connect(proxy, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
     await idle.wait_for(b'"ok"}')
-    await wait_until(lambda: fake.held_streams == 1, "the held stream")
+    assert fake.held_streams == 1
 
     drained = proxy.site.connections.drain(get_reactor(), 30)
     await idle.closed  # an idle keep-alive connection is closed at once
@@ -296,14 +328,16 @@ async def test_drain_deadline_cuts_open_streams_visibly(
     fake.hold_last_chunk()
     proxy = make_proxy()
     stream = await connect(proxy, raw_post("/v1/chat/completions", {**CHAT, "stream": True}, key=CLIENT_KEY))
-    await stream.wait_for(b"data: ")
-    await wait_until(lambda: fake.held_streams == 1, "the held stream")
+    await stream.wait_for(b"chunk2 ")  # the fake holds a stream once its last content chunk is out
+    assert fake.held_streams == 1
+    upstream_closed = fake.wait_connection_closed()
     cut = await proxy.site.connections.drain(get_reactor(), 0.05)
     assert cut == 1
     await stream.closed
     assert not stream.received.endswith(b"0\r\n\r\n")  # no last chunk: truncation is visible
     # The upstream request is cancelled with it.
-    await wait_until(lambda: fake.open_connections == 0, "the upstream connection to close")
+    await upstream_closed.addTimeout(10, get_reactor())
+    assert fake.open_connections == 0
 
 
 @pytest_twisted.ensureDeferred
