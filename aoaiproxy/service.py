@@ -1,10 +1,10 @@
 """
 Running as a system service: graceful stop (drain), reload on C{SIGHUP}, and C{sd_notify}.
 
-- L{Connections} tracks the site's client connections.  On stop it closes idle keep-alive
-  connections at once, lets the ones with a request in flight (a stream, a tunnel) finish
-  and close, and aborts whatever is still open at the deadline, so that a cut stream is
-  visibly truncated.
+- The site's open connections (L{aoaiproxy.site.Connections}) are drained on stop: idle
+  keep-alive connections close at once, the ones with a request in flight (a stream, a
+  tunnel) finish and close, and whatever is still open at the deadline is cut, so that a
+  cut stream is visibly truncated.
 - L{Reloader} re-reads the configuration (config file, key files, users file) and TLS
   certificates, and swaps L{LiveConfig.config} whole; a bad configuration is logged in one
   line and the old one stays in force.
@@ -19,23 +19,22 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
-from twisted.python.failure import Failure
 
 from aoaiproxy.config import Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.log import json_observer, log_startup
 
-__all__ = ["Connections", "DaemonService", "Reloader", "sd_notify"]
+__all__ = ["DaemonService", "Drainable", "Reloader", "sd_notify"]
 
 _log = Logger(namespace="aoaiproxy")
 
@@ -60,130 +59,21 @@ def sd_notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def _channel(protocol: Any) -> Any:
-    """The HTTPChannel behind the protocol a Site builds (a wrapper around the channel)."""
-    return getattr(protocol, "_channel", protocol)
-
-
-class Connections:
+def reloading_state() -> str:
     """
-    The open client connections of one site, for a graceful stop.
-
-    L{ProxySite.buildProtocol} hands each new connection's protocol to L{track}.  A
-    connection is busy while its channel has a request that is not finished (a request being
-    read, a response or stream being sent, a CONNECT tunnel), idle otherwise.
+    The C{sd_notify} state that starts a reload: C{RELOADING=1} with the C{CLOCK_MONOTONIC}
+    time in microseconds (C{MONOTONIC_USEC=}), which systemd 253 and later expect with it
+    (C{Type=notify-reload}; sd_notify(3)).
     """
+    return f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
 
-    def __init__(self) -> None:
-        self.open: set[Any] = set()
-        self.draining = False
-        self._drained: list[Deferred[None]] = []
 
-    def track(self, protocol: Any) -> None:
-        """Count C{protocol} as open until its C{connectionLost}."""
-        self.open.add(protocol)
-        lost = protocol.connectionLost
+class Drainable(Protocol):
+    """The site's open connections, as the daemon stops them (L{aoaiproxy.site.Connections})."""
 
-        def connectionLost(reason: Failure) -> None:
-            try:
-                lost(reason)
-            finally:
-                self._lost(protocol)
+    def drain(self, reactor: Any, timeout: float) -> Deferred[int]: ...
 
-        protocol.connectionLost = connectionLost
-
-    def _lost(self, protocol: Any) -> None:
-        self.open.discard(protocol)
-        if self.draining and not self.open:
-            waiting, self._drained = self._drained, []
-            for d in waiting:
-                d.callback(None)
-
-    @staticmethod
-    def busy(protocol: Any) -> bool:
-        """Whether the connection has a request in flight."""
-        return bool(getattr(_channel(protocol), "requests", None))
-
-    def close_idle(self) -> int:
-        """
-        Stop taking new requests: close idle connections now, and make busy ones close once
-        their response is done (C{Connection: close}).  Returns how many are busy.
-        """
-        self.draining = True
-        busy = 0
-        for protocol in list(self.open):
-            channel = _channel(protocol)
-            if self.busy(protocol):
-                busy += 1
-                channel.persistent = False
-                for request in list(channel.requests):
-                    if not request.startedWriting:
-                        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            elif getattr(channel, "transport", None) is not None:
-                channel.loseConnection()
-        return busy
-
-    def wait_closed(self) -> Deferred[None]:
-        """Fires once every tracked connection is gone (after L{close_idle})."""
-        self.draining = True
-        if not self.open:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drained.append(d)
-        return d
-
-    def cut(self) -> int:
-        """Abort every connection still open; returns how many."""
-        count = 0
-        for protocol in list(self.open):
-            transport = getattr(_channel(protocol), "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-                count += 1
-        return count
-
-    def drain(self, reactor: Any, timeout: float) -> Deferred[int]:
-        """
-        L{close_idle}, then wait until every connection is closed or C{timeout} seconds have
-        passed, and then L{cut} the rest.  Fires with how many connections were cut.
-        """
-        busy = self.close_idle()
-        _log.info(
-            "draining: {busy} connection(s) with a request in flight, waiting up to {timeout:g}s",
-            busy=busy,
-            timeout=timeout,
-        )
-        result: Deferred[int] = Deferred()
-        cut = [0]
-        timer: IDelayedCall | None = None
-
-        def deadline() -> None:
-            nonlocal timer
-            timer = None
-            cut[0] = self.cut()
-            _log.warn(
-                "drain timeout ({timeout:g}s): cut {count} connection(s) still open",
-                timeout=timeout,
-                count=cut[0],
-            )
-            # Aborted connections are lost on the next reactor iteration; do not wait for
-            # anything that might not go away.
-            reactor.callLater(0.5, finish, None)
-
-        def finish(_: object) -> None:
-            nonlocal timer
-            if timer is not None and timer.active():
-                timer.cancel()
-            timer = None
-            if not result.called:
-                if not cut[0]:
-                    _log.info("drained: every request in flight has finished")
-                result.callback(cut[0])
-
-        if self.open:
-            timer = reactor.callLater(timeout, deadline)
-        self.wait_closed().addCallback(finish)
-        return result
+    def cut(self) -> int: ...
 
 
 #: Settings a reload cannot change: the listeners are bound, the log observer is installed.
@@ -277,7 +167,7 @@ class DaemonService(service.MultiService):
     def __init__(
         self,
         live: LiveConfig,
-        connections: Connections,
+        connections: Drainable,
         reactor: Any,
         reloader: Reloader,
     ) -> None:
@@ -340,7 +230,7 @@ class DaemonService(service.MultiService):
             _log.warn("{signal} again: cut {count} connection(s) now", signal=name, count=count)
 
     def reload(self) -> bool:
-        sd_notify("RELOADING=1")
+        sd_notify(reloading_state())
         try:
             return self.reloader.reload()
         finally:

@@ -171,7 +171,7 @@ def makeService(options: Options) -> service.IService:
     from aoaiproxy.forward import Forwarder
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService, Reloader
-    from aoaiproxy.site import ConnectionCap, ProxySite
+    from aoaiproxy.site import ProxySite
     from aoaiproxy.tls import TLSFilesError, listener_service
     from aoaiproxy.upstream import UpstreamClient
 
@@ -191,7 +191,7 @@ def makeService(options: Options) -> service.IService:
         # (reloaded on SIGHUP: DaemonService.reloadables()).
         try:
             # Each listener caps its own open connections (--max-connections).
-            listener_service(description, ConnectionCap(site), reactor).setServiceParent(top)
+            listener_service(description, site.listener(), reactor).setServiceParent(top)
         except TLSFilesError as e:
             raise SystemExit(f"aoaiproxy: --listen: {e}") from None
     _Closing(upstream).setServiceParent(top)

@@ -23,6 +23,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -30,7 +31,7 @@ from zope.interface import implementer
 
 from aoaiproxy import forward
 from aoaiproxy.config import Config, LiveConfig, load_config
-from aoaiproxy.forward import Forwarder, pending_write_bytes
+from aoaiproxy.forward import Forwarder, handlers, pending_write_bytes
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
@@ -269,6 +270,26 @@ async def test_tunnel_half_close(make_forward: Callable[..., FwdProxy], servers:
     await client.closed
     assert client.received.endswith(b"\r\n\r\ngot 5000")
     assert not proxy.forwarder.tunnels
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_logs_no_factory_lines(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    """A CONNECT is one access line, not also "Starting factory" / "Stopping factory" noise."""
+    port, _ = servers.tcp(CountThenClose)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"abc")
+        await client.wait_for(b"\r\n\r\n")
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await client.closed
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert client.received.endswith(b"got 3")
+    lines = [formatEvent(e) for e in events]
+    # The test's own client connects with connectProtocol, whose OneShotFactory is noisy.
+    assert not [line for line in lines if "factory" in line.lower() and "OneShotFactory" not in line], lines
 
 
 @pytest_twisted.ensureDeferred
@@ -593,7 +614,7 @@ async def test_absolute_form_error_while_relaying_is_answered(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(forward, "relay_response", broken)
+    monkeypatch.setattr(handlers, "relay_response", broken)
     port = servers.web(Record())
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
     response = await proxy.ask(b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % port)
@@ -716,7 +737,7 @@ def test_proxy_authorized() -> None:
 
 
 def test_connect_error_classification() -> None:
-    classify = forward._connect_error
+    classify = forward.refusal
     assert classify(Failure(ierror.TimeoutError()), 3).status == 504
     assert classify(Failure(ierror.ConnectionRefusedError()), 3).status == 502
     assert classify(Failure(ierror.NoRouteError()), 3).status == 502

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 
 from aoaiproxy.config import ConfigError, load_config
-from aoaiproxy.site import ConnectionCap
+from aoaiproxy.site import Listener
 from aoaiproxy.tap import Options
 
 from .conftest import Daemon, Proxy
@@ -232,13 +232,13 @@ async def test_chunked_body_over_max_body_is_413_before_the_rest(
 
 
 @pytest_twisted.async_yield_fixture
-async def capped(make_proxy: Callable[..., Proxy]) -> AsyncIterator[Callable[..., tuple[int, ConnectionCap]]]:
-    """A listener with the connection cap, as the daemon wraps each of its listeners."""
+async def capped(make_proxy: Callable[..., Proxy]) -> AsyncIterator[Callable[..., tuple[int, Listener]]]:
+    """A listener with the connection cap, as the daemon listens."""
     ports: list[IListeningPort] = []
 
-    def make(**flags: Any) -> tuple[int, ConnectionCap]:
+    def make(**flags: Any) -> tuple[int, Listener]:
         proxy = make_proxy(**flags)
-        cap = ConnectionCap(proxy.site)
+        cap = proxy.site.listener()
         port = get_reactor().listenTCP(0, cap, interface="127.0.0.1")
         ports.append(port)
         return port.getHost().port, cap
@@ -250,7 +250,7 @@ async def capped(make_proxy: Callable[..., Proxy]) -> AsyncIterator[Callable[...
 
 @pytest_twisted.ensureDeferred
 async def test_connections_over_the_cap_get_503_and_close(
-    capped: Callable[..., tuple[int, ConnectionCap]], raw_connect: Connect
+    capped: Callable[..., tuple[int, Listener]], raw_connect: Connect
 ) -> None:
     port, cap = capped(max_connections=2)
     held = [await raw_connect(port), await raw_connect(port)]

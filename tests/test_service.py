@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.log import ACCESS_NAMESPACE, JSONLinesObserver, format_text
-from aoaiproxy.service import Reloader, sd_notify
+from aoaiproxy.service import DaemonService, Reloader, sd_notify
+from aoaiproxy.site import Connections
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import REPO, Proxy, get_reactor
@@ -347,7 +349,7 @@ async def test_drain_during_a_request_head_closes_after_its_answer(
     proxy = make_proxy()
     client = await connect(proxy, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n")
     connections = proxy.site.connections
-    await wait_until(lambda: any(connections.busy(p) for p in connections.open), "the request line")
+    await wait_until(lambda: any(channel.busy for channel in connections.open), "the request line")
     drained = connections.drain(get_reactor(), 30)
     assert client.transport is not None
     client.transport.write(b"\r\n")  # the head ends after the drain began
@@ -361,8 +363,6 @@ async def test_drain_during_a_request_head_closes_after_its_answer(
 def test_drain_with_nothing_open_is_immediate() -> None:
     # A clock that never advances: the drain must not wait for any time to pass.
     from twisted.internet.task import Clock
-
-    from aoaiproxy.service import Connections
 
     d = Connections().drain(Clock(), 30)
     assert d.called and d.result == 0
@@ -384,6 +384,30 @@ def test_sd_notify_path_and_abstract_socket(tmp_path: Path) -> None:
         assert listener.recv(100) == b"STOPPING=1"
     assert not sd_notify("READY=1", {})
     assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody")})
+
+
+def test_reload_notifies_reloading_with_its_monotonic_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd 253+ (Type=notify-reload) expects MONOTONIC_USEC= with RELOADING=1."""
+    from twisted.internet.task import Clock
+
+    flags = {"endpoint": "https://r.openai.azure.com"}
+    live = LiveConfig(load_config(flags, {}))
+    top = DaemonService(live, Connections(), Clock(), Reloader(flags, {}, live))
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert top.reload()
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        reloading = listener.recv(200).decode()
+        assert listener.recv(200) == b"READY=1"
+    state = dict(line.split("=", 1) for line in reloading.split("\n"))
+    assert state.keys() == {"RELOADING", "MONOTONIC_USEC"}
+    assert state["RELOADING"] == "1"
+    assert before <= int(state["MONOTONIC_USEC"]) <= after
 
 
 # -- systemd units ----------------------------------------------------------------------------

@@ -21,12 +21,13 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.http import Request
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.resource import ApiResource
-from aoaiproxy.site import ProxySite
+from aoaiproxy.site import ProxyRequest, ProxySite
 from aoaiproxy.tls import (
     ReloadableTLS,
     TLSFilesError,
@@ -85,6 +86,105 @@ def tunnel_exchange(port: int, cafile: Path, target: str, payload: bytes) -> byt
         return _read_until(sock, lambda d: d.endswith(payload))
 
 
+class InnerTLS:
+    """
+    A TLS client over a socket that is already connected (plainly, or itself over TLS: TLS
+    inside TLS), driven through memory BIOs, as a client does after its CONNECT.
+    """
+
+    def __init__(self, sock: socket.socket, cafile: Path, hostname: str) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        context = ssl.create_default_context(cafile=str(cafile))
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=hostname)
+
+    def hello(self) -> bytes:
+        """The ClientHello, to send (after the CONNECT head, or with it)."""
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return self.outgoing.read()
+
+    def handshake(self, received: bytes) -> None:
+        """Complete the handshake, C{received} being the server's first bytes."""
+        self.incoming.write(received)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
+
+    def request(self, raw: bytes) -> bytes:
+        self.tls.write(raw)
+        self._flush()
+        data = b""
+        while not response_done(data):
+            try:
+                data += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._fill()
+        return data
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("the proxy closed the connection")
+        self.incoming.write(chunk)
+
+
+#: The CONNECT target L{Intercepting} serves itself.
+INTERCEPTED = "intercept.test:443"
+
+
+def intercepted_exchange(sock: socket.socket, cafile: Path) -> tuple[bytes, list[bytes]]:
+    """
+    CONNECT to L{INTERCEPTED} with the ClientHello in the same write, then two requests over
+    TLS inside; returns the CONNECT answer's head and the two responses.
+    """
+    inner = InnerTLS(sock, cafile, INTERCEPTED.rpartition(":")[0])
+    sock.sendall(f"CONNECT {INTERCEPTED} HTTP/1.1\r\nHost: {INTERCEPTED}\r\n\r\n".encode() + inner.hello())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    inner.handshake(rest)
+    health = b"GET /healthz HTTP/1.1\r\nHost: api.openai.com\r\n\r\n"
+    return head, [inner.request(health), inner.request(health)]
+
+
+class Intercepting(Forwarder):
+    """
+    A forwarder that serves C{CONNECT intercept.test:443} itself, as TLS interception will:
+    it answers 200, hands the connection to a TLS server with a certificate for that host
+    (C{TLSMemoryBIOFactory(creator, False, site)}), and the same site serves the requests
+    inside.  Any other proxy request is the forwarder's as usual.
+    """
+
+    site: ProxySite
+    creator: ReloadableTLS
+
+    def handle(self, request: Request) -> bool:
+        if request.method == b"CONNECT" and request.uri == INTERCEPTED.encode():
+            assert isinstance(request, ProxyRequest)
+            tls = TLSMemoryBIOFactory(self.creator, False, self.site)
+            request.establish(tls.buildProtocol(request.getClientAddress()))
+            return True
+        return super().handle(request)
+
+
 # -- fixtures ---------------------------------------------------------------------------------
 
 
@@ -103,12 +203,14 @@ class Echo(Protocol):
 @attrs.define
 class TLSProxy:
     port: IListeningPort
+    plain: IListeningPort
     tls: ReloadableTLS
     ca: CA
     cafile: Path
     directory: Path
     echo_port: int
     forwarder: Forwarder
+    site: ProxySite
 
     @property
     def number(self) -> int:
@@ -130,16 +232,21 @@ async def tls_proxy(tmp_path: Path) -> AsyncIterator[TLSProxy]:
         )
     )
     upstream = UpstreamClient(reactor)
-    forwarder = Forwarder(reactor, live, upstream=upstream)
+    forwarder = Intercepting(reactor, live, upstream=upstream)
     site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
+    forwarder.site = site
+    intercept_key, intercept_cert = ca.issue(tmp_path, "intercept", serial=4004, hosts=("intercept.test",))
+    forwarder.creator = ReloadableTLS(str(intercept_key), str(intercept_cert))
     tls = ReloadableTLS(str(key), str(cert))
     endpoint = TLSServerEndpoint(serverFromString(reactor, "tcp:0:interface=127.0.0.1"), tls)
-    # Wrapped, as tap.py wraps the site (ConnectionCap): the wrapper hides the site's ALPN
-    # protocols, and the handshake must still succeed with a client that offers h2.
-    port = await endpoint.listen(WrappingFactory(site))
-    yield TLSProxy(port, tls, ca, cafile, tmp_path, echo_port, forwarder)
+    # As tap.py listens: the listener's factory offers no ALPN protocols of its own, and the
+    # handshake must still succeed with a client that offers h2.
+    port = await endpoint.listen(site.listener())
+    plain = reactor.listenTCP(0, site.listener(), interface="127.0.0.1")
+    yield TLSProxy(port, plain, tls, ca, cafile, tmp_path, echo_port, forwarder, site)
     forwarder.close()
     await port.stopListening()
+    await plain.stopListening()
     await echo.stopListening()
     await upstream.close()
 
@@ -172,6 +279,32 @@ async def test_tls_client_close_ends_the_tunnel(tls_proxy: TLSProxy) -> None:
     )
     await target_closed.addTimeout(10, get_reactor())
     assert not tls_proxy.forwarder.tunnels
+
+
+@pytest.mark.parametrize("outer", ["tcp", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_connection_handed_to_tls_serves_http_inside(tls_proxy: TLSProxy, outer: str) -> None:
+    """
+    The mechanism of TLS interception: a connection handed over after CONNECT to a TLS
+    server wrapping the same site serves HTTP inside TLS, through a plain listener and
+    through a TLS one (TLS inside TLS).  The ClientHello rides with the CONNECT head.
+    """
+
+    def exchange() -> tuple[bytes, list[bytes]]:
+        if outer == "tls":
+            sock: socket.socket = _tls_socket(tls_proxy.number, tls_proxy.cafile)
+        else:
+            sock = socket.create_connection(("127.0.0.1", tls_proxy.plain.getHost().port), timeout=10)
+        with sock:
+            return intercepted_exchange(sock, tls_proxy.cafile)
+
+    head, responses = await deferToThread(exchange)
+    assert head == b"HTTP/1.1 200 Connection Established"
+    for response in responses:  # keep-alive inside the TLS
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert response.endswith(b'{"status": "ok"}')
+    # The connection handed over and the one inside it both leave the site's count.
+    await tls_proxy.site.connections.wait_closed().addTimeout(10, get_reactor())
 
 
 @pytest_twisted.ensureDeferred

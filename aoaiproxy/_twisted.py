@@ -1,0 +1,87 @@
+"""
+Every use aoaiproxy makes of Twisted's private attributes, in one place.
+
+Twisted offers no public way to do what each function below does.  Each says why it is
+needed and the Twisted version whose source it was checked against; when Twisted is upgraded,
+these are the lines to re-read (the tests that exercise each are named).
+
+Hooks of Twisted classes that aoaiproxy's subclasses override although their names are
+private, also checked against Twisted 26.10:
+
+  - L{aoaiproxy.site.ProxyChannel._respondToBadRequestAndDisconnect}: every malformed
+    request reaches this one method of C{HTTPChannel}; ours answers a complete 400 in
+    OpenAI's shape and lingers, where Twisted's writes a bare status line and closes
+    (tests/test_limits.py).
+
+Known private uses outside the modules that route through here (their owners may move them
+here; each has the public alternative noted):
+
+  - C{aoaiproxy.resource}: C{request._disconnected} (public: C{request.channel is None} after
+    C{Request.connectionLost}, or C{request.notifyFinish()}).
+  - C{aoaiproxy.upstream}: imports from C{twisted.web._newclient} (the exceptions and
+    C{HTTP11ClientProtocol} C{Agent} uses; no public module exports them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.http import HTTPChannel
+
+__all__ = ["pending_write_bytes", "request_line", "take_pipelined"]
+
+
+def take_pipelined(channel: HTTPChannel) -> bytes:
+    """
+    Take the bytes C{channel} received after the request it is handling (a client's
+    pipelined bytes: for a CONNECT, the first tunnel bytes), which it keeps to parse once
+    that request is done.  They are removed from the channel, so they are handed on once.
+
+    Why: C{HTTPChannel.rawDataReceived} keeps them in the private list C{_dataBuffer} until
+    C{requestDone}, and nothing public returns them (C{LineReceiver.clearLineBuffer} returns
+    only the bytes not yet split into lines, which this does not include).  Checked against
+    Twisted 26.10 (C{HTTPChannel._dataBuffer}, C{_finishRequestBody}, C{rawDataReceived}).
+    Tested by tests/test_forward.py (pipelined bytes, in the same segment as the CONNECT head
+    and after it).
+    """
+    buffered: list[bytes] = channel._dataBuffer  # type: ignore[attr-defined]
+    data = b"".join(buffered)
+    buffered.clear()
+    return data
+
+
+def request_line(channel: HTTPChannel) -> tuple[bytes, bytes] | None:
+    """
+    The method and request-target of the request whose head C{channel} is reading, once its
+    request line was parsed; None before that.
+
+    Why: a request refused while its head is read (431, 408) has no method or URI yet:
+    C{HTTPChannel.lineReceived} keeps them in C{_command} and C{_path} until the head is
+    complete.  Checked against Twisted 26.10.  Tested by tests/test_limits.py (the access
+    line of a refused head).
+    """
+    command = getattr(channel, "_command", None)
+    path = getattr(channel, "_path", None)
+    if isinstance(command, bytes) and isinstance(path, bytes):
+        return command, path
+    return None
+
+
+def pending_write_bytes(transport: Any) -> int:
+    """
+    Bytes a transport holds that the kernel has not taken yet, through any wrappers (TLS,
+    protocol wrappers) down to the socket: a measure for tests of backpressure.
+
+    Why: no interface tells how much a transport buffers.  C{FileDescriptor} keeps
+    C{dataBuffer}, C{offset} and the private C{_tempDataLen}; C{TLSMemoryBIOProtocol} the
+    private C{_appSendBuffer}; wrappers their inner C{transport}.  Checked against Twisted
+    26.10.  Used by tests/test_forward.py (a stalled reader).
+    """
+    total = 0
+    while transport is not None:
+        own = getattr(transport, "__dict__", {})
+        total += len(own.get("dataBuffer", b"")) - own.get("offset", 0)
+        total += own.get("_tempDataLen", 0)
+        total += sum(len(b) for b in own.get("_appSendBuffer", ()) or ())
+        transport = own.get("transport")
+    return total

@@ -1,0 +1,64 @@
+"""
+The forward proxy: C{CONNECT host:port} tunnels and absolute-form requests
+(C{GET http://host/path}), for an allowlist of destinations.
+
+L{Forwarder.handle} is called by L{aoaiproxy.site.ProxyRequest.process} for every proxy
+request.  In order it checks:
+
+ 1. the request-target (a malformed one gets 400);
+ 2. proxy authentication, when C{forward_users} is set (407 with C{Proxy-Authenticate});
+ 3. C{http://api.openai.com/...}: rewritten to origin-form and handed back (C{False}) so the
+    reverse API serves it (and azure mode converts it);
+ 4. the allowlist (403);
+ 5. the destination's addresses: a name is resolved here, every address is checked (a name
+    never reaches a loopback, private, link-local, CGNAT, multicast or metadata address unless
+    that address is itself listed as C{ip:port}), and the connection goes to the checked
+    address, never to the name again (no DNS rebinding);
+ 6. connect (502 refused or unreachable, 504 timed out), then tunnel or relay.
+
+Errors are OpenAI-shaped JSON with C{Access-Control-Allow-Origin: *}.
+
+The modules: L{policy} (the decisions, pure), L{dial} (resolve, check, connect; the one
+failure classification, L{refusal}), L{tunnel} (the byte relay), L{handlers} (the requests).
+"""
+
+from aoaiproxy._twisted import pending_write_bytes
+from aoaiproxy.forward.dial import Connector, Dialer, Resolver, reactor_resolver, refusal, tcp_connector
+from aoaiproxy.forward.handlers import Forwarder
+from aoaiproxy.forward.policy import (
+    OPENAI_API_HOST,
+    AbsoluteTarget,
+    Refused,
+    address_blocked,
+    checked_addresses,
+    destination_allowed,
+    parse_absolute,
+    parse_authority,
+    proxy_authorized,
+    relayed_request_headers,
+)
+from aoaiproxy.forward.tunnel import TargetFactory, TargetProtocol, Tunnel
+
+__all__ = [
+    "OPENAI_API_HOST",
+    "AbsoluteTarget",
+    "Connector",
+    "Dialer",
+    "Forwarder",
+    "Refused",
+    "Resolver",
+    "TargetFactory",
+    "TargetProtocol",
+    "Tunnel",
+    "address_blocked",
+    "checked_addresses",
+    "destination_allowed",
+    "parse_absolute",
+    "parse_authority",
+    "pending_write_bytes",
+    "proxy_authorized",
+    "reactor_resolver",
+    "refusal",
+    "relayed_request_headers",
+    "tcp_connector",
+]

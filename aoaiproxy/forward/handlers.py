@@ -1,0 +1,182 @@
+"""
+The forward proxy's request handling: L{Forwarder.handle} serves C{CONNECT} (a tunnel) and
+absolute-form requests (relayed, or handed back to the API as origin-form).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.iweb import IResponse
+
+from aoaiproxy.config import Config, LiveConfig
+from aoaiproxy.errors import ProxyError
+from aoaiproxy.forward.dial import Connector, Dialer, Resolver, refusal
+from aoaiproxy.forward.policy import (
+    OPENAI_API_HOST,
+    Refused,
+    bad_target,
+    destination_allowed,
+    forbidden,
+    parse_absolute,
+    parse_authority,
+    proxy_auth_required,
+    proxy_authorized,
+    relayed_request_headers,
+)
+from aoaiproxy.forward.tunnel import TargetFactory, TargetProtocol, Tunnel
+from aoaiproxy.resource import nonempty_body, note, raw_headers, relay_response, write_error
+from aoaiproxy.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from aoaiproxy.site import ProxyRequest
+
+
+class Forwarder:
+    """
+    Serves proxy requests for a L{aoaiproxy.site.ProxySite}.
+
+    @param resolver: resolves names (default: the reactor's getaddrinfo resolver).
+    @param connector: builds the endpoint to a checked address (default: TCP).
+    @param upstream: the HTTP client for relayed absolute-form requests (default: a new one,
+        closed by L{close}).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        live: LiveConfig,
+        resolver: Resolver | None = None,
+        *,
+        connector: Connector | None = None,
+        upstream: UpstreamClient | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._live = live
+        self._dialer = Dialer(reactor, resolver, connector)
+        self._own_upstream = upstream is None
+        self._upstream = upstream or UpstreamClient(reactor)
+        #: Open tunnels.
+        self.tunnels: set[Tunnel] = set()
+
+    def handle(self, request: Request) -> bool:
+        """
+        Serve a proxy request.  Returns True when it is taken care of, False after rewriting
+        an absolute-form API request (C{http://api.openai.com/...}) to origin-form.
+        """
+        config = self._live.config
+        try:
+            if request.method == b"CONNECT":
+                self._connect(config, cast("ProxyRequest", request))
+                return True
+            return self._absolute(config, request)
+        except Refused as e:
+            close = request.method == b"CONNECT" and e.error.status != 407
+            self._answer_error(request, e.error, close=close)
+            return True
+
+    def close(self) -> Deferred[None] | None:
+        """Close every tunnel (and the HTTP client, if this forwarder made it)."""
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
+        if self._own_upstream:
+            return self._upstream.close()
+        return None
+
+    # -- shared steps
+
+    def _check_auth(self, config: Config, request: Request) -> None:
+        header = request.getHeader(b"proxy-authorization")
+        request.requestHeaders.removeHeader(b"proxy-authorization")
+        if not proxy_authorized(config, header):
+            raise Refused(proxy_auth_required())
+
+    def _answer_error(self, request: Request, error: ProxyError, close: bool = False) -> None:
+        if request.finished or request.channel is None:  # answered, or the client is gone
+            return
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        if close:
+            # Bytes a client pipelined after a refused CONNECT are not HTTP: don't parse them.
+            request.requestHeaders.setRawHeaders(b"connection", [b"close"])
+        write_error(request, error)
+
+    def _failed(self, request: Request, close: bool = False) -> Any:
+        """An errback answering the client with the failure's L{refusal}."""
+        timeout = self._live.config.connect_timeout
+
+        def answer(failure: Failure) -> None:
+            self._answer_error(request, refusal(failure, timeout), close=close)
+
+        return answer
+
+    # -- CONNECT
+
+    def _connect(self, config: Config, request: ProxyRequest) -> None:
+        try:
+            host, port = parse_authority(request.uri)
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(bad_target()) from None
+        self._check_auth(config, request)
+        if not destination_allowed(config, host, port):
+            raise Refused(forbidden(f"{host}:{port}"))
+        d = self._dialer.connect(config, host, port, TargetFactory())
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def connected(target: TargetProtocol) -> None:
+            if request.channel is None:  # the client left while we connected
+                transport: Any = target.transport
+                transport.abortConnection()
+                return
+            tunnel = Tunnel(self._reactor, target, config.tunnel_idle_timeout, self._tunnel_closed(request))
+            self.tunnels.add(tunnel)
+            request.establish(tunnel)
+
+        d.addCallbacks(connected, self._failed(request, close=True))
+
+    def _tunnel_closed(self, request: Request) -> Any:
+        def closed(tunnel: Tunnel) -> None:
+            self.tunnels.discard(tunnel)
+            # For the access-log line the channel writes when the connection is gone.
+            note(request, bytes=tunnel.bytes_down)
+
+        return closed
+
+    # -- absolute-form
+
+    def _absolute(self, config: Config, request: Request) -> bool:
+        try:
+            target = parse_absolute(request.uri)
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(bad_target()) from None
+        self._check_auth(config, request)
+        if target.host == OPENAI_API_HOST:
+            # As if it had been sent in origin-form.
+            request.uri = target.origin
+            request.path = target.path
+            return False
+        if not destination_allowed(config, target.host, target.port):
+            raise Refused(forbidden(f"{target.host}:{target.port}"))
+        # RFC 9112 §3.2.2: the request-target's authority, not the client's Host header.
+        headers = relayed_request_headers(raw_headers(request), target.authority)
+        d = self._dialer.addresses(config, target.host, target.port)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def send(addresses: list[str]) -> Deferred[IResponse]:
+            ip = addresses[0]
+            netloc = f"[{ip}]:{target.port}" if ":" in ip else f"{ip}:{target.port}"
+            return self._upstream.request(
+                request.method,
+                f"http://{netloc}".encode("ascii") + target.origin,
+                headers,
+                nonempty_body(request.content),
+                connect_timeout=config.connect_timeout,
+                header_timeout=config.upstream_timeout,
+            )
+
+        relayed = d.addCallback(send)
+        relayed.addCallback(relay_response, request, self._reactor, config.upstream_timeout)
+        relayed.addErrback(self._failed(request))
+        return True

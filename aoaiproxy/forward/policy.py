@@ -1,0 +1,246 @@
+"""
+The forward proxy's decisions, pure (no I/O, no reactor): parsing request-targets, the
+allowlist, which addresses a name may lead to, proxy authentication, the headers a relayed
+request carries, and the errors that refuse a proxy request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import ipaddress
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import attrs
+
+from aoaiproxy.compare import equal_to_any
+from aoaiproxy.config import Config
+from aoaiproxy.errors import ProxyError
+from aoaiproxy.rewrite import strip_hop_by_hop
+
+#: Absolute-form requests to this host are API requests, not forwarded ones.
+OPENAI_API_HOST = "api.openai.com"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+
+
+class Refused(Exception):
+    """A proxy request refused with this error (the only way the forward proxy fails)."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def forbidden(what: str) -> ProxyError:
+    return ProxyError(403, f"The proxy does not forward to {what}.", code="forward_not_allowed")
+
+
+def proxy_auth_required() -> ProxyError:
+    return ProxyError(
+        407,
+        "Proxy authentication required: send 'Proxy-Authorization: Basic' credentials.",
+        code="proxy_authentication_required",
+        headers=((b"Proxy-Authenticate", b'Basic realm="aoaiproxy"'),),
+    )
+
+
+def bad_target() -> ProxyError:
+    return ProxyError(400, "Malformed proxy request-target.", code="invalid_request_target")
+
+
+# -- request-targets ----------------------------------------------------------------------------
+
+
+def parse_authority(target: bytes) -> tuple[str, int]:
+    """
+    Parse C{host:port} or C{[v6]:port} (a CONNECT request-target).  Returns the host in lower
+    case, without brackets and without a trailing dot.  Raises L{ValueError}.
+    """
+    text = target.decode("ascii")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError("malformed IPv6 authority")
+        host, port_text = text[1:end], text[end + 2 :]
+        ipaddress.IPv6Address(host.split("%", 1)[0])
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("authority without a port")
+    if not port_text.isdigit():
+        raise ValueError("bad port")
+    return _normal_host(host), _valid_port(int(port_text))
+
+
+@attrs.frozen
+class AbsoluteTarget:
+    """An absolute-form request-target (C{http://host[:port]/path?query})."""
+
+    host: str
+    port: int
+    #: The request-target in origin-form (C{/path?query}).
+    origin: bytes
+    #: Its path alone.
+    path: bytes
+    #: The authority as the client wrote it (the C{Host} of the relayed request).
+    authority: bytes
+
+
+def parse_absolute(target: bytes) -> AbsoluteTarget:
+    """Parse an absolute-form C{http://} request-target.  Raises L{ValueError}."""
+    parts = urlsplit(target.decode("ascii"))
+    if parts.scheme != "http" or parts.username is not None or parts.password is not None:
+        raise ValueError("not an http URL")
+    host = _normal_host(parts.hostname or "")
+    port = _valid_port(80 if parts.port is None else parts.port)
+    path = (parts.path or "/").encode("ascii")
+    origin = path + (b"?" + parts.query.encode("ascii") if parts.query else b"")
+    return AbsoluteTarget(host, port, origin, path, parts.netloc.encode("ascii"))
+
+
+def _valid_port(port: int) -> int:
+    if not 0 < port < 65536:
+        raise ValueError("bad port")
+    return port
+
+
+def _normal_host(host: str) -> str:
+    host = host.lower().rstrip(".")
+    if not host or any(c in host for c in "/\\@ ?#*%") or not host.isascii():
+        raise ValueError("bad host")
+    ip = ip_literal(host)
+    return ip.compressed if ip is not None else host
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """C{host} as an IP address, or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+# -- the allowlist and addresses --------------------------------------------------------------
+
+
+@attrs.frozen
+class _Rules:
+    exact: frozenset[tuple[str, int]]
+    suffixes: tuple[tuple[str, int], ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _rules(entries: tuple[str, ...]) -> _Rules:
+    exact: set[tuple[str, int]] = set()
+    suffixes: list[tuple[str, int]] = []
+    for entry in entries:
+        host, _, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if host.startswith("*."):
+            suffixes.append((host[1:].rstrip("."), int(port)))
+        else:
+            ip = ip_literal(host)
+            exact.add((ip.compressed if ip is not None else host.rstrip("."), int(port)))
+    return _Rules(frozenset(exact), tuple(suffixes))
+
+
+def destination_allowed(config: Config, host: str, port: int) -> bool:
+    """Whether C{host:port} (as returned by L{parse_authority}) is on the allowlist."""
+    rules = _rules(config.forward_allow)
+    if (host, port) in rules.exact:
+        return True
+    if ip_literal(host) is not None:
+        return False
+    return any(p == port and host.endswith(suffix) for suffix, p in rules.suffixes)
+
+
+def address_blocked(address: str) -> bool:
+    """
+    Whether an address is one a name may not lead to: anything not globally routable
+    (loopback, RFC 1918, ULA, link-local, CGNAT, unspecified, documentation...), multicast,
+    and cloud metadata addresses, also when embedded in IPv4-mapped or NAT64 addresses.
+    """
+    ip = ip_literal(address.split("%", 1)[0])
+    if ip is None:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip in _METADATA or not ip.is_global or ip.is_multicast or ip.is_unspecified
+
+
+def checked_addresses(config: Config, host: str, port: int, addresses: Sequence[str]) -> list[str]:
+    """
+    The addresses of an allowed destination that may be connected to.  For a listed IP
+    literal, the literal itself; for a name, every resolved address must be public or
+    itself listed (as C{ip:port}), else none may be used.
+    """
+    if ip_literal(host) is not None:
+        return [host]
+    rules = _rules(config.forward_allow)
+    out: list[str] = []
+    for address in addresses:
+        ip = ip_literal(address.split("%", 1)[0])
+        if ip is None:
+            return []
+        if address_blocked(address) and (ip.compressed, port) not in rules.exact:
+            return []
+        out.append(ip.compressed)
+    return out
+
+
+# -- proxy authentication -------------------------------------------------------------------
+
+
+def proxy_authorized(config: Config, header: bytes | None) -> bool:
+    """
+    Whether a C{Proxy-Authorization} value holds valid Basic credentials.  Every configured
+    user is compared, in constant time, whatever the outcome.
+    """
+    users = config.forward_users
+    if not users:
+        return True
+    if header is None:
+        return False
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return False
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    # The user part of Basic credentials ends at the first colon (RFC 7617), so the
+    # "user:password" sent equals a "name:secret" exactly when both parts do, for every name
+    # without a colon (one with a colon can never match; the users file makes none).
+    known = (f"{name}:{secret}".encode() for name, secret in users.items() if ":" not in name)
+    return equal_to_any(decoded, known)
+
+
+# -- relayed requests -----------------------------------------------------------------------
+
+#: Besides hop-by-hop ones: the client's headers a relayed request sets itself.
+_NOT_RELAYED = frozenset({b"host", b"content-length"})
+
+
+def relayed_request_headers(
+    headers: Sequence[tuple[bytes, bytes]], authority: bytes
+) -> list[tuple[bytes, bytes]]:
+    """
+    A forwarded request's headers: the client's, less hop-by-hop ones, those its
+    C{Connection} header lists and every C{Proxy-*}; C{Host} is the request-target's.
+    """
+    out = [
+        (name, value)
+        for name, value in strip_hop_by_hop(headers, _NOT_RELAYED)
+        if not name.lower().startswith(b"proxy-")
+    ]
+    out.append((b"Host", authority))
+    return out

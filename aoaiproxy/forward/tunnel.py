@@ -1,0 +1,189 @@
+"""
+The CONNECT tunnel: bytes relayed both ways between the client and the target, with
+backpressure both ways, half-close (plain TCP), and an idle timeout.
+
+The client's side is a L{Tunnel}, the protocol the client's connection is handed to
+(L{aoaiproxy.site.ProxyRequest.establish}); the target's side is a L{TargetProtocol}, built
+by L{TargetFactory} when the target connects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    IPushProducer,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+def half_closeable(transport: Any) -> bool:
+    """
+    Whether a connection can be half-closed: a socket's transport (plain TCP), not one that
+    wraps another (TLS: a wrapper copies the interfaces of the transport it wraps).
+    """
+    return IHalfCloseableDescriptor.providedBy(transport) and not isinstance(transport, ProtocolWrapper)
+
+
+@implementer(IHalfCloseableProtocol)
+class TargetProtocol(Protocol):
+    """The connection to a CONNECT target; hands everything to its L{Tunnel}."""
+
+    tunnel: Tunnel | None = None
+    _early: bytes = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is None:  # pragma: no cover - targets speak after the tunnel starts
+            self._early += data
+        else:
+            self.tunnel.to_client(data)
+
+    def take_early(self) -> bytes:
+        """What the target sent before its tunnel started."""
+        early, self._early = self._early, b""
+        return early
+
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.target_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.tunnel is not None:
+            self.tunnel.target_lost()
+
+
+class TargetFactory(Factory):
+    """Builds the L{TargetProtocol} of one CONNECT, quietly (no "Starting factory" lines)."""
+
+    protocol = TargetProtocol
+    noisy = False
+
+
+@implementer(IHalfCloseableProtocol)
+class Tunnel(Protocol, TimeoutMixin):
+    """
+    Relays bytes between a client connection that sent CONNECT and its target, with
+    backpressure both ways (a slow side pauses reading from the other, as
+    C{twisted.protocols.portforward} does), half-close (plain TCP), and an idle timeout
+    (C{idle_timeout} seconds with no byte either way: both are cut).
+
+    This is the client's side: the client's channel is handed to it, and the bytes the
+    client sent after the CONNECT head arrive first.  C{on_close} is called once, when the
+    tunnel closes (both connections are then closing).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        target: TargetProtocol,
+        idle_timeout: float,
+        on_close: Callable[[Tunnel], None],
+    ) -> None:
+        self._reactor = reactor
+        self._target_protocol = target
+        self.target: Any = target.transport
+        self._idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._client_eof = False
+        self._target_eof = False
+        self._closed = False
+        #: Bytes relayed to the client (for the access log).
+        self.bytes_down = 0
+
+    @property
+    def client(self) -> Any:
+        """The client's transport."""
+        return self.transport
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # TimeoutMixin's clock
+        call: IDelayedCall = self._reactor.callLater(period, func)
+        return call
+
+    def connectionMade(self) -> None:
+        client = self.client
+        self._target_protocol.tunnel = self
+        client.registerProducer(self.target, True)
+        producer = IPushProducer(client, None)
+        if producer is not None:
+            self.target.registerProducer(producer, True)
+        self.setTimeout(self._idle_timeout)
+        early = self._target_protocol.take_early()
+        if early:
+            self.to_client(early)
+
+    def timeoutConnection(self) -> None:
+        self.abort()
+
+    # -- bytes
+
+    def dataReceived(self, data: bytes) -> None:
+        """From the client, to the target."""
+        self._relay(data, self.target)
+
+    def to_client(self, data: bytes) -> None:
+        """From the target, to the client."""
+        self.bytes_down += len(data)
+        self._relay(data, self.client)
+
+    def _relay(self, data: bytes, out: Any) -> None:
+        if self._closed:
+            return
+        self.resetTimeout()
+        out.write(data)
+
+    # -- ends
+
+    def readConnectionLost(self) -> None:
+        """The client half-closed."""
+        self._client_eof = True
+        if self._target_eof or not half_closeable(self.target):
+            self._close()
+        else:
+            self.target.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def target_eof(self) -> None:
+        self._target_eof = True
+        if self._client_eof or not half_closeable(self.client):
+            self._close()
+        else:
+            self.client.loseWriteConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The client's connection is gone."""
+        self._client_eof = True
+        self._close()
+
+    def target_lost(self) -> None:
+        self._target_eof = True
+        self._close()
+
+    def abort(self) -> None:
+        """Cut both connections now."""
+        self._close(abort=True)
+
+    def _close(self, abort: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.setTimeout(None)
+        for transport in (self.client, self.target):
+            transport.unregisterProducer()
+            if abort:
+                transport.abortConnection()
+            else:
+                # Writes what is still buffered, then closes.
+                transport.loseConnection()
+        self._on_close(self)
