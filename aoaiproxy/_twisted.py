@@ -55,10 +55,11 @@ def request_line(channel: HTTPChannel) -> tuple[bytes, bytes] | None:
     The method and request-target of the request whose head C{channel} is reading, once its
     request line was parsed; None before that.
 
-    Why: a request refused while its head is read (431, 408) has no method or URI yet:
-    C{HTTPChannel.lineReceived} keeps them in C{_command} and C{_path} until the head is
-    complete.  Checked against Twisted 26.10.  Tested by tests/test_limits.py (the access
-    line of a refused head).
+    Why: a request refused before C{requestReceived} (413 on its announced length, 431)
+    has no method or URI yet: C{HTTPChannel.lineReceived} keeps them in C{_command} and
+    C{_path} until the request is complete.  Checked against Twisted 26.10.  Used by
+    L{aoaiproxy.log} for such a request's access line; tested by tests/test_service.py
+    (C{test_access_line_json_and_refused_requests}).
     """
     command = getattr(channel, "_command", None)
     path = getattr(channel, "_path", None)

@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 
 from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.http import Request
+from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
+from aoaiproxy._twisted import request_line
 from aoaiproxy.config import Config, LiveConfig
 
 __all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_startup"]
@@ -194,9 +195,9 @@ def _with_request_line(request: Request) -> Request:
     from the channel, so the access line shows them.
     """
     channel = getattr(request, "channel", None)
-    if request.uri == Request.uri and isinstance(getattr(channel, "_path", None), bytes):
-        request.method = channel._command  # type: ignore[union-attr]
-        request.uri = channel._path  # type: ignore[union-attr]
+    line = request_line(channel) if isinstance(channel, HTTPChannel) else None
+    if request.uri == Request.uri and line is not None:
+        request.method, request.uri = line
     return request
 
 

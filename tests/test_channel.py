@@ -79,6 +79,7 @@ class Handing(Forwarder):
         assert isinstance(request, ProxyRequest)
         if self.at_once:
             request.establish(Recorder(self.events))
+            self.events.append("returned")
         else:
             self.waiting.append(request)
         return True
@@ -110,12 +111,14 @@ def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool) -> None
         assert events == []
         [request] = site.forwarder.waiting  # type: ignore[attr-defined]
         request.establish(Recorder(events))
+        events.append("returned")
         assert transport.producerState == "producing"  # reading resumed
     assert transport.value() == ESTABLISHED  # the channel wrote nothing else
     assert channel.handed_over and channel.busy
     channel.dataReceived(b"later")
     pipelined = b"first;" if at_once else b"first;GET / HTTP/1.1\r\n\r\n" + b"x" * 20_000
-    assert events == ["made", pipelined, b"later"]
+    # The pipelined bytes are passed before hand_over returns.
+    assert events == ["made", pipelined, "returned", b"later"]
     assert site.connections.open == {channel}
 
 
@@ -131,7 +134,7 @@ def test_hand_over_passes_half_close_and_loss_then_logs() -> None:
         channel.hand_over(Recorder([]))  # once only
     channel.connectionLost(Failure(ConnectionDone()))
     *passed, access = events
-    assert passed == ["made", "eof", "write closed", "lost"]  # the protocol first...
+    assert passed == ["made", "returned", "eof", "write closed", "lost"]  # the protocol first...
     # ...then the CONNECT's one access line: 200, not an abort.
     assert (access["method"], access["path"], access["status"]) == ("CONNECT", "target.test:443", 200)
     assert "aborted" not in access
