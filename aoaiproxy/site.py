@@ -170,8 +170,8 @@ class ProxyChannel(http.HTTPChannel):
             producers on it directly (the channel no longer produces for it), and reading
             is resumed if the channel had paused it;
           - the bytes the client sent after the request's head and body, which the channel
-            had buffered, are passed to C{protocol.dataReceived} first, then every byte that
-            arrives;
+            had buffered, are passed to C{protocol.dataReceived} before this returns, then
+            every byte that arrives;
           - a half-close by a plain TCP client reaches C{protocol.readConnectionLost} if
             C{protocol} provides C{IHalfCloseableProtocol} (else the connection is lost);
           - C{connectionLost} reaches C{protocol} first; then the channel ends the request it

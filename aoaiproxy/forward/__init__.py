@@ -20,6 +20,9 @@ Errors are OpenAI-shaped JSON with C{Access-Control-Allow-Origin: *}.
 
 The modules: L{policy} (the decisions, pure), L{dial} (resolve, check, connect; the one
 failure classification, L{refusal}), L{tunnel} (the byte relay), L{handlers} (the requests).
+Secrets are compared with L{aoaiproxy.compare.equal_to_any}.  Timeouts use Twisted's own
+idioms and no hand-made timer: C{Deferred.addTimeout} bounds a wait (resolving and
+connecting), C{TimeoutMixin} ends an idle tunnel (as it ends an idle HTTP channel).
 """
 
 from aoaiproxy._twisted import pending_write_bytes

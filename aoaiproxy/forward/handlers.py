@@ -5,6 +5,7 @@ absolute-form requests (relayed, or handed back to the API as origin-form).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -103,7 +104,7 @@ class Forwarder:
             request.requestHeaders.setRawHeaders(b"connection", [b"close"])
         write_error(request, error)
 
-    def _failed(self, request: Request, close: bool = False) -> Any:
+    def _failed(self, request: Request, close: bool = False) -> Callable[[Failure], None]:
         """An errback answering the client with the failure's L{refusal}."""
         timeout = self._live.config.connect_timeout
 
@@ -136,7 +137,7 @@ class Forwarder:
 
         d.addCallbacks(connected, self._failed(request, close=True))
 
-    def _tunnel_closed(self, request: Request) -> Any:
+    def _tunnel_closed(self, request: Request) -> Callable[[Tunnel], None]:
         def closed(tunnel: Tunnel) -> None:
             self.tunnels.discard(tunnel)
             # For the access-log line the channel writes when the connection is gone.

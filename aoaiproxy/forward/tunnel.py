@@ -146,20 +146,24 @@ class Tunnel(Protocol, TimeoutMixin):
     def readConnectionLost(self) -> None:
         """The client half-closed."""
         self._client_eof = True
-        if self._target_eof or not half_closeable(self.target):
-            self._close()
-        else:
-            self.target.loseWriteConnection()
+        self._pass_eof(self._target_eof, self.target)
 
     def writeConnectionLost(self) -> None:
         pass
 
     def target_eof(self) -> None:
         self._target_eof = True
-        if self._client_eof or not half_closeable(self.client):
+        self._pass_eof(self._client_eof, self.client)
+
+    def _pass_eof(self, ended: bool, other: Any) -> None:
+        """
+        One side ended: half-close the C{other} side, or close the tunnel when that one has
+        C{ended} too or cannot be half-closed (TLS).
+        """
+        if ended or not half_closeable(other):
             self._close()
         else:
-            self.client.loseWriteConnection()
+            other.loseWriteConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The client's connection is gone."""
