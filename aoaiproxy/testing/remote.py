@@ -18,6 +18,8 @@ __all__ = ["RemoteFake"]
 class RemoteFake:
     """A fake (C{python -m aoaiproxy.testing}) at ``url``, seen through C{/_fake/...}.
 
+    ``url`` is a fake's URL or the token endpoint's (C{IDENTITY_ENDPOINT}, for L{identity}).
+
     The calls block (plain C{urllib}): make them from a test's own thread, or from the reactor
     thread only when the fake runs in another process.  Keyword names may use underscores for
     the dashes of the control endpoint's keys (C{retry_after_ms=1500}).  A refused call raises
@@ -25,7 +27,8 @@ class RemoteFake:
     """
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        self.url = f"{parts.scheme}://{parts.netloc}"  # the control endpoint is at the root
         self.timeout = timeout
 
     def _call(self, method: str, path: str, body: object = None) -> Any:

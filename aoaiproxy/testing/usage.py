@@ -4,9 +4,10 @@ The fake's tokenizer is one token per whitespace-separated word (L{count_tokens}
 prompt tokens are the words of its text: the C{content} of every chat message (a string, or the
 C{text} of each content part), a completion's C{prompt}, the Responses API's C{instructions} and
 C{input}, an embedding's C{input} (a list of token ids counts one token per id).  Completion
-tokens are the words of the answer's text: C{"Hello from fake Azure (DEPLOYMENT)"} has 5, a
-stream of C{stream_chunks} content chunks has one per chunk.  None of it depends on the model
-name or on C{stream_options}, so a proxy that rewrites those does not change the counts.
+tokens are the words of the answer's text: C{"Hello from fake Azure (DEPLOYMENT)"} has 5; a
+stream's are summed over its content chunks, one each (C{"chunk0 "}, ..., or a big stream's
+chunks of C{x}s).  None of it depends on the model name or on C{stream_options}, so a proxy that
+rewrites those does not change the counts: a test computes them from what it sent.
 """
 
 from __future__ import annotations
