@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -214,14 +215,18 @@ class ChatStreamUsage(_Events):
     The usage of a chat or completions event stream (the chunk that
     C{stream_options.include_usage} adds before C{[DONE]}).  With C{strip}, that chunk and the
     C{"usage":null} members are removed from what the client receives; without, every byte
-    passes unchanged.
+    passes unchanged.  C{drop}: events to remove as well, in the same pass (give it
+    L{aoaiproxy.relay.is_filter_only} instead of chaining a L{aoaiproxy.relay.FilterFrames}).
     """
 
-    def __init__(self, *, strip: bool = False) -> None:
+    def __init__(self, *, strip: bool = False, drop: Callable[[bytes], bool] | None = None) -> None:
         super().__init__()
         self._strip = strip
+        self._drop = drop
 
     def _event(self, event: bytes) -> bytes:
+        if self._drop is not None and self._drop(event):
+            return b""
         i = event.rfind(_USAGE_KEY)
         if i < 0:
             return event

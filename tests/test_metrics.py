@@ -469,3 +469,14 @@ def test_prometheus_config_scrapes_metrics_and_loads_the_rules() -> None:
     assert config["rule_files"] == ["alerts.yml"]
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
+
+
+def test_metrics_section_is_valid_restructuredtext() -> None:
+    """The README section draft, with its table of every metric of the contract."""
+    import docutils.core
+
+    text = (EXAMPLES / "METRICS.rst").read_text()
+    docutils.core.publish_doctree(text, settings_overrides={"report_level": 2, "halt_level": 2})
+    for name, (kind, _) in CONTRACT.items():
+        scraped = name + "_total" if kind == "counter" else name
+        assert f"``{scraped}``" in text, name

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aoaiproxy.relay import FilterFrames
+from aoaiproxy.relay import FilterFrames, is_filter_only
 from aoaiproxy.usage import (
     JSON_PARSE_LIMIT,
     Chained,
@@ -191,6 +191,18 @@ def test_chained_after_filter_frames() -> None:
     # And before it: same bytes.
     tap = ChatStreamUsage(strip=True)
     assert run(Chained(tap, FilterFrames()), AZURE_WITH_USAGE, 11) == run(FilterFrames(), AZURE_PLAIN, 11)
+
+
+@pytest.mark.parametrize("size", [1, 9, 1 << 20])
+def test_drop_in_the_same_pass(size: int) -> None:
+    """C{drop=is_filter_only}: one filter does what FilterFrames and the strip do chained."""
+    tap = ChatStreamUsage(strip=True, drop=is_filter_only)
+    assert run(tap, AZURE_WITH_USAGE, size) == run(FilterFrames(), AZURE_PLAIN, size)
+    assert tap.usage == Usage(23, 2)
+    # A client that asked for usage: only the filter frame goes.
+    tap = ChatStreamUsage(strip=False, drop=is_filter_only)
+    assert run(tap, AZURE_WITH_USAGE, size) == run(FilterFrames(), AZURE_WITH_USAGE, size)
+    assert run(tap, AZURE_WITH_USAGE, size).count(b"\n\n") == AZURE_WITH_USAGE.count(b"\n\n") - 1
 
 
 def test_chained_flush_passes_held_bytes_through_later_stages() -> None:
