@@ -315,26 +315,34 @@ def _media_type(value: bytes | None) -> bytes:
     return (value or b"").split(b";", 1)[0].strip().lower()
 
 
+_RESPONSES_API = re.compile(r"^/(?:v1|openai/v1|openai)/responses(?:[/?]|$)")
+
+
 def usage_tap(
-    route: str,
+    path: str | bytes,
     content_type: bytes | None,
     content_encoding: bytes | None = None,
     *,
     strip: bool = False,
+    drop: Callable[[bytes], bool] | None = None,
 ) -> UsageTap | None:
     """
-    The tap for one upstream response, or None when it carries no usage the proxy can read:
-    C{route} is the request's L{aoaiproxy.metrics.route_label}; C{content_type} and
-    C{content_encoding} are the response's headers (a compressed body is not read).
-    C{strip}: the proxy added C{include_usage} to this chat stream's request.
+    The tap for one upstream response, or None when it carries no usage the proxy can read.
+    C{path}: the client's request path (or its L{aoaiproxy.metrics.route_label}): a stream
+    from the Responses API (C{/v1/responses...}, passthrough C{/openai/v1/responses...}) has
+    its own events.  C{content_type} and C{content_encoding}: the response's headers (a
+    compressed body is not read).  C{strip}: the proxy added C{include_usage} to this chat
+    stream's request.  C{drop}: as for L{ChatStreamUsage} (chat streams only).
     """
     if content_encoding and _media_type(content_encoding) != b"identity":
         return None
     media = _media_type(content_type)
     if media == b"text/event-stream":
-        if route == "/v1/responses":
+        if isinstance(path, bytes):
+            path = path.decode("latin-1")
+        if _RESPONSES_API.match(path):
             return ResponsesStreamUsage()
-        return ChatStreamUsage(strip=strip)
+        return ChatStreamUsage(strip=strip, drop=drop)
     if media == b"application/json" or media.endswith(b"+json"):
         return JSONUsage()
     return None

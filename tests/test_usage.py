@@ -365,6 +365,11 @@ def test_big_responses_body_skips_a_later_usage_that_is_not_one() -> None:
         ("/v1/chat/completions", b"text/event-stream; charset=utf-8", None, ChatStreamUsage),
         ("/v1/completions", b"text/event-stream", None, ChatStreamUsage),
         ("/v1/responses", b"text/event-stream", None, ResponsesStreamUsage),
+        ("/v1/responses/resp_1?stream=true", b"text/event-stream", None, ResponsesStreamUsage),
+        (b"/openai/v1/responses", b"text/event-stream", None, ResponsesStreamUsage),
+        ("/openai/responses?api-version=preview", b"text/event-stream", None, ResponsesStreamUsage),
+        ("/openai/deployments/responses/chat/completions", b"text/event-stream", None, ChatStreamUsage),
+        ("/v1/responsesx", b"text/event-stream", None, ChatStreamUsage),
         ("/v1/embeddings", b"application/json", None, JSONUsage),
         ("/v1/chat/completions", b"Application/JSON; charset=utf-8", b"identity", JSONUsage),
         ("/v1/chat/completions", b"application/json", b"gzip", None),
@@ -386,3 +391,6 @@ def test_usage_tap_passes_strip_on() -> None:
     tap = usage_tap("/v1/chat/completions", b"text/event-stream")
     assert tap is not None
     assert run(tap, OPENAI_WITH_USAGE, 100) == OPENAI_WITH_USAGE
+    tap = usage_tap("/v1/chat/completions", b"text/event-stream", strip=True, drop=is_filter_only)
+    assert tap is not None
+    assert run(tap, AZURE_WITH_USAGE, 100) == run(FilterFrames(), AZURE_PLAIN, 100)
