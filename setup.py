@@ -21,7 +21,7 @@ setup(
         "cryptography>=39",
         "service-identity>=24",
         "attrs>=23",
-        # aoaiproxy.metrics: --metrics-listen (multiprocess mode's livemostrecent is from 0.20).
+        # aoaiproxy.metrics: --metrics-listen (a recent one: multiprocess "livemostrecent" gauges).
         "prometheus_client>=0.20",
         "tomli>=2; python_version<'3.11'",
     ],
