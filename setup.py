@@ -21,6 +21,8 @@ setup(
         "cryptography>=39",
         "service-identity>=24",
         "attrs>=23",
+        # aoaiproxy.metrics: --metrics-listen (a recent one: multiprocess "livemostrecent" gauges).
+        "prometheus_client>=0.20",
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require={
@@ -34,6 +36,8 @@ setup(
             "mypy-zope",
             "ruff",
             "docutils",
+            # tests/test_metrics.py reads the example Prometheus rules.
+            "pyyaml",
         ],
     },
     entry_points={"console_scripts": ["aoaiproxy-fake-azure=aoaiproxy.testing:main"]},
