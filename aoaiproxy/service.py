@@ -32,7 +32,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from aoaiproxy.config import Config, ConfigError, LiveConfig, load_config
+from aoaiproxy.config import RESTART_ONLY, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.log import json_observer, log_startup
 
 __all__ = ["Connections", "DaemonService", "Reloader", "sd_notify"]
@@ -184,10 +184,6 @@ class Connections:
             timer = reactor.callLater(timeout, deadline)
         self.wait_closed().addCallback(finish)
         return result
-
-
-#: Settings a reload cannot change: the listeners are bound, the log observer is installed.
-RESTART_ONLY = ("listen", "log_format")
 
 
 def _shown(value: object) -> str:
