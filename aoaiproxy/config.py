@@ -31,6 +31,8 @@ from aoaiproxy.options import (
     boolean,
     check_file_keys,
     choice,
+    file_keys,
+    key_table,
     number,
     option,
     options_of,
@@ -45,12 +47,14 @@ else:  # pragma: no cover
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
+    "BACKEND_OPTIONS",
     "OPTIONS",
     "RESTART_ONLY",
     "BackendConfig",
     "Config",
     "ConfigError",
     "LiveConfig",
+    "backend_table",
     "load_config",
     "options_table",
 ]
@@ -417,27 +421,100 @@ class BackendConfig:
     entra_scope: str = DEFAULT_ENTRA_SCOPE
 
 
-_BACKEND_KEYS = (
-    "name",
-    "endpoint",
-    "api_key",
-    "api_key_file",
-    "auth",
-    "priority",
-    "weight",
-    "models",
-    "entra_scope",
+def _name(value: Any, label: str) -> str:
+    name = text(value, label)
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(label, "must match [A-Za-z0-9_.-]{1,64}")
+    return name
+
+
+def _integer(value: Any, label: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(label, f"must be a whole number, not {type_name(value)}")
+    return value
+
+
+def _backend_models(value: Any, label: str) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(label, f"must be a table of model = deployment, not {type_name(value)}")
+    models = _model_table(value, label)
+    if not models:
+        raise ConfigError(label, "is empty: the backend would serve no model (leave it out for every model)")
+    return MappingProxyType(models)
+
+
+#: The keys of a C{[[backend]]} table, declared as options are (file only).
+BACKEND_OPTIONS: tuple[Option, ...] = (
+    Option(
+        name="name",
+        key="name",
+        parse=_name,
+        default_text="required",
+        help="Unique, ``[A-Za-z0-9_.-]{1,64}``: in logs, metrics and the ``x-aoaiproxy-backend`` header",
+    ),
+    Option(
+        name="endpoint",
+        key="endpoint",
+        parse=_endpoint,
+        default_text="required",
+        help="The resource's URL, ``https://RESOURCE.openai.azure.com``",
+    ),
+    Option(
+        name="api_key",
+        key="api_key",
+        file_key="api_key_file",
+        read_file=_key_file,
+        parse=_key,
+        secret=True,
+        default_text="none",
+        help='The resource\'s key, or a file holding it (or ``auth = "entra"``: exactly one of the three)',
+    ),
+    Option(
+        name="auth",
+        key="auth",
+        parse=choice("key", "entra"),
+        default_text="``key``",
+        help="``entra``: Entra ID tokens instead of a key",
+    ),
+    Option(
+        name="entra_scope",
+        key="entra_scope",
+        parse=_path,
+        default_text="the global ``entra_scope``",
+        help="The scope of this backend's Entra ID tokens",
+    ),
+    Option(
+        name="priority",
+        key="priority",
+        parse=_integer,
+        default_text="0",
+        help="Lower is preferred; higher ones only when every lower one is unavailable",
+    ),
+    Option(
+        name="weight",
+        key="weight",
+        parse=_whole(least=1),
+        default_text="1",
+        help="Share among the available backends of one priority",
+    ),
+    Option(
+        name="models",
+        key="models",
+        parse=_backend_models,
+        default_text="every model, through ``[models]``",
+        help="Table of model = deployment on this resource",
+    ),
 )
+_BACKEND_KEYS = file_keys(BACKEND_OPTIONS)
 
 
 def _backend(table: Any, place: int, taken: set[str]) -> BackendConfig:
     """One C{[[backend]]} table; C{taken} holds the names of those before it."""
     if not isinstance(table, dict):
         raise ConfigError(f"backend[{place}]", f"must be a table, not {type_name(table)}")
-    name = table.get("name")
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        problem = "is missing" if name is None else "must match [A-Za-z0-9_.-]{1,64}"
-        raise ConfigError(f"backend[{place}].name", problem)
+    if "name" not in table:
+        raise ConfigError(f"backend[{place}].name", "is missing")
+    name = _name(table["name"], f"backend[{place}].name")
     here = f"backend[{name}]"
     if name in taken:
         raise ConfigError(f"{here}.name", "is used by an earlier backend; names must be unique")
@@ -446,11 +523,11 @@ def _backend(table: Any, place: int, taken: set[str]) -> BackendConfig:
             raise ConfigError(f"{here}.{key}", "unknown key")
     if "endpoint" not in table:
         raise ConfigError(f"{here}.endpoint", "is missing")
-    endpoint = _endpoint(table["endpoint"], f"{here}.endpoint")
+    sources = Sources({}, {}, table, prefix=f"{here}.")
+    values = {o.name: given.value for o in BACKEND_OPTIONS if (given := sources.get(o)) is not None}
 
-    auth = choice("key", "entra")(table["auth"], f"{here}.auth") if "auth" in table else None
     credentials = [k for k in ("api_key", "api_key_file") if k in table]
-    if auth == "entra":
+    if values.get("auth") == "entra":
         credentials.append('auth = "entra"')
     if len(credentials) != 1:
         raise ConfigError(
@@ -458,39 +535,9 @@ def _backend(table: Any, place: int, taken: set[str]) -> BackendConfig:
             'needs exactly one credential: api_key_file, api_key or auth = "entra" '
             + (f"(it has {' and '.join(credentials)})" if credentials else "(it has none)"),
         )
-    api_key = None
-    if "api_key" in table:
-        api_key = _key(table["api_key"], f"{here}.api_key")
-    elif "api_key_file" in table:
-        api_key = _key_file(table["api_key_file"], f"{here}.api_key_file")
-
-    models = None
-    if "models" in table:
-        if not isinstance(table["models"], dict):
-            raise ConfigError(
-                f"{here}.models", f"must be a table of model = deployment, not {type_name(table['models'])}"
-            )
-        models = MappingProxyType(_model_table(table["models"], f"{here}.models"))
-        if not models:
-            raise ConfigError(
-                f"{here}.models", "is empty: the backend would serve no model (leave it out for every model)"
-            )
-    return BackendConfig(
-        name=name,
-        endpoint=endpoint,
-        api_key=api_key,
-        auth="entra" if auth == "entra" else "key",
-        priority=int(_integer(table.get("priority", 0), f"{here}.priority")),
-        weight=_whole(least=1)(table.get("weight", 1), f"{here}.weight"),
-        models=models,
-        entra_scope=text(table["entra_scope"], f"{here}.entra_scope") if "entra_scope" in table else "",
-    )
-
-
-def _integer(value: Any, label: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(label, f"must be a whole number, not {type_name(value)}")
-    return value
+    values.setdefault("auth", "key")
+    values.setdefault("entra_scope", "")  # the global one, once it is known
+    return BackendConfig(**values)
 
 
 def _backends(value: Any, label: str) -> tuple[BackendConfig, ...]:
@@ -527,6 +574,11 @@ class Config:
     """
     The whole, validated configuration of a running daemon; each option field is also the
     option's declaration (L{aoaiproxy.options.option}).  Secrets are kept out of C{repr}.
+
+    Adding an option is adding a field here: its flag, environment variable and config key
+    work at once, C{--help} shows it, and C{tests/test_options.py} asks for a command-line
+    case and for the README's table (C{print(options_table())}) to be updated.  Rules between
+    options (a default that depends on another, a combination refused) go in L{_derive}.
     """
 
     listen: tuple[str, ...] = option(
@@ -593,7 +645,8 @@ class Config:
         metavar="KEY",
         env=("AZURE_OPENAI_TOKEN",),
         key="api_key",
-        from_file=("token-file", "api_key_file"),
+        file_flag="token-file",
+        file_key="api_key_file",
         read_file=_key_file,
         parse=_key,
         secret=True,
@@ -637,8 +690,8 @@ class Config:
         parse=_client_keys,
         secret=True,
         default_text="none",
-        help="""File of client keys allowed to use the server key, one a line, optionally
-        ``NAME:KEY``""",
+        help="""File of the client keys that may use the server credential, one a line,
+        optionally ``NAME:KEY``""",
     )
     allow_anonymous: bool = option(
         default=False,
@@ -911,6 +964,11 @@ RESTART_ONLY: tuple[str, ...] = tuple(o.name for o in OPTIONS if not o.reload)
 def options_table() -> str:
     """The README's options table (reStructuredText), generated from L{OPTIONS}."""
     return readme_table(OPTIONS)
+
+
+def backend_table() -> str:
+    """The README's table of C{[[backend]]} keys, generated from L{BACKEND_OPTIONS}."""
+    return key_table(BACKEND_OPTIONS)
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -23,16 +23,27 @@ import attrs
 
 __all__ = [
     "ConfigError",
+    "Given",
     "Option",
     "Sources",
     "boolean",
     "check_file_keys",
     "choice",
+    "file_keys",
+    "flag_table",
+    "given_flags",
+    "help_text",
+    "key_table",
     "number",
     "option",
     "options_of",
+    "parameter_table",
+    "readme_rows",
     "readme_table",
+    "repeatable_handlers",
+    "string_list",
     "text",
+    "type_name",
 ]
 
 #: A parser: the raw value (a string from a flag or the environment, a TOML value from the
@@ -72,9 +83,11 @@ class Option:
         flag with underscores (C{max_body}).
     @ivar env: environment variables, the first set (and not empty) wins.
     @ivar key: the config-file key, dotted for a key in a table (C{forward.allow}).
-    @ivar from_file: C{(flag, key)} of a variant that names a file holding the value
-        (C{--token-file}, C{api_key_file}); the file variant comes after the plain one from the
-        same source.
+    @ivar file_flag: the flag of a variant that names a file holding the value
+        (C{--token-file}); it comes after the plain flag.
+    @ivar file_key: the config key of that variant (C{api_key_file}); it comes after the
+        plain key.
+    @ivar read_file: reads the value from that file (given the path and the label).
     @ivar reload: whether C{SIGHUP} may change it (else a change waits for a restart).
     @ivar secret: its values are keys: never in C{repr}, never in a message.
     @ivar default_text: the default as the README and C{--help} show it (RST literals).
@@ -92,7 +105,8 @@ class Option:
     metavar: str | None = None
     env: tuple[str, ...] = ()
     key: str | None = None
-    from_file: tuple[str, str] | None = None
+    file_flag: str | None = None
+    file_key: str | None = None
     read_file: Parser | None = None
     reload: bool = True
     secret: bool = False
@@ -103,6 +117,16 @@ class Option:
     def flag_key(self) -> str | None:
         """The option's key in the flags mapping (the flag with underscores)."""
         return self.flag.replace("-", "_") if self.flag else None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Its command-line flags: the flag and the file variant's."""
+        return tuple(f for f in (self.flag, self.file_flag) if f)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Its config keys: the key and the file variant's."""
+        return tuple(k for k in (self.key, self.file_key) if k)
 
     @property
     def label(self) -> str:
@@ -122,7 +146,8 @@ def option(
     metavar: str | None = None,
     env: tuple[str, ...] = (),
     key: str | None = None,
-    from_file: tuple[str, str] | None = None,
+    file_flag: str | None = None,
+    file_key: str | None = None,
     read_file: Parser | None = None,
     reload: bool = True,
     secret: bool = False,
@@ -143,7 +168,8 @@ def option(
         metavar=metavar,
         env=env,
         key=key,
-        from_file=from_file,
+        file_flag=file_flag,
+        file_key=file_key,
         read_file=read_file,
         reload=reload,
         secret=secret,
@@ -270,13 +296,15 @@ class Given:
 @attrs.frozen
 class Sources:
     """
-    The command-line flags (by flag key), the environment and the config file's document;
-    L{get} gives an option's value from the first source that sets it.
+    The command-line flags (by flag key), the environment and the config file's document (or
+    one table of it, whose keys errors name after C{prefix}: C{backend[east].}); L{get} gives
+    an option's value from the first source that sets it.
     """
 
     flags: Mapping[str, Any]
     env: Mapping[str, str]
     file: Mapping[str, Any]
+    prefix: str = ""
 
     def flag(self, key: str | None) -> Any:
         """A flag's value, or None if it was not given (an empty list and False are not)."""
@@ -310,22 +338,21 @@ class Sources:
         """
         if opt.flag_key == key:
             return f"--{opt.flag}"
-        return key
+        return self.prefix + key
 
     def raw(self, opt: Option) -> list[tuple[Any, str, bool]]:
         """Every value given for C{opt}, (value, label, from a file variant), highest first."""
         out: list[tuple[Any, str, bool]] = []
-        flag_file, key_file = opt.from_file or (None, None)
         if (value := self.flag(opt.flag_key)) is not None:
             out.append((value, opt.label, False))
-        if flag_file and (value := self.flag(flag_file.replace("-", "_"))) is not None:
-            out.append((value, f"--{flag_file}", True))
+        if opt.file_flag and (value := self.flag(opt.file_flag.replace("-", "_"))) is not None:
+            out.append((value, f"--{opt.file_flag}", True))
         if (found := self.environ(opt.env)) is not None:
             out.append((found[1], found[0], False))
         if opt.key and (value := self.lookup(opt.key)) is not None:
             out.append((value, self.file_label(opt, opt.key), False))
-        if key_file and (value := self.lookup(key_file)) is not None:
-            out.append((value, key_file, True))
+        if opt.file_key and (value := self.lookup(opt.file_key)) is not None:
+            out.append((value, self.prefix + opt.file_key, True))
         return out
 
     def get(self, opt: Option) -> Given | None:
@@ -365,9 +392,7 @@ def file_keys(options: Iterable[Option]) -> dict[str, set[str] | None]:
     """
     layout: dict[str, set[str] | None] = {}
     for opt in options:
-        for key in (opt.key, (opt.from_file or (None, None))[1]):
-            if key is None:
-                continue
+        for key in opt.keys:
             top, _, sub = key.partition(".")
             if sub:
                 keys = layout.setdefault(top, set())
@@ -406,9 +431,8 @@ def help_text(opt: Option) -> str:
     facts = [f"default {_plain(opt.default_text)}"]
     if opt.env:
         facts.append("env " + " or ".join(opt.env))
-    keys = [k for k in (opt.key, (opt.from_file or (None, None))[1]) if k]
-    if keys:
-        facts.append("config key " + " or ".join(keys))
+    if opt.keys:
+        facts.append("config key " + " or ".join(opt.keys))
     if not opt.reload:
         facts.append("a restart changes it, SIGHUP does not")
     note = f" ({_plain(opt.note)})" if opt.note else ""
@@ -429,8 +453,8 @@ def parameter_table(options: Iterable[Option]) -> list[list[str | None]]:
     for o in options:
         if o.flag and o.kind == "value":
             table.append([o.flag, o.short, None, help_text(o)])
-        if o.flag and o.from_file:
-            table.append([o.from_file[0], None, None, f"File holding the value of --{o.flag}"])
+        if o.flag and o.file_flag:
+            table.append([o.file_flag, None, None, f"File holding the value of --{o.flag}"])
     return table
 
 
@@ -466,10 +490,7 @@ def given_flags(options: Iterable[Option], parsed: Mapping[str, Any]) -> dict[st
     """
     out: dict[str, Any] = {}
     for o in options:
-        names = [o.flag] if o.flag else []
-        if o.flag and o.from_file:
-            names.append(o.from_file[0])
-        for name in names:
+        for name in o.flags:
             value = parsed.get(name, parsed.get(name.replace("-", "_")))
             if value in (None, [], 0):
                 continue
@@ -494,8 +515,8 @@ def readme_rows(options: Iterable[Option]) -> list[tuple[str, str, str, str, str
         if o.note:
             notes.append(o.note)
         flags = [f"--{o.flag}" + (f" {o.metavar}" if o.metavar else "")] if o.flag else []
-        if o.flag and o.from_file:
-            flags.append(f"--{o.from_file[0]} PATH")
+        if o.file_flag:
+            flags.append(f"--{o.file_flag} PATH")
         cell = _literal(flags) + (f" ({'; '.join(notes)})" if notes else "")
 
         env = f"``{o.env[0]}``" if o.env else ""
@@ -504,7 +525,7 @@ def readme_rows(options: Iterable[Option]) -> list[tuple[str, str, str, str, str
         elif o.env and o.kind == "list":
             env += " (comma-separated)"
 
-        keys = [k for k in (o.key, (o.from_file or (None, None))[1]) if k]
+        keys = o.keys
         if o.kind == "table":
             key = f"``[{o.key}]`` table"
         elif o.kind == "tables":
@@ -521,9 +542,19 @@ def readme_rows(options: Iterable[Option]) -> list[tuple[str, str, str, str, str
 
 def readme_table(options: Iterable[Option]) -> str:
     """The README's options table as reStructuredText (a C{list-table})."""
-    lines = [".. list-table::", "   :header-rows: 1", ""]
     header = ("Option", "Environment variable", "Config key", "Default", "Meaning")
-    for row in [header, *readme_rows(options)]:
+    return _list_table([header, *readme_rows(options)])
+
+
+def key_table(options: Iterable[Option]) -> str:
+    """The keys of a table of the config file (C{[[backend]]}) as a C{list-table}."""
+    rows = [(_literal(o.keys), o.default_text, o.help) for o in options]
+    return _list_table([("Key", "Default", "Meaning"), *rows])
+
+
+def _list_table(rows: Iterable[tuple[str, ...]]) -> str:
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in rows:
         first, *rest = row
         lines.append(f"   * - {first}".rstrip())
         lines.extend(f"     - {cell}".rstrip() for cell in rest)

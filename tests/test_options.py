@@ -14,7 +14,7 @@ import pytest
 from docutils.core import publish_doctree
 from twisted.python.usage import UsageError
 
-from aoaiproxy.config import OPTIONS, Config, options_table
+from aoaiproxy.config import BACKEND_OPTIONS, OPTIONS, Config, backend_table, options_table
 from aoaiproxy.options import readme_rows
 from aoaiproxy.tap import Options
 
@@ -100,8 +100,7 @@ def cases(tmp: Path) -> dict[str, tuple[list[str], str, Any]]:
 
 
 def every_flag() -> set[str]:
-    flags = {o.flag for o in OPTIONS if o.flag}
-    return flags | {o.from_file[0] for o in OPTIONS if o.from_file}
+    return {flag for o in OPTIONS for flag in o.flags}
 
 
 def test_the_cases_cover_every_flag(tmp_path: Path) -> None:
@@ -224,6 +223,14 @@ def test_readme_options_table_is_the_schema() -> None:
     assert readme_options_table() == options_table()
 
 
+def test_readme_backend_keys_table_is_the_schema() -> None:
+    readme = (REPO / "README.rst").read_text()
+    assert backend_table() in readme
+    assert [row[0] for row in table_rows(backend_table())[1:]] == [
+        " / ".join(f"``{k}``" for k in o.keys) for o in BACKEND_OPTIONS
+    ]
+
+
 def test_readme_and_its_options_table_are_valid_rst() -> None:
     for text in (options_table(), (REPO / "README.rst").read_text()):
         errors = io.StringIO()
@@ -240,9 +247,9 @@ def test_every_config_field_but_the_derived_one_is_an_option() -> None:
 
     declared = {o.name for o in OPTIONS}
     assert {f.name for f in attrs.fields(Config)} - declared == {"client_keys"}
-    keys = [k for o in OPTIONS for k in (o.key, (o.from_file or (None, None))[1]) if k]
+    keys = [k for o in OPTIONS for k in o.keys]
     assert len(keys) == len(set(keys))
-    flags = [f for o in OPTIONS for f in (o.flag, (o.from_file or (None, None))[0]) if f]
+    flags = [f for o in OPTIONS for f in o.flags]
     assert len(flags) == len(set(flags))
 
 
@@ -251,7 +258,7 @@ def test_example_config_names_only_known_keys() -> None:
     from aoaiproxy.options import file_keys
 
     layout = file_keys(OPTIONS)
-    backend_keys = {"name", "endpoint", "api_key", "api_key_file", "auth", "priority", "weight", "models"}
+    backend_keys = file_keys(BACKEND_OPTIONS)
     table = ""
     seen = 0
     for line in (REPO / "systemd" / "aoaiproxy.toml.example").read_text().splitlines():
@@ -263,7 +270,7 @@ def test_example_config_names_only_known_keys() -> None:
             seen += 1
             key = m.group(1)
             if table == "backend":
-                assert key in backend_keys | {"entra_scope"}, line
+                assert key in backend_keys, line
             elif table and layout[table] is not None:
                 assert key in (layout[table] or ()), line
             elif not table:
