@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 
 from aoaiproxy.config import (
     DEFAULT_MODELS,
+    Config,
     ConfigError,
+    LiveConfig,
     load_config,
     parse_listen,
     parse_model_map,
 )
+from aoaiproxy.log import log_startup
+from aoaiproxy.service import Reloader
 
 EP = {"endpoint": "https://res.openai.azure.com"}
 
@@ -187,7 +193,7 @@ def test_parse_model_map() -> None:
 # -- new options: Entra ID, failover, interception, state, metrics, workers ------------------
 
 
-def test_new_option_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_new_option_defaults() -> None:
     c = load_config(EP, {"HOME": "/home/u"})
     assert (c.auth, c.entra_scope) == ("key", "https://cognitiveservices.azure.com/.default")
     assert (c.max_attempts, c.max_cooldown) == (3, 60.0)
@@ -259,8 +265,6 @@ def test_new_option_errors(
 
 
 def test_workers_auto_is_one_per_cpu() -> None:
-    import os
-
     assert load_config({**EP, "workers": "auto"}, {}).workers == (os.cpu_count() or 1)
 
 
@@ -509,11 +513,6 @@ SECRET = "sk-never-shown-0123"
     ],
 )
 def test_secret_values_of_the_wrong_type_are_never_shown(toml: str, tmp_path: Path) -> None:
-    from twisted.logger import Logger, formatEvent
-
-    from aoaiproxy.config import LiveConfig
-    from aoaiproxy.service import Reloader
-
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'endpoint = "https://r.openai.azure.com"\nallow_anonymous = true\n{toml}\n')
     with pytest.raises(ConfigError) as e:
@@ -547,11 +546,6 @@ def test_endpoint_with_a_user_or_password_is_refused_without_showing_it() -> Non
 
 
 def test_startup_log_never_shows_endpoint_credentials() -> None:
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    from aoaiproxy.config import Config
-    from aoaiproxy.log import log_startup
-
     events: list[dict[str, object]] = []
     globalLogPublisher.addObserver(events.append)
     try:

@@ -10,12 +10,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from docutils.core import publish_doctree
 from twisted.python.usage import UsageError
 
-from aoaiproxy.config import BACKEND_OPTIONS, OPTIONS, Config, backend_table, options_table
-from aoaiproxy.options import readme_rows
+from aoaiproxy.config import BACKEND_OPTIONS, OPTIONS, Config, backend_table, load_config, options_table
+from aoaiproxy.options import file_keys, readme_rows
 from aoaiproxy.tap import Options
 
 from .conftest import REPO
@@ -118,8 +119,6 @@ def test_every_option_through_the_command_line(flag: str, tmp_path: Path) -> Non
         value = {k: v for k, v in value.items() if k in expected}
     assert (dict(value) if isinstance(expected, dict) else value) == expected
     # SIGHUP re-reads with the same flags: they give the same configuration.
-    from aoaiproxy.config import load_config
-
     assert load_config(options.flags(), {}) == options.config
 
 
@@ -243,8 +242,6 @@ def test_readme_and_its_options_table_are_valid_rst() -> None:
 
 
 def test_every_config_field_but_the_derived_one_is_an_option() -> None:
-    import attrs
-
     declared = {o.name for o in OPTIONS}
     assert {f.name for f in attrs.fields(Config)} - declared == {"client_keys"}
     keys = [k for o in OPTIONS for k in o.keys]
@@ -255,8 +252,6 @@ def test_every_config_field_but_the_derived_one_is_an_option() -> None:
 
 def test_example_config_names_only_known_keys() -> None:
     # The example's commented-out keys too: a typo there would stop a user's daemon.
-    from aoaiproxy.options import file_keys
-
     layout = file_keys(OPTIONS)
     backend_keys = file_keys(BACKEND_OPTIONS)
     table = ""
