@@ -23,7 +23,7 @@ from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from aoaiproxy._twisted import request_line
-from aoaiproxy.config import Config, LiveConfig
+from aoaiproxy.config import Config, LiveConfig, redact_url
 
 __all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_startup"]
 
@@ -202,7 +202,10 @@ def _with_request_line(request: Request) -> Request:
 
 
 def log_startup(config: Config) -> None:
-    """The start-up lines: what listens where, in which mode, to which upstream."""
+    """
+    The start-up lines: what listens where, in which mode, to which upstream (never a user
+    name or password in its URL, though configuration refuses them).
+    """
     log = _startup_log
     from aoaiproxy import __version__ as version
 
@@ -210,7 +213,7 @@ def log_startup(config: Config) -> None:
         "aoaiproxy {version}: mode {mode}, upstream {endpoint}, api-version {api_version}",
         version=version,
         mode=config.mode,
-        endpoint=config.endpoint,
+        endpoint=redact_url(config.endpoint),
         api_version=config.api_version,
     )
     for description in config.listen:

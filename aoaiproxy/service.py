@@ -31,7 +31,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
-from aoaiproxy.config import Config, ConfigError, LiveConfig, load_config
+from aoaiproxy.config import RESTART_ONLY, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.log import json_observer, log_startup
 
 __all__ = ["DaemonService", "Drainable", "Reloader", "sd_notify"]
@@ -74,10 +74,6 @@ class Drainable(Protocol):
     def drain(self, reactor: Any, timeout: float) -> Deferred[int]: ...
 
     def cut(self) -> int: ...
-
-
-#: Settings a reload cannot change: the listeners are bound, the log observer is installed.
-RESTART_ONLY = ("listen", "log_format")
 
 
 def _shown(value: object) -> str:

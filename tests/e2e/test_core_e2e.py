@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from aoaiproxy.testing import FakeAzure
 
-from ..conftest import Daemon, free_port, twistd_command, twistd_env
+from ..conftest import Daemon, free_port, twistd_command, twistd_env, wait_for_port
 
 
 def sdk(daemon: Daemon, key: str = "client-key") -> openai.OpenAI:
@@ -234,6 +234,8 @@ def test_unix_socket_and_several_listeners(tmp_path: Path, start_daemon: Callabl
         "--listen",
         f"127.0.0.1:{other}",
     )
+    # The listeners bind in order and start_daemon waits for the first only: wait for the last.
+    wait_for_port(other, daemon.proc)
     via_unix = curl("--unix-socket", str(sock), "http://proxy/healthz")
     assert json.loads(via_unix.stdout) == {"status": "ok"}, via_unix.stderr
     assert json.loads(curl(f"http://127.0.0.1:{other}/healthz").stdout) == {"status": "ok"}
