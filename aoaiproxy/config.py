@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from aoaiproxy.capacity import connections_for, open_file_limit
 from aoaiproxy.options import (
     ConfigError,
     Given,
@@ -72,7 +73,6 @@ DEFAULT_MAX_HEADERS = 100
 DEFAULT_HEADER_TIMEOUT = 30.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_TUNNEL_IDLE_TIMEOUT = 300.0
-DEFAULT_MAX_CONNECTIONS = 1024
 
 DEFAULT_MODELS: Mapping[str, str] = MappingProxyType(
     {
@@ -377,11 +377,19 @@ def _optional_listener(value: Any, label: str) -> str:
 
 def _workers(value: Any, label: str) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return os.cpu_count() or 1
+        return usable_cpus()
     try:
         return int(number(integer=True, least=1)(value, label))
     except ConfigError as e:
         raise ConfigError(label, f"{e.problem} (or auto)") from None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, e.g. C{taskset}), else all of them."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        return len(affinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _state_dir(value: Any, label: str) -> str:
@@ -851,15 +859,19 @@ class Config:
         default_text=f"{DEFAULT_TUNNEL_IDLE_TIMEOUT:g}",
         help="Seconds a CONNECT tunnel may stay silent both ways before it is closed",
     )
-    #: Most open client connections per listener: a 503 (and close) beyond it.
+    #: Most open client connections of one process (each worker's own): a 503 (and close)
+    #: beyond it.  By default what the open-file limit carries (L{aoaiproxy.capacity}).
     max_connections: int = option(
-        default=DEFAULT_MAX_CONNECTIONS,
+        default=attrs.Factory(lambda: connections_for(open_file_limit())),
         flag="max-connections",
         metavar="N",
         key="max_connections",
         parse=_whole(least=1),
-        default_text=str(DEFAULT_MAX_CONNECTIONS),
-        help="Most open client connections per listener; more get 503 and are closed",
+        default_text="(open-file limit - 100) // 2 (9950 with 20,000 descriptors)",
+        help="""Most open client connections per process (each worker its own); more get 503
+        and are closed.  Default: (open-file limit - 100) // 2, as each stream holds a client
+        and an upstream descriptor; the limit is the hard one, which the daemon raises its soft
+        limit to at start""",
     )
     max_attempts: int = option(
         default=3,
@@ -944,7 +956,8 @@ class Config:
         parse=_workers,
         reload=False,
         default_text="1",
-        help="Worker processes sharing the listeners (``auto``: one per CPU)",
+        help="""Worker processes sharing the listeners, each a whole proxy, supervised by the
+        daemon's first process (``auto``: one per CPU it may use)""",
     )
 
     @property

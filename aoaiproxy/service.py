@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -158,7 +158,13 @@ class DaemonService(service.MultiService):
     On stop: stop the listeners (so new connections are refused), drain the site's
     connections for C{drain_timeout} seconds, then stop the other children (closing the
     upstream pool).  twistd waits for the returned Deferred before the reactor stops.
+
+    Hooks for the processes of C{--workers} (L{aoaiproxy.workers}): L{start_serving},
+    L{serving}, L{cut_now} and L{announce}.
     """
+
+    #: Whether start-up logs the configuration (a worker of several leaves it to its parent).
+    announce = True
 
     def __init__(
         self,
@@ -198,11 +204,21 @@ class DaemonService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        log_startup(self.live.config)
+        if self.announce:
+            log_startup(self.live.config)
         self.reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
         self._install_signal_handlers()
+        self.start_serving().addCallback(lambda _: self.serving())
+
+    def start_serving(self) -> Deferred[None]:
+        """Fires once the daemon serves: at once, its listeners are bound (a parent of
+        workers waits for them)."""
+        return succeed(None)
+
+    def serving(self) -> None:
+        """The daemon serves: tell systemd C{READY=1}."""
         if sd_notify("READY=1\nSTATUS=serving"):
             _log.info("told systemd READY=1")
 
@@ -222,8 +238,12 @@ class DaemonService(service.MultiService):
             _log.info("{signal}: shutting down gracefully", signal=name)
             self.reactor.stop()
         else:
-            count = self.connections.cut()
-            _log.warn("{signal} again: cut {count} connection(s) now", signal=name, count=count)
+            self.cut_now(name)
+
+    def cut_now(self, signal_name: str) -> None:
+        """A second stop signal during the drain: cut every connection still open."""
+        count = self.connections.cut()
+        _log.warn("{signal} again: cut {count} connection(s) now", signal=signal_name, count=count)
 
     def reload(self) -> bool:
         sd_notify(reloading_state())

@@ -11,7 +11,7 @@ The channel class enforces the limits on a request's head (L{ProxyChannel}: 414,
 and 400 for malformed requests, all in OpenAI's error shape), keeps its site's count of open
 connections (L{Connections}, for the graceful stop), and can hand its connection to another
 protocol (L{ProxyChannel.hand_over}: a CONNECT tunnel, TLS interception).  Each listener
-listens with its own L{Listener}, which caps its open connections (503 beyond the cap).
+listens with its own L{Listener}, which refuses connections over the process's cap (503).
 """
 
 from __future__ import annotations
@@ -511,7 +511,7 @@ class ProxySite(server.Site):
         return channel
 
     def listener(self) -> Listener:
-        """A new listener's factory (one per listening port: each has its own cap)."""
+        """A new listener's factory (one per listening port)."""
         return Listener(self)
 
     def log(self, request: http.Request) -> None:
@@ -521,9 +521,10 @@ class ProxySite(server.Site):
 
 class Listener(Factory):
     """
-    One listener's factory: the site's channels, at most C{max_connections} of them open at
-    once.  A connection beyond the cap gets a 503 in OpenAI's shape and is closed, so a flood
-    of connections cannot use up the process's file descriptors.
+    One listener's factory: the site's channels.  At most C{max_connections} are open at once
+    in the process (every listener's together); a connection beyond the cap gets a 503 in
+    OpenAI's shape and is closed, so a flood of connections cannot use up the process's file
+    descriptors.
     """
 
     noisy = False  # no "Starting factory" log lines
@@ -546,7 +547,7 @@ class Listener(Factory):
         self.site.doStop()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        if len(self.channels) >= self.site.live.config.max_connections:
+        if len(self.site.connections.open) >= self.site.live.config.max_connections:
             return _Busy(self)
         channel = self.site.buildProtocol(addr)
         channel.listener = self

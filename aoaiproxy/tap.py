@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from aoaiproxy.config import OPTIONS, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.options import flag_table, given_flags, parameter_table, repeatable_handlers
+
+if TYPE_CHECKING:
+    from aoaiproxy.service import DaemonService
+    from aoaiproxy.site import ProxySite
+
+_log = Logger(namespace="aoaiproxy")
 
 
 class Options(usage.Options):
@@ -58,15 +65,47 @@ for _name, _handler in repeatable_handlers(OPTIONS).items():
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from aoaiproxy.capacity import with_backlog
+    from aoaiproxy.tls import TLSFilesError, listener_service
+
+    assert options.config is not None
+    config = options.config
+    open_files(config)
+    if config.workers > 1:
+        # Several processes (SPEC §15): this one binds and supervises, the workers serve.
+        from aoaiproxy.workers import supervisor
+
+        return supervisor(config, options.flags(), options.environ, reactor)
+    top, site = proxy_service(config, options.flags(), options.environ, reactor)
+    for description in config.listen:
+        # strports.service semantics; ssl: listeners get reloadable certificates
+        # (reloaded on SIGHUP: DaemonService.reloadables()); a backlog of at least 1024.
+        try:
+            # Each listener refuses connections over the process's cap (--max-connections).
+            listener_service(with_backlog(description), site.listener(), reactor).setServiceParent(top)
+        except TLSFilesError as e:
+            raise SystemExit(f"aoaiproxy: --listen: {e}") from None
+    return top
+
+
+def proxy_service(
+    config: Config,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    reactor: Any,
+    top: type[DaemonService] | None = None,
+) -> tuple[DaemonService, ProxySite]:
+    """
+    A whole proxy but its listeners: the daemon's top service (C{top}, L{DaemonService} by
+    default) holding the upstream client, and the site every listener serves.  The single
+    process adds its listeners; a worker of several adds the sockets its parent gave it.
+    """
     from aoaiproxy.forward import Forwarder
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService, Reloader
     from aoaiproxy.site import ProxySite
-    from aoaiproxy.tls import TLSFilesError, listener_service
     from aoaiproxy.upstream import UpstreamClient
 
-    assert options.config is not None
-    config = options.config
     live = LiveConfig(config)
     upstream = UpstreamClient(reactor)
     resource = ApiResource(live, upstream, reactor)
@@ -74,18 +113,29 @@ def makeService(options: Options) -> service.IService:
     forwarder = Forwarder(reactor, live, upstream=upstream)
     site = ProxySite(resource, live, reactor, forwarder)
     # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
-    reloader = Reloader(options.flags(), options.environ, live)
-    top = DaemonService(live, site.connections, reactor, reloader)
-    for description in config.listen:
-        # strports.service semantics; ssl: listeners get reloadable certificates
-        # (reloaded on SIGHUP: DaemonService.reloadables()).
-        try:
-            # Each listener caps its own open connections (--max-connections).
-            listener_service(description, site.listener(), reactor).setServiceParent(top)
-        except TLSFilesError as e:
-            raise SystemExit(f"aoaiproxy: --listen: {e}") from None
-    _Closing(upstream).setServiceParent(top)
-    return top
+    reloader = Reloader(flags, environ, live)
+    daemon = (top or DaemonService)(live, site.connections, reactor, reloader)
+    _Closing(upstream).setServiceParent(daemon)
+    return daemon, site
+
+
+def open_files(config: Config) -> None:
+    """Raise the soft open-file limit to the hard one (SPEC §15), and say so in one line."""
+    from aoaiproxy.capacity import open_file_limit, raise_open_file_limit
+
+    before, after = raise_open_file_limit()
+    target = open_file_limit()
+    if after == before and after < target:
+        what = f"soft limit {after} (could not raise it to {target})"
+    elif after != before:
+        what = f"soft limit raised from {before} to {after}"
+    else:
+        what = f"limit {after}"
+    _log.info(
+        "open files: {what}; at most {count} client connections per process",
+        what=what,
+        count=config.max_connections,
+    )
 
 
 class _Closing(service.Service):

@@ -16,6 +16,7 @@ served on a systemd-activated socket.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from cryptography import x509
@@ -241,11 +242,18 @@ def listener_service(description: str, factory: IProtocolFactory, reactor: Any) 
     if params is None:
         listening: service.IService = strports.service(description, factory)
         return listening
-    tls = ReloadableTLS(
+    endpoint = TLSServerEndpoint(serverFromString(reactor, inner), reloadable_tls(params))
+    return TLSListenerService(endpoint, factory)
+
+
+def reloadable_tls(params: Mapping[str, str]) -> ReloadableTLS:
+    """
+    The TLS of a listener from its TLS parameters (as L{split_tls} returns them).  Raises
+    L{TLSFilesError} when the files cannot be used.
+    """
+    return ReloadableTLS(
         params["privateKey"],
         params.get("certKey"),
         params.get("extraCertChain"),
         params.get("dhParameters"),
     )
-    endpoint = TLSServerEndpoint(serverFromString(reactor, inner), tls)
-    return TLSListenerService(endpoint, factory)
