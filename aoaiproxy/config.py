@@ -869,9 +869,8 @@ class Config:
         parse=_whole(least=1),
         default_text="(open-file limit - 100) // 2 (9950 with 20,000 descriptors)",
         help="""Most open client connections per process (each worker its own); more get 503
-        and are closed.  Default: (open-file limit - 100) // 2, as each stream holds a client
-        and an upstream descriptor; the limit is the hard one, which the daemon raises its soft
-        limit to at start""",
+        and are closed.  The default leaves a client and an upstream descriptor to each, of the
+        hard open-file limit (the daemon raises its soft limit to it at start)""",
     )
     max_attempts: int = option(
         default=3,

@@ -610,11 +610,11 @@ class WorkerService(DaemonService):
             self.control.report(RELOADED)
         return ok
 
-    def stop(self) -> None:
+    def stop(self, why: str = "passed on by the parent") -> None:
         """Stop gracefully (drain), unless already stopping (a signal of its own came first)."""
         if not self.running:
             return
-        _log.info("shutting down gracefully (passed on by the parent)")
+        _log.info("shutting down gracefully ({why})", why=why)
         try:
             self.reactor.stop()
         except ReactorNotRunning:  # already on its way down
@@ -630,7 +630,7 @@ class _PidLines:
 
     def __init__(self, out: IO[str], pid: int) -> None:
         self._out = out
-        self._prefix = f'{{"pid":{pid},'
+        self._prefix = f'{{"pid": {pid}, '
 
     def write(self, text: str) -> int:
         if text.startswith("{"):
@@ -698,7 +698,7 @@ def main() -> None:
     def gone() -> None:
         # The parent is gone (or closed our pipes): stop as on SIGTERM.
         if control.worker is not None:
-            control.worker.stop()
+            control.worker.stop("the parent is gone")
         elif reactor.running:
             reactor.stop()
 

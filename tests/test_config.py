@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 
+from aoaiproxy.capacity import connections_for, open_file_limit
 from aoaiproxy.config import (
     DEFAULT_MODELS,
     Config,
@@ -202,7 +203,7 @@ def test_new_option_defaults() -> None:
     assert c.state_dir == "/home/u/.local/state/aoaiproxy"
     assert load_config(EP, {"STATE_DIRECTORY": "/var/lib/aoaiproxy"}).state_dir == "/var/lib/aoaiproxy"
     assert c.metrics_listen is None and c.workers == 1
-    assert c.max_connections == 1024
+    assert c.max_connections == connections_for(open_file_limit())  # tests/test_capacity.py
     assert c.client_names == {}
 
 

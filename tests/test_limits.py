@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 
+from aoaiproxy.capacity import connections_for, open_file_limit
 from aoaiproxy.config import ConfigError, load_config
 from aoaiproxy.site import Listener
 from aoaiproxy.tap import Options
@@ -282,7 +283,7 @@ def test_limit_options_defaults_sources_and_errors(tmp_path: Any) -> None:
     c = load_config(base, {})
     assert (c.max_request_line, c.max_header_size, c.max_headers) == (8192, 16384, 100)
     assert (c.header_timeout, c.idle_timeout, c.tunnel_idle_timeout) == (30.0, 60.0, 300.0)
-    assert c.max_connections == 1024
+    assert c.max_connections == connections_for(open_file_limit())  # tests/test_capacity.py
 
     f = tmp_path / "c.toml"
     f.write_text("max_headers = 7\nidle_timeout = 2.5\nmax_connections = 9\n")
@@ -310,7 +311,7 @@ def test_help_shows_every_limit_with_its_default() -> None:
         ("--header-timeout", "30"),
         ("--idle-timeout", "60"),
         ("--tunnel-idle-timeout", "300"),
-        ("--max-connections", "1024"),
+        ("--max-connections", "(open-file limit - 100) // 2"),
         ("--max-body", "67108864"),
     ]:
         assert option in text

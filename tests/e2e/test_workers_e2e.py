@@ -9,6 +9,7 @@ event (a notification datagram, a log line, a process exit) with a bound.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -274,7 +275,7 @@ def worker_environ(pid: int) -> dict[str, str]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_workers_serve_tls_and_the_parent_serves_their_metrics(
+async def test_workers_serve_tls_reload_certificates_and_the_parent_serves_metrics(
     fake: FakeAzure,
     client: HTTPClient,
     start_workers: Callable[..., Daemon],
@@ -282,7 +283,11 @@ async def test_workers_serve_tls_and_the_parent_serves_their_metrics(
     tmp_path: Path,
 ) -> None:
     ca = make_ca()
-    key, cert = ca.issue(tmp_path, "server", 1)
+    old_key, old_cert = ca.issue(tmp_path, "old", 1)
+    new_key, new_cert = ca.issue(tmp_path, "new", 2)
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    shutil.copy(old_key, key)
+    shutil.copy(old_cert, cert)
     port, metrics_port = free_port(), free_port()
     daemon = start_workers(
         "--endpoint",
@@ -291,6 +296,8 @@ async def test_workers_serve_tls_and_the_parent_serves_their_metrics(
         f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
         "--metrics-listen",
         f"tcp:{metrics_port}:interface=127.0.0.1",
+        "--log-format",
+        "json",
         port=port,
         listen=False,
     )
@@ -298,7 +305,17 @@ async def test_workers_serve_tls_and_the_parent_serves_their_metrics(
     workers = list(worker_pids(daemon).values())
     for pid in workers:  # each worker does the TLS handshake itself
         with only(pid, workers):
-            assert await deferToThread(server_certificate, port) == cert.read_text()
+            assert await deferToThread(server_certificate, port) == old_cert.read_text()
+
+    # Renewed certificate files: each worker serves the new certificate after SIGHUP.
+    shutil.copy(new_key, key)
+    shutil.copy(new_cert, cert)
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert (await notified(notify_socket)).startswith(b"RELOADING=1\n")
+    assert await notified(notify_socket) == b"READY=1"
+    for pid in workers:
+        with only(pid, workers):
+            assert await deferToThread(server_certificate, port) == new_cert.read_text()
 
     response = await client.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30)
     assert response.code == 200
@@ -313,6 +330,34 @@ async def test_workers_serve_tls_and_the_parent_serves_their_metrics(
     daemon.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(daemon) == 0
     assert not Path(directory).exists()  # the parent's scratch directory is removed
+    # Every line is JSON; the workers' carry their pid.
+    records = [json.loads(line) for line in daemon.log().splitlines()]
+    reloaded = [r.get("pid") for r in records if r.get("message", "").startswith("configuration reloaded")]
+    assert sorted(reloaded) == sorted(workers)
+
+
+# -- the parent gone ---------------------------------------------------------------------------
+
+
+def gone(pid: int) -> bool:
+    """Whether process C{pid} has exited (a zombie nobody reaped yet counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_stop_when_the_parent_is_killed(
+    fake: FakeAzure, start_workers: Callable[..., Daemon], notify_socket: socket.socket
+) -> None:
+    daemon = start_workers("--endpoint", fake.url)
+    assert await notified(notify_socket) == b"READY=1\nSTATUS=serving"
+    workers = list(worker_pids(daemon).values())
+    daemon.proc.kill()
+    daemon.proc.wait(30)
+    await wait_until(lambda: all(gone(pid) for pid in workers), "the workers to exit", timeout=LOG_WAIT)
+    assert daemon.log().count("shutting down gracefully (the parent is gone)") == 2
 
 
 # -- systemd socket activation ----------------------------------------------------------------
