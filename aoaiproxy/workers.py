@@ -515,6 +515,7 @@ def supervisor(
 
     live = LiveConfig(config)
     pool = Workers(reactor, config.workers, spec, descriptors, worker_environ, scratch)
+    # (The parent's Reloader is never called: Supervisor.reload passes the reload on.)
     top = Supervisor(live, pool, reactor, Reloader(flags, environ, live), scratch)
     for listener in listeners:
         listener.setServiceParent(top)

@@ -17,6 +17,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from aoaiproxy.config import LiveConfig, load_config
+from aoaiproxy.service import Reloader
 from aoaiproxy.workers import (
     CUT,
     FIRST_RESTART_DELAY,
@@ -28,9 +30,11 @@ from aoaiproxy.workers import (
     STATUS_FD,
     STOP,
     ListenerSpec,
+    Supervisor,
     WorkerFailed,
     Workers,
     WorkerSpec,
+    _exit_now,
     _PidLines,
     restart_delay,
 )
@@ -178,3 +182,30 @@ def test_json_log_lines_of_a_worker_carry_its_pid() -> None:
     lines = _PidLines(out, 4242)
     lines.write('{"time":"t","level":"info"}\n')
     assert json.loads(out.getvalue()) == {"pid": 4242, "time": "t", "level": "info"}
+
+
+class StoppingReactor(Launcher):
+    """A launcher that records how the supervisor stops it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = False
+        self.triggers: list[tuple[Any, ...]] = []
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any, *args: Any) -> None:
+        self.triggers.append((phase, event, f, *args))
+
+
+def test_a_failed_start_stops_the_daemon_with_status_1_and_no_ready() -> None:
+    reactor = StoppingReactor()
+    config = load_config({"endpoint": "https://r.openai.azure.com", "workers": "2"}, {})
+    live = LiveConfig(config)
+    workers = Workers(reactor, 2, lambda: SPEC, lambda: {}, {})
+    top = Supervisor(live, workers, reactor, Reloader({}, {}, live), None)
+    ready = top.start_serving()
+    reactor.processes[0].end(signal=9)
+    assert reactor.stopped and not ready.called
+    assert reactor.triggers == [("after", "shutdown", _exit_now, 1)]
