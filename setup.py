@@ -21,6 +21,8 @@ setup(
         "cryptography>=39",
         "service-identity>=24",
         "attrs>=23",
+        # Entra ID (aoaiproxy.backends.entra); imported only when a backend has auth = "entra".
+        "azure-identity>=1.16",
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require={
