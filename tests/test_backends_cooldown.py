@@ -5,6 +5,7 @@ from __future__ import annotations
 from email.utils import formatdate
 
 import pytest
+from twisted.web.http_headers import Headers
 
 from aoaiproxy.backends.cooldown import (
     DEFAULT_COOLDOWN,
@@ -45,6 +46,12 @@ NOW = 1_700_000_000.0
 )
 def test_retry_delay(headers: list[tuple[bytes, bytes]], delay: float | None) -> None:
     assert retry_delay(headers, NOW) == delay
+
+
+def test_twisted_headers() -> None:
+    headers = Headers({b"Retry-After": [b"9"], b"X-Ms-Retry-After-Ms": [b"4200"]})
+    assert retry_delay(headers, NOW) == 4.2
+    assert cooldown_for(Headers(), NOW, 60) == NOW + 10
 
 
 def test_retry_after_http_date() -> None:

@@ -26,6 +26,10 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 
 import attrs
+from twisted.web.http_headers import Headers
+
+#: A response's headers: Twisted's L{Headers}, or (name, value) pairs.
+ResponseHeaders = Headers | Iterable[tuple[bytes, bytes]]
 
 __all__ = [
     "CIRCUIT_BASE",
@@ -34,6 +38,7 @@ __all__ = [
     "PROBE_LEASE",
     "Circuit",
     "Cooldowns",
+    "ResponseHeaders",
     "cooldown_for",
     "retry_delay",
     "seconds_until",
@@ -70,12 +75,14 @@ def _http_date(value: bytes, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def retry_delay(headers: Iterable[tuple[bytes, bytes]], now: float) -> float | None:
+def retry_delay(headers: ResponseHeaders, now: float) -> float | None:
     """
     The delay, in seconds, that a response's retry headers ask for, or None when none of them is
     present and valid.  Header names are matched case-insensitively; a value that does not
     parse is ignored as if absent.
     """
+    if isinstance(headers, Headers):
+        headers = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
     found: dict[bytes, bytes] = {}
     for name, value in headers:
         found.setdefault(name.lower(), value)
@@ -89,7 +96,7 @@ def retry_delay(headers: Iterable[tuple[bytes, bytes]], now: float) -> float | N
     return None
 
 
-def cooldown_for(headers: Iterable[tuple[bytes, bytes]], now: float, max_cooldown: float) -> float:
+def cooldown_for(headers: ResponseHeaders, now: float, max_cooldown: float) -> float:
     """The time a deployment that answered 429 with these headers may be used again."""
     delay = retry_delay(headers, now)
     if delay is None:

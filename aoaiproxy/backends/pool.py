@@ -6,17 +6,19 @@ Pure state and a clock (only C{clock.seconds()} is used; no timers, no I/O).  On
 as long as the daemon; SIGHUP gives it the new list with L{Pool.replace}.
 
 A request asks L{Pool.plan} for a L{Plan} and takes L{Attempt}s from it one at a time (it is an
-iterator), reporting each one's outcome with L{Pool.record} before taking the next:
+iterator), reporting each one's outcome with L{Pool.record} (always, once; "abandoned" when the
+client went away first) before taking the next::
 
-    plan = pool.plan(model)
+    plan = pool.plan(model)          # may raise the global map's 400 for a bad model name
     for attempt in plan:
-        ... send to attempt.backend with attempt.deployment ...
-        pool.record(attempt, outcome, response_headers)
-        if outcome not in FAILOVER_OUTCOMES or the first byte went out: break
-    else:
-        if plan.attempts == 0:
-            404 model_not_found if not plan.served, else 429 all_backends_busy with
-            Retry-After: plan.retry_after()
+        send to attempt.backend, naming attempt.deployment
+        a response:  pool.record(attempt, outcome_for_status(status), response.headers)
+                     if not fails_over(status): relay it; stop
+        no response: pool.record(attempt, "connect_error" or "timeout")
+    nothing relayed and plan.attempts == 0:
+        plan.served is False: 404 model_not_found
+        else: 429 all_backends_busy, Retry-After: plan.retry_after()
+    nothing relayed after attempts: the last upstream response as it came, else 502/504
 
 Each attempt is chosen when it is taken, from the state at that moment, among the backends that
 serve the model, were not tried by this request, and are available: the deployment is not
@@ -35,7 +37,13 @@ from typing import Generic, Literal, Protocol, TypeVar
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from aoaiproxy.backends.cooldown import Circuit, Cooldowns, cooldown_for, seconds_until
+from aoaiproxy.backends.cooldown import (
+    Circuit,
+    Cooldowns,
+    ResponseHeaders,
+    cooldown_for,
+    seconds_until,
+)
 
 __all__ = [
     "FAILOVER_OUTCOMES",
@@ -221,9 +229,7 @@ class Pool(Generic[B]):
                 deployments[b.name] = b.models[model]
         return Plan(self, model, deployments, self.max_attempts if max_attempts is None else max_attempts)
 
-    def record(
-        self, attempt: Attempt[B], outcome: Outcome, headers: Iterable[tuple[bytes, bytes]] = ()
-    ) -> None:
+    def record(self, attempt: Attempt[B], outcome: Outcome, headers: ResponseHeaders = ()) -> None:
         """
         Report what became of an attempt: a 429 cools its deployment (from C{headers}, the
         response's); a failed connection, a timeout or a 5xx counts against its backend's
