@@ -35,7 +35,6 @@ imported only when a token is first sought).
 from aoaiproxy.backends.cooldown import retry_delay
 from aoaiproxy.backends.entra import DEFAULT_SCOPE, TokenSource, TokenSources, reactor_threads
 from aoaiproxy.backends.pool import (
-    FAILOVER_OUTCOMES,
     Attempt,
     Backend,
     Outcome,
@@ -47,7 +46,6 @@ from aoaiproxy.backends.pool import (
 
 __all__ = [
     "DEFAULT_SCOPE",
-    "FAILOVER_OUTCOMES",
     "Attempt",
     "Backend",
     "Outcome",

@@ -46,7 +46,6 @@ from aoaiproxy.backends.cooldown import (
 )
 
 __all__ = [
-    "FAILOVER_OUTCOMES",
     "Attempt",
     "Backend",
     "Outcome",
@@ -58,10 +57,6 @@ __all__ = [
 
 #: What became of one attempt.  "abandoned": it ended with no outcome (the client went away).
 Outcome = Literal["ok", "429", "5xx", "4xx", "401", "connect_error", "timeout", "abandoned"]
-
-#: The outcomes after which (before the first byte went to the client) the next backend is tried.
-#: Of the responses, only 429, 500, 502, 503 and 504 do: check a status with L{fails_over}.
-FAILOVER_OUTCOMES: frozenset[Outcome] = frozenset({"429", "5xx", "connect_error", "timeout"})
 
 _FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CIRCUIT_FAILURES: frozenset[Outcome] = frozenset({"5xx", "connect_error", "timeout"})
