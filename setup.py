@@ -23,6 +23,8 @@ setup(
         "attrs>=23",
         # aoaiproxy.metrics: --metrics-listen (a recent one: multiprocess "livemostrecent" gauges).
         "prometheus_client>=0.20",
+        # Entra ID (aoaiproxy.backends.entra); imported only when a backend has auth = "entra".
+        "azure-identity>=1.16",
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require={
