@@ -216,7 +216,7 @@ class _Scanner:
             pos += stripped
             if kept:
                 return pos
-            size = min(size * 4, 1 << 20)
+            size = min(size * 4, _WINDOW)
         return pos
 
     def object(self, names: Collection[str] | None) -> TopLevel:
@@ -330,15 +330,16 @@ class _Scanner:
         body = self.body
         if q - 2 < low or body[q - 2] != _BACKSLASH:
             return 1
-        size = 64
+        count, end, size = 0, q, 64
         while True:
-            start = max(low, q - size)
+            start = max(low, end - size)
             self.step(size // _RUN_BYTES_PER_STEP)
-            run = body[start:q]
-            count = len(run) - len(run.rstrip(b"\\"))
-            if count < len(run) or start == low:
+            run = body[start:end]
+            here = len(run) - len(run.rstrip(b"\\"))
+            count += here
+            if here < len(run) or start == low:
                 return count
-            size *= 4
+            end, size = start, min(size * 4, _WINDOW)
 
     def container_end(self, pos: int) -> int:
         """Where the array or object opening at C{pos} ends: its brackets match, its strings end."""
