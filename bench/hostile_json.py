@@ -5,7 +5,9 @@ front of the fake upstream (C{python -m aoaiproxy.testing}), on 127.0.0.1.
 For each body it prints the status the proxy answered, the time to the answer, the daemon's
 peak resident memory (VmHWM: the high-water mark, reset before each body where the kernel
 allows) and its RSS afterwards, and the slowest C{/healthz} answer seen by a client that asks
-every 20 ms on its own connection while the body is sent and answered.
+every 20 ms on its own connection while the body is sent and answered, and the CPU time the
+daemon spent on it all (receiving the body, reading it, answering; on a busy machine the
+latencies say more about the machine than about the daemon).
 
 Run it from the repository root (it is not part of the test run)::
 
@@ -69,6 +71,12 @@ def reset_peak(pid: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -113,14 +121,17 @@ async def measure(port: int, pid: int, name: str, body: bytes) -> None:
     await asyncio.sleep(0.1)
     reset = reset_peak(pid)
     before = rss_kib(pid)
+    cpu = cpu_seconds(pid)
     status, answer, took = await post(port, path, body)
+    cpu = cpu_seconds(pid) - cpu
     await asyncio.sleep(0.3)
     stop.set()
     await poller
     peak = peak_kib(pid) if reset else 0
+    after = rss_kib(pid)
     print(
-        f"{name:18} {len(body) / 2**20:5.1f} MiB -> {status} in {took:5.2f}s; "
-        f"RSS before {before / 1024:6.1f} MB, peak {peak / 1024:7.1f} MB, after {rss_kib(pid) / 1024:6.1f} MB; "
+        f"{name:18} {len(body) / 2**20:5.1f} MiB -> {status} in {took:5.2f}s (daemon CPU {cpu:4.2f}s); "
+        f"RSS before {before / 1024:6.1f} MB, peak {peak / 1024:7.1f} MB, after {after / 1024:6.1f} MB; "
         f"worst /healthz {worst[0] * 1000:6.0f} ms" + ("" if status < 400 else f"  {answer[:90]!r}"),
         flush=True,
     )
