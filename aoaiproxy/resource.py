@@ -213,15 +213,16 @@ class ApiResource(Resource):
         )
         finished = request.notifyFinish()
         finished.addErrback(lambda _: d.cancel())
+        # An upstream failure (502, 504) goes to _failed; an exception while relaying is a bug.
         d.addCallbacks(
             relay_response,
             self._failed,
-            (request, self._reactor, config.upstream_timeout),
-            {
+            callbackArgs=(request, self._reactor, config.upstream_timeout),
+            callbackKeywords={
                 "event_streams": True,
                 "filter_frames": upstream.azure_stream and not config.keep_filter_frames,
             },
-            (request,),
+            errbackArgs=(request,),
         )
         d.addErrback(self._unexpected, request)
 
