@@ -71,7 +71,7 @@ class TooComplex(JSONBodyError):
     """Reading the body would take more than the allowed number of steps."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(f"more than {limit} JSON values")
+        super().__init__(f"more than {limit} steps to read")
         self.limit = limit
 
 

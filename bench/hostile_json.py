@@ -2,7 +2,8 @@
 What hostile and large JSON bodies cost the daemon: a C{twistd -n aoaiproxy} subprocess in
 front of the fake upstream (C{python -m aoaiproxy.testing}), on 127.0.0.1.
 
-For each body it prints the status the proxy answered, the time to the answer, the daemon's
+For each body (sent on C{--concurrency} connections at once) it prints the status the proxy
+answered, the time to the slowest answer, the daemon's
 peak resident memory (VmHWM: the high-water mark, reset before each body where the kernel
 allows) and its RSS afterwards, and the slowest C{/healthz} answer seen by a client that asks
 every 20 ms on its own connection while the body is sent and answered, and the CPU time the
@@ -13,6 +14,7 @@ Run it from the repository root (it is not part of the test run)::
 
     .venv/bin/python bench/hostile_json.py                  # 60 MiB bodies, each once
     .venv/bin/python bench/hostile_json.py --mib 20 --only nested-objects,image
+    .venv/bin/python bench/hostile_json.py --concurrency 20 --only nested-objects,deep
 
 Every loop is bounded in count and time.
 """
@@ -113,7 +115,7 @@ async def post(port: int, path: str, body: bytes) -> tuple[int, bytes, float]:
     return status, answer, time.monotonic() - began
 
 
-async def measure(port: int, pid: int, name: str, body: bytes) -> None:
+async def measure(port: int, pid: int, name: str, body: bytes, concurrency: int) -> None:
     path = "/v1/embeddings" if name.startswith("embedding") else "/v1/chat/completions"
     stop = asyncio.Event()
     worst = [0.0]
@@ -122,15 +124,21 @@ async def measure(port: int, pid: int, name: str, body: bytes) -> None:
     reset = reset_peak(pid)
     before = rss_kib(pid)
     cpu = cpu_seconds(pid)
-    status, answer, took = await post(port, path, body)
+    answers = await asyncio.gather(*(post(port, path, body) for _ in range(concurrency)))
     cpu = cpu_seconds(pid) - cpu
+    status, answer, took = max(answers, key=lambda a: a[2])
+    statuses = sorted({a[0] for a in answers})
+    if len(statuses) > 1:
+        answer = f"statuses {statuses}".encode()
+        status = 999
     await asyncio.sleep(0.3)
     stop.set()
     await poller
     peak = peak_kib(pid) if reset else 0
     after = rss_kib(pid)
     print(
-        f"{name:18} {len(body) / 2**20:5.1f} MiB -> {status} in {took:5.2f}s (daemon CPU {cpu:4.2f}s); "
+        f"{name:16} {concurrency}x{len(body) / 2**20:4.1f} MiB -> {status} in {took:5.2f}s "
+        f"(daemon CPU {cpu:4.2f}s); "
         f"RSS before {before / 1024:6.1f} MB, peak {peak / 1024:7.1f} MB, after {after / 1024:6.1f} MB; "
         f"worst /healthz {worst[0] * 1000:6.0f} ms" + ("" if status < 400 else f"  {answer[:90]!r}"),
         flush=True,
@@ -141,6 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=float, default=60.0, help="size of each body in MiB")
     parser.add_argument("--only", default="", help="comma-separated body names (default: all)")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="send each body on this many connections at once"
+    )
     parser.add_argument("--log", default="/dev/null", help="the daemon's log file")
     args = parser.parse_args()
     makers = bodies(int(args.mib * 2**20))
@@ -157,14 +168,14 @@ def main() -> None:
     daemon = subprocess.Popen(
         [str(bindir / "twistd"), "--nodaemon", "--pidfile=", f"--logfile={args.log}", "aoaiproxy",
          "--listen", f"tcp:{proxy_port}:interface={HOST}", "--endpoint", f"http://{HOST}:{upstream_port}",
-         "--max-body", str(64 * 2**20 + 2**20)],
+         "--max-body", str(64 * 2**20 + 2**20), "--max-connections", str(args.concurrency + 16)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
     )  # fmt: skip
     try:
         wait_for_port(upstream_port, upstream)
         wait_for_port(proxy_port, daemon)
         for name in names:
-            asyncio.run(measure(proxy_port, daemon.pid, name, makers[name]()))
+            asyncio.run(measure(proxy_port, daemon.pid, name, makers[name](), args.concurrency))
     finally:
         for proc in (daemon, upstream):
             proc.terminate()
