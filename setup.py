@@ -15,7 +15,6 @@ setup(
     package_data={"aoaiproxy": ["py.typed"], "twisted": ["plugins/aoaiproxy_plugin.py"]},
     install_requires=[
         "twisted[tls]>=24.7",
-        "treq>=24.9",
         "pyopenssl>=24",
         # Imported by aoaiproxy.tls; load_pem_x509_certificates is from 39.
         "cryptography>=39",
@@ -31,6 +30,8 @@ setup(
         "test": [
             "pytest",
             "pytest-twisted",
+            # The tests' HTTP client; the daemon relays with Agent (README, "Quick start").
+            "treq>=24.9",
             "openai>=1.40",
             "httpx",
             "hypothesis",

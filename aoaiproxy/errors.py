@@ -74,6 +74,21 @@ def bad_json() -> ProxyError:
     )
 
 
+def json_too_complex(limit: int) -> ProxyError:
+    return ProxyError(
+        400,
+        "The JSON body has too many values for the proxy to read: at most about "
+        f"{limit} strings, arrays, objects and escaped quotes.",
+        code="json_too_complex",
+    )
+
+
+def duplicate_member(name: str) -> ProxyError:
+    return ProxyError(
+        400, f"The JSON body has more than one {name!r} member.", param=name, code="duplicate_member"
+    )
+
+
 def missing_model() -> ProxyError:
     return ProxyError(400, "You must provide a model parameter.", param="model", code="missing_model")
 
@@ -97,6 +112,15 @@ def too_large(limit: int) -> ProxyError:
 
 def bad_path(path: str) -> ProxyError:
     return ProxyError(400, f"Invalid path {_clip(path)!r}.", code="invalid_path")
+
+
+def internal_error() -> ProxyError:
+    return ProxyError(
+        500,
+        "The proxy failed to handle the request (the error is in its log).",
+        type="server_error",
+        code="internal_error",
+    )
 
 
 def upstream_unreachable(reason: str) -> ProxyError:

@@ -7,9 +7,11 @@ Data flows one way: request in, route (L{rewrite.classify}), authenticate and re
 
 from __future__ import annotations
 
+import traceback
 from typing import IO, Any
 
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
@@ -30,6 +32,8 @@ CORS_DEFAULT_HEADERS = (
     b"X-Stainless-Package-Version, X-Stainless-Runtime, X-Stainless-Runtime-Version"
 )
 CORS_MAX_AGE = b"86400"
+
+_log = Logger()
 
 
 def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
@@ -102,7 +106,8 @@ def relay_response(
     request.setHeader(b"Access-Control-Allow-Origin", b"*")
     request.defaultContentType = None  # type: ignore[attr-defined]
     content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
-    encoded = response.headers.hasHeader(b"content-encoding")
+    codings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).lower()
+    encoded = any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
         request.setHeader(b"Content-Length", b"%d" % response.length)
@@ -138,6 +143,8 @@ class ApiResource(Resource):
             self._render(request)
         except ProxyError as e:
             write_error(request, e)
+        except Exception:
+            self._unexpected(Failure(), request)
         return NOT_DONE_YET
 
     def _render(self, request: Request) -> None:
@@ -166,19 +173,31 @@ class ApiResource(Resource):
         content_type = request.getHeader(b"content-type")
         body: bytes | None = None
         model_from_form: str | None = None
+        multipart = content_type is not None and content_type.lower().startswith(b"multipart/")
         if route.kind in ("deployment", "v1api") and request.method in (b"POST", b"PUT", b"PATCH"):
-            if content_type is not None and content_type.lower().startswith(b"multipart/"):
+            if multipart:
                 # A per-deployment form names its deployment in "model"; the v1 API's uploads
                 # (files) have no model to map and are sent as they are, unscanned.
                 if route.kind == "deployment":
-                    model_from_form = form_field(content, content_type, b"model")
+                    model_from_form = form_field(content, content_type or b"", b"model")
                     content.seek(0)
                     if model_from_form is None:
                         rewrite.upstream_auth(config, headers)  # a 401 comes before a 400
                         raise errors.missing_model()
-            elif rewrite.is_json(content_type) or route.kind == "deployment":
+            else:
+                # Any other body on these routes must be a JSON object, whatever its type
+                # claims: a JSON body sent as text/plain still has its model checked.
                 body = content.read()
                 content.seek(0)
+        elif (
+            route.kind == "passthrough"
+            and request.method == b"POST"
+            and not config.keep_filter_frames
+            and not multipart
+            and rewrite.is_json(content_type)
+        ):
+            body = content.read()  # only to see whether it asks for a stream
+            content.seek(0)
         upstream = rewrite.plan_upstream(config, route, request.method, query, headers, body, model_from_form)
         note(request, model=upstream.model, deployment=upstream.deployment)
         send_body: Any = upstream.body if upstream.body is not None else content
@@ -194,17 +213,21 @@ class ApiResource(Resource):
         )
         finished = request.notifyFinish()
         finished.addErrback(lambda _: d.cancel())
-        d.addCallback(
+        # An upstream failure (502, 504) goes to _failed; an exception while relaying is a bug.
+        d.addCallbacks(
             relay_response,
-            request,
-            self._reactor,
-            config.upstream_timeout,
-            event_streams=True,
-            filter_frames=upstream.azure_stream and not config.keep_filter_frames,
+            self._failed,
+            callbackArgs=(request, self._reactor, config.upstream_timeout),
+            callbackKeywords={
+                "event_streams": True,
+                "filter_frames": upstream.azure_stream and not config.keep_filter_frames,
+            },
+            errbackArgs=(request,),
         )
-        d.addErrback(self._failed, request)
+        d.addErrback(self._unexpected, request)
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        """The upstream request failed (a L{ProxyError}: 502, 504)."""
         if request._disconnected or request.finished:  # type: ignore[attr-defined]
             return
         if request.startedWriting:  # pragma: no cover - defensive
@@ -214,6 +237,25 @@ class ApiResource(Resource):
         if error is None:
             error = errors.upstream_unreachable(type(failure.value).__name__)
         write_error(request, error)
+
+    def _unexpected(self, failure: Failure, request: Request) -> None:
+        """
+        A bug: log it once (its type and where, never its message, which might hold a value
+        such as a key) and answer 500 in OpenAI's shape, or cut a response already started.
+        """
+        _log.error(
+            "unexpected {error} serving {method} {path}:\n{where}",
+            error=type(failure.value).__name__,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            where="".join(traceback.format_tb(failure.getTracebackObject())).rstrip(),
+        )
+        if request._disconnected or request.finished:  # type: ignore[attr-defined]
+            return
+        if request.startedWriting:  # type: ignore[attr-defined]
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        write_error(request, errors.internal_error())
 
     def _preflight(self, request: Request) -> None:
         request.setResponseCode(204)

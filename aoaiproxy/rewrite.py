@@ -1,9 +1,11 @@
 """
 The request rewrite: pure functions from what a client sent to what goes upstream.
 
-No I/O here.  L{plan} takes the method, path, query, headers and (for JSON routes) the parsed
-body, and returns a L{Plan}: answer locally, or send this method, URL, headers and body
-upstream.  Errors are L{ProxyError}s.
+No I/O here.  L{plan_upstream} takes the route, method, query, headers and (for JSON routes)
+the body, and returns an L{Upstream}: the method, URL, headers and body to send.  A body is
+read only at its top level (L{jsonbody}), and changed only by splicing: the bytes of the
+C{model} value are replaced, every other byte stays as the client sent it.  Errors are
+L{ProxyError}s.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from urllib.parse import unquote
 
 import attrs
 
-from aoaiproxy import errors
+from aoaiproxy import errors, jsonbody
 from aoaiproxy.config import Config, valid_deployment
 from aoaiproxy.errors import ProxyError
 
@@ -54,6 +56,11 @@ DEPLOYMENT_ROUTES: Mapping[str, str] = {
 
 #: First path segment after /v1/ of routes served by Azure's v1 API (/openai/v1/...).
 V1_API_PREFIXES = frozenset({"responses", "files", "batches", "fine_tuning", "vector_stores"})
+
+#: The top-level members of a JSON body that the proxy reads.
+BODY_MEMBERS = ("model", "stream")
+#: A C{model} value longer than this (raw bytes) is refused without decoding it.
+MAX_MODEL_BYTES = 1024
 
 _JWT = re.compile(rb"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 
@@ -260,15 +267,47 @@ def deployment_for(config: Config, model: Any) -> str:
     return deployment
 
 
-def parse_json_body(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object body or raise a 400."""
+def read_body(body: bytes) -> jsonbody.TopLevel:
+    """The top level of a JSON object body (its L{BODY_MEMBERS}), or a 400."""
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return jsonbody.top_level(body, BODY_MEMBERS)
+    except jsonbody.TooComplex as e:
+        raise errors.json_too_complex(e.limit) from None
+    except jsonbody.JSONBodyError:
         raise errors.bad_json() from None
-    if not isinstance(value, dict):
-        raise errors.bad_json()
-    return value
+
+
+def model_member(top: jsonbody.TopLevel) -> jsonbody.Member | None:
+    """The body's one top-level C{model} member, or None; a 400 if there are several."""
+    try:
+        return top.get("model")
+    except jsonbody.DuplicateMember:
+        raise errors.duplicate_member("model") from None
+
+
+def model_value(body: bytes, member: jsonbody.Member) -> str:
+    """The model a body names: a JSON string, else a 400 (C{null}: no model)."""
+    raw = member.raw(body)
+    if raw == b"null":
+        raise errors.missing_model()
+    if raw[:1] != b'"' or len(raw) > MAX_MODEL_BYTES:
+        raise errors.bad_model(raw[:100].decode("utf-8", "replace"))
+    try:
+        model: str = json.loads(raw)
+    except ValueError:
+        raise errors.bad_json() from None
+    return model
+
+
+def is_stream(body: bytes, top: jsonbody.TopLevel) -> bool:
+    """Whether a body asks for a stream (C{"stream": true} at its top level)."""
+    return any(m.raw(body) == b"true" for m in top.named("stream"))
+
+
+def identity_encoding(headers: Sequence[Header]) -> tuple[Header, ...]:
+    """C{headers} asking for an unencoded response: C{Accept-Encoding: identity}."""
+    kept = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
+    return (*kept, (b"Accept-Encoding", b"identity"))
 
 
 def deployment_url(config: Config, deployment: str, operation: str, query: bytes) -> bytes:
@@ -327,55 +366,74 @@ def plan_upstream(
     """
     Build the upstream request for a routed, authenticated client request.
 
-    @param body: the client's body when the route needs to look into it (JSON routes), else
-        None.  L{Upstream.body} is None when the client's body is to be sent unchanged.
+    @param body: the client's body when the route needs to look into it (JSON routes, and a
+        JSON body on an Azure-shaped route, for C{stream}), else None.  L{Upstream.body} is
+        None when the client's body is to be sent unchanged.
     @param model_from_form: the C{model} field of a multipart body, read by the caller.
     """
     auth = upstream_auth(config, headers)
     out_headers = forward_headers(headers, auth)
-    model: Any
-    deployment: str | None
+    # Azure's filter-only frames are dropped from chat streams (relay.FilterFrames), which
+    # cannot read an encoded stream: ask for none when the body asks for a stream.
+    filtered = not config.keep_filter_frames
     if route.kind == "deployment":
+        top = None
         if model_from_form is not None:
             model = model_from_form
         else:
-            model = parse_json_body(body or b"").get("model")
+            body = body or b""
+            top = read_body(body)
+            member = model_member(top)
+            if member is None:
+                raise errors.missing_model()
+            model = model_value(body, member)
         deployment = deployment_for(config, model)
+        if filtered and top is not None and is_stream(body or b"", top):
+            out_headers = identity_encoding(out_headers)
         return Upstream(
             method,
             deployment_url(config, deployment, route.target, query),
             out_headers,
             None,
-            model if isinstance(model, str) else None,
+            model,
             deployment,
             azure_stream=True,
         )
     if route.kind == "v1api":
         new_body = None
-        model = None
-        deployment = None
+        v1_model: str | None = None
+        v1_deployment: str | None = None
         if body:
-            parsed = parse_json_body(body)
-            if "model" in parsed:
-                model = parsed["model"]
-                deployment = deployment_for(config, model)
-                if deployment != model:
-                    parsed["model"] = deployment
-                    new_body = json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+            top = read_body(body)
+            member = model_member(top)
+            if member is not None:
+                v1_model = model_value(body, member)
+                v1_deployment = deployment_for(config, v1_model)
+                if v1_deployment != v1_model:
+                    value = json.dumps(v1_deployment).encode("ascii")
+                    new_body = jsonbody.replace_value(body, member, value)
         return Upstream(
             method,
             plain_url(config, route.target, v1_api_query(query)),
             out_headers,
             new_body,
-            model,
-            deployment,
+            v1_model,
+            v1_deployment,
             # No chat-completion chunks here (Responses streams typed events): nothing to drop.
             azure_stream=False,
         )
-    # passthrough (/openai/...) and openai mode: unchanged but for authentication.
+    # passthrough (/openai/...) and openai mode: unchanged but for authentication (and, for
+    # an Azure stream whose frames are filtered, the encoding asked for).
+    azure_stream = config.mode == "azure"
+    if azure_stream and filtered and body:
+        try:
+            if is_stream(body, jsonbody.top_level(body, ("stream",))):
+                out_headers = identity_encoding(out_headers)
+        except jsonbody.JSONBodyError:
+            pass  # not read here: Azure judges the body
     return Upstream(
         method,
         plain_url(config, route.target, query),
         out_headers,
-        azure_stream=config.mode == "azure",
+        azure_stream=azure_stream,
     )
