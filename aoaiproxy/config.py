@@ -902,7 +902,6 @@ class Config:
         default=None,
         key="intercept.ca_cert",
         parse=_path,
-        reload=False,
         default_text="generated in the state directory (``ca.pem``)",
         help="The interception CA's certificate (PEM), given with ``ca_key``",
     )
@@ -910,7 +909,6 @@ class Config:
         default=None,
         key="intercept.ca_key",
         parse=_path,
-        reload=False,
         default_text="generated in the state directory (``ca-key.pem``)",
         help="The interception CA's private key (PEM), given with ``ca_cert``",
     )
