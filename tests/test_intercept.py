@@ -13,22 +13,25 @@ starts TLS on the same connection, as curl and httpx do after their CONNECT.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import pytest_twisted
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.logger import globalLogPublisher
 
 from aoaiproxy import forward
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.forward.intercept import CARoute, Interceptor
+from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
@@ -60,6 +63,20 @@ class Intercepting:
     @property
     def ca_pem(self) -> bytes:
         return self.interceptor.authority.pem
+
+
+@pytest.fixture
+def connect_lines() -> Iterator[list[dict[str, Any]]]:
+    """The access-line facts of every CONNECT logged meanwhile."""
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == ACCESS_NAMESPACE and event["access"]["method"] == "CONNECT":
+            seen.append(event["access"])
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.async_yield_fixture
@@ -150,8 +167,10 @@ def openai_post(path: str, body: Any, key: str | None = "AZURE-KEY") -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_requests_inside_reach_azure_converted_and_the_host_is_never_dialled(
-    fake: FakeAzure, make_intercepting: Callable[..., Intercepting]
+    fake: FakeAzure, make_intercepting: Callable[..., Intercepting], connect_lines: list[dict[str, Any]]
 ) -> None:
+    from twisted.internet import reactor
+
     # The default allowlist has api.openai.com:443: were it tunnelled, it would be dialled.
     proxy = make_intercepting()
     assert "api.openai.com:443" in proxy.live.config.forward_allow
@@ -172,6 +191,9 @@ async def test_requests_inside_reach_azure_converted_and_the_host_is_never_diall
     assert tls.get_protocol_version_name() in ("TLSv1.2", "TLSv1.3")
     assert proxy.dialled == []
     await client.abort()
+    await proxy.site.connections.wait_closed().addTimeout(10, reactor)
+    [line] = connect_lines
+    assert (line["path"], line["status"], line.get("error")) == ("api.openai.com:443", 200, None)
 
 
 @pytest_twisted.ensureDeferred
@@ -232,7 +254,7 @@ async def test_proxy_authentication_applies_to_the_connect(
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_does_not_trust_the_ca_fails_and_the_proxy_serves_on(
-    fake: FakeAzure, make_intercepting: Callable[..., Intercepting]
+    fake: FakeAzure, make_intercepting: Callable[..., Intercepting], connect_lines: list[dict[str, Any]]
 ) -> None:
     from twisted.internet import reactor
 
@@ -246,9 +268,12 @@ async def test_a_client_that_does_not_trust_the_ca_fails_and_the_proxy_serves_on
     health = await connect(proxy.number, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_response(await health.wait_for(response_done)).status == 200
     await health.abort()
-    # The refused connection is gone from the site's count (as is the health check's).
+    # The refused connection is gone from the site's count (as is the health check's), and
+    # its CONNECT's access line says why it carried nothing.
     await health.closed
     await proxy.site.connections.wait_closed().addTimeout(10, reactor)
+    [line] = connect_lines
+    assert (line["status"], line["error"]) == (200, "tls_handshake_failed")
 
 
 # -- streaming ----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from aoaiproxy.forward.ca import (
 from aoaiproxy.forward.intercept import Interceptor, ca_paths, intercepted
 
 from .certs import CA, make_ca
+from .test_service import UNITS, unit_settings
 
 NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
@@ -334,3 +335,15 @@ def test_which_connects_are_intercepted(tmp_path: Path) -> None:
     assert intercepted(config, "::1", 443)
     assert not intercepted(config, "example.com", 443)
     assert not intercepted(attrs.evolve(config, intercept=False), "api.openai.com", 443)
+
+
+# -- where systemd keeps it -----------------------------------------------------------------------
+
+
+def test_the_service_unit_keeps_a_private_state_directory() -> None:
+    service = unit_settings((UNITS / "aoaiproxy.service").read_text())
+    assert service["StateDirectory"] == ["aoaiproxy"]
+    assert service["StateDirectoryMode"] == ["0700"]
+    # systemd passes it as $STATE_DIRECTORY, the state directory's default.
+    env = {"STATE_DIRECTORY": "/var/lib/aoaiproxy"}
+    assert load_config({"endpoint": "https://r.openai.azure.com"}, env).state_dir == "/var/lib/aoaiproxy"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -164,6 +165,15 @@ class Forwarder:
         # HTTPFactory.timeOut takes a float.)
         inside.timeOut = config.tunnel_idle_timeout  # type: ignore[assignment]
         request.establish(protocol)
+        connection: SSL.Connection = protocol.getHandle()
+
+        def ended(_: object) -> None:
+            # A client that does not trust the CA ends TLS in the handshake, without its
+            # Finished message: the CONNECT's access line says so.
+            if connection.get_peer_finished() is None:
+                note(request, error="tls_handshake_failed")
+
+        request.notifyFinish().addBoth(ended)
 
     def _tunnel_closed(self, request: Request) -> Callable[[Tunnel], None]:
         def closed(tunnel: Tunnel) -> None:
