@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -329,6 +330,57 @@ async def test_openai_sdk_with_https_proxy_and_ssl_cert_file(env: Env, fake: Fak
         assert rec.header("api-key") == AZURE_KEY
     assert [rec.json()["model"] for rec in fake.requests] == ["gpt-3.5-turbo"] * 2
     assert fake.requests[1].json()["stream"] is True
+
+
+# -- Node.js: NODE_EXTRA_CA_CERTS --------------------------------------------------------------------
+
+#: CONNECT by hand (Node 20 has no proxy support of its own), then TLS with Node's default roots:
+#: only NODE_EXTRA_CA_CERTS can make it trust the proxy's certificate for api.openai.com.
+NODE_SCRIPT = r"""
+const http = require("http"), tls = require("tls");
+const [port, auth, key] = process.argv.slice(1);
+const body = JSON.stringify({model: "gpt-3.5-turbo", messages: [{role: "user", content: "hi"}]});
+http.request({host: "127.0.0.1", port, method: "CONNECT", path: "api.openai.com:443",
+              headers: {"Proxy-Authorization": "Basic " + auth}})
+  .on("connect", (res, socket) => {
+    const s = tls.connect({socket, servername: "api.openai.com"}, () => {
+      s.write("POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n" +
+              "Authorization: Bearer " + key + "\r\nContent-Type: application/json\r\n" +
+              "Content-Length: " + Buffer.byteLength(body) + "\r\n\r\n" + body);
+    });
+    let out = "";
+    s.on("data", (d) => { out += d; });
+    s.on("end", () => { process.stdout.write(out); });
+    s.on("error", (e) => { console.error(e.code || e.message); process.exit(3); });
+  })
+  .end();
+"""
+
+
+def _run_node(env: Env, extra_ca: bool) -> subprocess.CompletedProcess[bytes]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NODE_")}
+    if extra_ca:
+        environ["NODE_EXTRA_CA_CERTS"] = str(env.ca)
+    auth = PROXY_AUTH.split(b"Basic ")[1].strip().decode()
+    return subprocess.run(
+        ["node", "-e", NODE_SCRIPT, str(env.port), auth, AZURE_KEY],
+        capture_output=True,
+        env=environ,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+@pytest_twisted.ensureDeferred
+async def test_node_trusts_the_ca_with_node_extra_ca_certs(env: Env, fake: FakeAzure) -> None:
+    await test_fetch_the_ca_as_the_readme_says(env)
+    untrusted = await deferToThread(_run_node, env, False)
+    assert untrusted.returncode == 3 and b"UNABLE_TO_VERIFY_LEAF_SIGNATURE" in untrusted.stderr, untrusted
+    trusted = await deferToThread(_run_node, env, True)
+    assert trusted.returncode == 0, trusted.stderr.decode()
+    assert trusted.stdout.startswith(b"HTTP/1.1 200 "), trusted.stdout[:300]
+    assert_reached_azure(fake)
 
 
 # -- raw clients: a tunnel byte for byte, a stream cancelled ----------------------------------------
