@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from aoaiproxy.config import RESTART_ONLY, Config, LiveConfig, load_config
+from aoaiproxy.config import RESTART_ONLY, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.forward.ca import (
     CA_NAME,
     LEAF_RENEW_BEFORE,
@@ -347,3 +347,9 @@ def test_the_service_unit_keeps_a_private_state_directory() -> None:
     # systemd passes it as $STATE_DIRECTORY, the state directory's default.
     env = {"STATE_DIRECTORY": "/var/lib/aoaiproxy"}
     assert load_config({"endpoint": "https://r.openai.azure.com"}, env).state_dir == "/var/lib/aoaiproxy"
+
+
+@pytest.mark.parametrize("host", ["[1.2.3.4]", "[::1::2]:443"])
+def test_bracketed_hosts_must_be_ipv6(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match=r"intercept\.hosts: .* is not an IPv6 address in brackets"):
+        config_for(tmp_path, f"hosts = [{host!r}]\n")

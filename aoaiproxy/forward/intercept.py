@@ -54,6 +54,7 @@ _log = Logger(namespace="aoaiproxy.intercept")
 @functools.lru_cache(maxsize=32)
 def _hosts(entries: tuple[str, ...]) -> frozenset[tuple[str, int]]:
     # Normalised as CONNECT targets are (parse_authority), so [0::1]:443 matches [::1]:443.
+    # The configuration accepts only entries that parse (intercept.hosts).
     return frozenset(parse_authority(entry.encode("ascii")) for entry in entries)
 
 
