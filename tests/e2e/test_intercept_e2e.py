@@ -183,22 +183,28 @@ def assert_stream(body: bytes) -> None:
 # -- the CA -------------------------------------------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_fetch_the_ca_as_the_readme_says(env: Env) -> None:
+async def fetch_ca(env: Env) -> Path:
     """Step one of the README: fetch the CA from the proxy (any listener, no key)."""
     fetched = await curl(
         "-o", str(env.ca), f"http://127.0.0.1:{env.port}/aoaiproxy/ca.pem", env=no_proxy_env()
     )
     assert fetched.status == 200, fetched
-    assert env.ca.read_bytes() == (env.state / "ca.pem").read_bytes()
+    return env.ca
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ca_is_kept_logged_and_served_on_every_listener(env: Env) -> None:
+    ca = (await fetch_ca(env)).read_bytes()
+    assert ca == (env.state / "ca.pem").read_bytes()
     assert stat.S_IMODE((env.state / "ca-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE(env.state.stat().st_mode) == 0o700
     over_tls = await curl(
         "--cacert",
         str(env.listener_ca),
         f"https://127.0.0.1:{env.tls_port}/aoaiproxy/ca.pem",
         env=no_proxy_env(),
     )
-    assert over_tls.status == 200 and over_tls.body == env.ca.read_bytes(), over_tls
+    assert over_tls.status == 200 and over_tls.body == ca, over_tls
     assert f"interception CA generated in {env.state / 'ca.pem'}" in env.daemon.log()
 
 
@@ -207,7 +213,7 @@ async def test_fetch_the_ca_as_the_readme_says(env: Env) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_curl_through_the_plain_listener(env: Env, fake: FakeAzure) -> None:
-    await test_fetch_the_ca_as_the_readme_says(env)
+    await fetch_ca(env)
     result = await curl(
         "--proxy", env.http_proxy, "--cacert", str(env.ca), *completion_args(CHAT), env=no_proxy_env()
     )
@@ -225,7 +231,7 @@ async def test_curl_through_the_plain_listener(env: Env, fake: FakeAzure) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_curl_through_the_tls_listener_tls_inside_tls(env: Env, fake: FakeAzure) -> None:
-    await test_fetch_the_ca_as_the_readme_says(env)
+    await fetch_ca(env)
     result = await curl(
         "--proxy",
         f"https://127.0.0.1:{env.tls_port}",
@@ -268,7 +274,7 @@ async def test_a_client_that_does_not_trust_the_ca_gets_a_tls_error(env: Env, fa
 
 @pytest_twisted.ensureDeferred
 async def test_without_proxy_credentials_the_connect_gets_407(env: Env, fake: FakeAzure) -> None:
-    await test_fetch_the_ca_as_the_readme_says(env)
+    await fetch_ca(env)
     result = await curl(
         "--proxy",
         f"http://127.0.0.1:{env.port}",
@@ -319,7 +325,7 @@ def _run_sdk(env: Env) -> subprocess.CompletedProcess[bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_openai_sdk_with_https_proxy_and_ssl_cert_file(env: Env, fake: FakeAzure) -> None:
-    await test_fetch_the_ca_as_the_readme_says(env)
+    await fetch_ca(env)
     run = await deferToThread(_run_sdk, env)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     out = json.loads(run.stdout)
@@ -374,7 +380,7 @@ def _run_node(env: Env, extra_ca: bool) -> subprocess.CompletedProcess[bytes]:
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 @pytest_twisted.ensureDeferred
 async def test_node_trusts_the_ca_with_node_extra_ca_certs(env: Env, fake: FakeAzure) -> None:
-    await test_fetch_the_ca_as_the_readme_says(env)
+    await fetch_ca(env)
     untrusted = await deferToThread(_run_node, env, False)
     assert untrusted.returncode == 3 and b"UNABLE_TO_VERIFY_LEAF_SIGNATURE" in untrusted.stderr, untrusted
     trusted = await deferToThread(_run_node, env, True)
@@ -436,7 +442,7 @@ def _start_stream(env: Env) -> ssl.SSLSocket:
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_cancelled_inside_cancels_the_upstream(env: Env, fake: FakeAzure) -> None:
-    await test_fetch_the_ca_as_the_readme_says(env)
+    await fetch_ca(env)
     fake.hold_last_chunk()
     tls = await deferToThread(_start_stream, env)
     assert fake.open_connections == 1 and fake.held_streams == 1
