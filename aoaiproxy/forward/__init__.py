@@ -7,6 +7,8 @@ request.  In order it checks:
 
  1. the request-target (a malformed one gets 400);
  2. proxy authentication, when C{forward_users} is set (407 with C{Proxy-Authenticate});
+    then, with C{--intercept}, a CONNECT to an intercepted host is answered and served over
+    TLS by the API itself, never dialled (L{intercept}, its CA in L{ca});
  3. C{http://api.openai.com/...}: rewritten to origin-form and handed back (C{False}) so the
     reverse API serves it (and azure mode converts it);
  4. the allowlist (403);

@@ -1,6 +1,7 @@
 """
-The forward proxy's request handling: L{Forwarder.handle} serves C{CONNECT} (a tunnel) and
-absolute-form requests (relayed, or handed back to the API as origin-form).
+The forward proxy's request handling: L{Forwarder.handle} serves C{CONNECT} (a tunnel, or
+TLS interception) and absolute-form requests (relayed, or handed back to the API as
+origin-form).
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.ssl import CertificateOptions
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
@@ -16,6 +20,7 @@ from twisted.web.iweb import IResponse
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.dial import Connector, Dialer, Resolver, refusal
+from aoaiproxy.forward.intercept import Interceptor, intercepted
 from aoaiproxy.forward.policy import (
     OPENAI_API_HOST,
     Refused,
@@ -33,7 +38,7 @@ from aoaiproxy.resource import nonempty_body, note, raw_headers, relay_response,
 from aoaiproxy.upstream import UpstreamClient
 
 if TYPE_CHECKING:
-    from aoaiproxy.site import ProxyRequest
+    from aoaiproxy.site import ProxyChannel, ProxyRequest
 
 
 class Forwarder:
@@ -44,6 +49,8 @@ class Forwarder:
     @param connector: builds the endpoint to a checked address (default: TCP).
     @param upstream: the HTTP client for relayed absolute-form requests (default: a new one,
         closed by L{close}).
+    @param interceptor: with C{--intercept}, the CA that makes the certificates of intercepted
+        hosts (L{aoaiproxy.forward.intercept}); None when interception is off.
     """
 
     def __init__(
@@ -54,12 +61,14 @@ class Forwarder:
         *,
         connector: Connector | None = None,
         upstream: UpstreamClient | None = None,
+        interceptor: Interceptor | None = None,
     ) -> None:
         self._reactor = reactor
         self._live = live
         self._dialer = Dialer(reactor, resolver, connector)
         self._own_upstream = upstream is None
         self._upstream = upstream or UpstreamClient(reactor)
+        self._interceptor = interceptor
         #: Open tunnels.
         self.tunnels: set[Tunnel] = set()
 
@@ -121,6 +130,9 @@ class Forwarder:
         except (ValueError, UnicodeDecodeError):
             raise Refused(bad_target()) from None
         self._check_auth(config, request)
+        if self._interceptor is not None and intercepted(config, host, port):
+            self._intercept(config, request, self._interceptor.creator(host))
+            return
         if not destination_allowed(config, host, port):
             raise Refused(forbidden(f"{host}:{port}"))
         d = self._dialer.connect(config, host, port, TargetFactory())
@@ -136,6 +148,32 @@ class Forwarder:
             request.establish(tunnel)
 
         d.addCallbacks(connected, self._failed(request, close=True))
+
+    def _intercept(self, config: Config, request: ProxyRequest, creator: CertificateOptions) -> None:
+        """
+        Answer 200 and serve the connection with TLS (C{creator}: the host's certificate),
+        requests inside going to this same site as origin-form API requests.  The host is never
+        dialled (so it need not be on the allowlist).  The HTTP connection inside counts among
+        the site's connections (so the drain closes it when idle); its client sees a tunnel, so
+        it may be idle (the TLS handshake included) as long as a tunnel may.
+        """
+        site = cast("ProxyChannel", request.channel).site
+        tls = TLSMemoryBIOFactory(creator, False, site, clock=self._reactor)
+        protocol = tls.buildProtocol(request.getClientAddress())
+        inside = cast("ProxyChannel", protocol.wrappedProtocol)
+        # Before makeConnection, which starts the timer.  (Twisted's hint says int; its own
+        # HTTPFactory.timeOut takes a float.)
+        inside.timeOut = config.tunnel_idle_timeout  # type: ignore[assignment]
+        request.establish(protocol)
+        connection: SSL.Connection = protocol.getHandle()
+
+        def ended(_: object) -> None:
+            # A client that does not trust the CA ends TLS in the handshake, without its
+            # Finished message: the CONNECT's access line says so.
+            if connection.get_peer_finished() is None:
+                note(request, error="tls_handshake_failed")
+
+        request.notifyFinish().addBoth(ended)
 
     def _tunnel_closed(self, request: Request) -> Callable[[Tunnel], None]:
         def closed(tunnel: Tunnel) -> None:
