@@ -28,7 +28,7 @@ from typing import Any
 
 from twisted.web.http import HTTPChannel
 
-__all__ = ["pending_write_bytes", "request_line", "take_pipelined"]
+__all__ = ["pending_write_bytes", "pipelined_length", "request_line", "take_pipelined"]
 
 
 def take_pipelined(channel: HTTPChannel) -> bytes:
@@ -48,6 +48,23 @@ def take_pipelined(channel: HTTPChannel) -> bytes:
     data = b"".join(buffered)
     buffered.clear()
     return data
+
+
+def pipelined_length(channel: HTTPChannel) -> int:
+    """
+    How many bytes C{channel} holds that the client sent after the request it is handling,
+    not parsed yet: those it buffers while the request is handled (as L{take_pipelined}
+    takes them) and those still in its line buffer (the rest of the segment that carried
+    the end of the request, while that request is processed from inside the line parser).
+
+    Why: both buffers are private (C{HTTPChannel._dataBuffer}, C{LineReceiver._buffer}), and
+    nothing public tells whether either holds anything.  Checked against Twisted 26.10.  Used
+    by L{aoaiproxy.forward} to close the connection of a refused CONNECT that has tunnel
+    bytes behind it; tested by tests/test_forward.py (C{test_refused_connect_closes}).
+    """
+    buffered: list[bytes] = channel._dataBuffer  # type: ignore[attr-defined]
+    unsplit: bytes = channel._buffer  # type: ignore[attr-defined]
+    return sum(map(len, buffered)) + len(unsplit)
 
 
 def request_line(channel: HTTPChannel) -> tuple[bytes, bytes] | None:
