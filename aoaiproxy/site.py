@@ -12,10 +12,10 @@ body no route reads (C{/healthz}, C{OPTIONS}) is discarded as it arrives, never 
 
 The channel class enforces the limits on a request's head (L{ProxyChannel}: 414, 431, 408,
 and 400 for malformed requests, all in OpenAI's error shape) and the total time its body may
-take (408), keeps its site's count of open
-connections (L{Connections}, for the graceful stop), and can hand its connection to another
-protocol (L{ProxyChannel.hand_over}: a CONNECT tunnel, TLS interception).  Each listener
-listens with its own L{Listener}, which caps its open connections (503 beyond the cap).
+take (408), keeps its site's count of open connections (L{Connections}, for the graceful
+stop), and can hand its connection to another protocol (L{ProxyChannel.hand_over}: a CONNECT
+tunnel, TLS interception).  Each listener listens with its own L{Listener}, which caps its
+open connections (503 beyond the cap).
 """
 
 from __future__ import annotations

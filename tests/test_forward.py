@@ -39,6 +39,7 @@ from aoaiproxy.upstream import UpstreamClient
 
 from .conftest import free_port, get_reactor
 from .rawnet import RawClient, Response, assert_openai_error, connect, parse_response, response_done
+from .test_service import wait_until
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
@@ -332,7 +333,7 @@ async def test_drain_closes_tunnels_at_rest_and_lets_one_awaiting_its_answer_fin
     await unused.wait_for(b"\r\n\r\n")
     waiting = await proxy.connect(connect_request(f"127.0.0.1:{quiet_port}") + b"request")
     await waiting.wait_for(b"\r\n\r\n")
-    await wait_until(lambda: quiet.received == [b"request"])
+    await wait_until(lambda: quiet.received == [b"request"], "the request at its target")
 
     drained = proxy.site.connections.drain(get_reactor(), 60)
     for client in (pooled, unused):
@@ -343,17 +344,6 @@ async def test_drain_closes_tunnels_at_rest_and_lets_one_awaiting_its_answer_fin
     await waiting.wait_for(lambda r: r.endswith(b"answer"))
     assert await drained.addTimeout(10, get_reactor()) == 0  # nothing cut
     await waiting.closed
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll C{predicate} on the reactor (bounded) until it holds."""
-    from twisted.internet.task import deferLater
-
-    reactor = get_reactor()
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        assert reactor.seconds() < deadline, "timed out"
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred

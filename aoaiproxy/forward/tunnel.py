@@ -152,6 +152,8 @@ class Tunnel(Protocol, TimeoutMixin):
         For a graceful stop: close the tunnel now if it is at rest, else once it comes to
         rest (see the module's docstring); the drain deadline cuts it otherwise.
         """
+        if self._closed:
+            return
         self._draining = True
         quiet = self._reactor.seconds() - self._last_relay
         if not self._client_spoke_last and quiet >= self.rest_seconds:
