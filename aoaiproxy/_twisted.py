@@ -60,7 +60,8 @@ def pipelined_length(channel: HTTPChannel) -> int:
     Why: both buffers are private (C{HTTPChannel._dataBuffer}, C{LineReceiver._buffer}), and
     nothing public tells whether either holds anything.  Checked against Twisted 26.10.  Used
     by L{aoaiproxy.forward} to close the connection of a refused CONNECT that has tunnel
-    bytes behind it; tested by tests/test_forward.py (C{test_refused_connect_closes}).
+    bytes behind it; tested by tests/test_forward.py
+    (C{test_refused_connect_closes_and_serves_no_pipelined_bytes}, its 407 case).
     """
     buffered: list[bytes] = channel._dataBuffer  # type: ignore[attr-defined]
     unsplit: bytes = channel._buffer  # type: ignore[attr-defined]
@@ -75,8 +76,10 @@ def request_line(channel: HTTPChannel) -> tuple[bytes, bytes] | None:
     Why: a request refused before C{requestReceived} (413 on its announced length, 431)
     has no method or URI yet: C{HTTPChannel.lineReceived} keeps them in C{_command} and
     C{_path} until the request is complete.  Checked against Twisted 26.10.  Used by
-    L{aoaiproxy.log} for such a request's access line; tested by tests/test_service.py
-    (C{test_access_line_json_and_refused_requests}).
+    L{aoaiproxy.site.ProxyRequest.gotLength} to judge a request from its head before its body
+    is read (tests/test_limits.py, C{test_refused_before_the_body_is_read}), and by
+    L{aoaiproxy.log} for such a request's access line (tests/test_service.py,
+    C{test_access_line_json_and_refused_requests}).
     """
     command = getattr(channel, "_command", None)
     path = getattr(channel, "_path", None)

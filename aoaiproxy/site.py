@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -86,15 +87,19 @@ def reason(status: int) -> bytes:
 
 def close_lingering(transport: Any, reactor: Any, linger: float) -> IDelayedCall:
     """
-    Close a connection whose last answer was written: half-close it (plain TCP: the client
-    sees the end of our answer at once), and abort it after C{linger} seconds.  The caller
-    reads and discards whatever the client sends meanwhile (so that closing does not reset
-    the connection before the client has read the answer), and cancels the returned call
-    when the connection is lost.  Over TLS, which cannot be half-closed, the client closes
-    after reading the complete answer, or the timer does.
+    Close a connection whose last answer was written: end our side of it, so that the client
+    sees the end of our answer at once (plain TCP: a half-close; TLS: its C{close_notify},
+    after which TLS goes on reading until the client's), and abort it after C{linger}
+    seconds.  The caller reads and discards whatever the client sends meanwhile (so that
+    closing does not reset the connection before the client has read the answer), and
+    cancels the returned call when the connection is lost.
     """
     if half_closeable(transport):
         transport.loseWriteConnection()
+    elif isinstance(transport, TLSMemoryBIOProtocol):
+        # TLS sends its close_notify once no producer is registered (the channel is one).
+        transport.unregisterProducer()
+        transport.loseConnection()
     return reactor.callLater(linger, transport.abortConnection)  # type: ignore[no-any-return]
 
 
