@@ -96,7 +96,8 @@ def pending_write_bytes(transport: Any) -> int:
     Why: no interface tells how much a transport buffers.  C{FileDescriptor} keeps
     C{dataBuffer}, C{offset} and the private C{_tempDataLen}; C{TLSMemoryBIOProtocol} the
     private C{_appSendBuffer}; wrappers their inner C{transport}.  Checked against Twisted
-    26.10.  Used by tests/test_forward.py (a stalled reader).
+    26.10.  Used by L{aoaiproxy.forward.tunnel} (a tunnel still flushing to a slow reader is
+    not at rest on a graceful stop) and by tests/test_forward.py (a stalled reader).
     """
     total = 0
     while transport is not None:

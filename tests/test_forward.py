@@ -23,6 +23,8 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -344,6 +346,50 @@ async def test_drain_closes_tunnels_at_rest_and_lets_one_awaiting_its_answer_fin
     await waiting.wait_for(lambda r: r.endswith(b"answer"))
     assert await drained.addTimeout(10, get_reactor()) == 0  # nothing cut
     await waiting.closed
+
+
+class Buffering(StringTransport):
+    """A transport that says it holds C{unsent} bytes not yet taken by the kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataBuffer = b""
+
+
+@pytest.mark.parametrize("case", ["target last", "nobody", "client last", "still flushing"])
+def test_tunnel_at_rest_on_drain(case: str) -> None:
+    """
+    The drain's rule, on a clock: a tunnel is at rest once silent for its rest time with the
+    target having spoken last (or nobody), and nothing left to write either way.
+    """
+    clock = Clock()
+    target = forward.TargetProtocol()
+    target.makeConnection(Buffering())
+    closed: list[forward.Tunnel] = []
+    tunnel = forward.Tunnel(clock, target, 300, closed.append)
+    client = Buffering()
+    tunnel.makeConnection(client)
+    if case != "nobody":
+        tunnel.dataReceived(b"request")
+    if case in ("target last", "still flushing"):
+        target.dataReceived(b"answer")
+    if case == "still flushing":
+        client.dataBuffer = b"answer"  # a slow client has not read it yet
+    clock.advance(tunnel.rest_seconds)
+    tunnel.close_when_done()
+    if case in ("target last", "nobody"):
+        assert closed == [tunnel]  # at once
+        assert client.disconnecting and target.transport.disconnecting  # type: ignore[union-attr]
+        return
+    assert closed == []
+    clock.advance(tunnel.rest_seconds * 10)
+    assert closed == []  # however long it takes, until the drain deadline cuts it
+    if case == "client last":
+        target.dataReceived(b"answer")
+    else:
+        client.dataBuffer = b""
+    clock.advance(tunnel.rest_seconds)
+    assert closed == [tunnel]  # at rest now
 
 
 @pytest_twisted.ensureDeferred

@@ -8,10 +8,11 @@ by L{TargetFactory} when the target connects.
 
 On a graceful stop (L{Tunnel.close_when_done}), a tunnel at rest is closed at once and a busy
 one when it comes to rest (or at the drain deadline).  A tunnel is opaque (TLS, mostly), so
-"at rest" is read from its traffic: nothing relayed for L{REST_SECONDS} and the last bytes
-came from the target, or none came at all.  That is a client's pooled connection after its
-last response; a request sent and still awaiting its answer (the client spoke last) keeps
-the drain window, however long its upstream takes.
+"at rest" is read from its traffic: nothing relayed for L{REST_SECONDS}, nothing waiting in
+either side's buffers, and the last bytes came from the target, or none came at all.  That
+is a client's pooled connection after its last response; a request sent and still awaiting
+its answer (the client spoke last) keeps the drain window, however long its upstream takes,
+and so does an answer a slow client is still reading.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from aoaiproxy._twisted import pending_write_bytes
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken
 #: last (or nobody), to count as at rest and be closed.
@@ -142,10 +145,16 @@ class Tunnel(Protocol, TimeoutMixin):
     def timeoutConnection(self) -> None:
         if not self._draining:
             self.abort()  # idle for the tunnel idle timeout
-        elif self._client_spoke_last:
-            self.setTimeout(self.rest_seconds)  # awaiting its answer: the drain deadline bounds it
+        elif self._at_rest(quiet=self.rest_seconds):
+            self._close()
         else:
-            self._close()  # at rest
+            self.setTimeout(self.rest_seconds)  # still busy: the drain deadline bounds it
+
+    def _at_rest(self, quiet: float) -> bool:
+        """Whether the tunnel is at rest (the module's docstring), silent for C{quiet} seconds."""
+        if self._client_spoke_last or quiet < self.rest_seconds:
+            return False
+        return pending_write_bytes(self.client) == 0 and pending_write_bytes(self.target) == 0
 
     def close_when_done(self) -> None:
         """
@@ -155,8 +164,7 @@ class Tunnel(Protocol, TimeoutMixin):
         if self._closed:
             return
         self._draining = True
-        quiet = self._reactor.seconds() - self._last_relay
-        if not self._client_spoke_last and quiet >= self.rest_seconds:
+        if self._at_rest(quiet=self._reactor.seconds() - self._last_relay):
             self._close()
         else:
             # The idle timer now measures rest (the tunnel idle timeout no longer matters).
