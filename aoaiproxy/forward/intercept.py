@@ -17,7 +17,6 @@ C{GET /aoaiproxy/ca.pem}, to anyone (it is public), on every listener.
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +39,7 @@ from aoaiproxy.forward.ca import (
     in_state_dir,
     load,
 )
-from aoaiproxy.forward.policy import parse_authority
+from aoaiproxy.forward.policy import intercepted
 from aoaiproxy.resource import write_error
 
 __all__ = ["CA_PATH", "CARoute", "Interceptor", "authority_for", "ca_paths", "intercepted"]
@@ -49,18 +48,6 @@ __all__ = ["CA_PATH", "CARoute", "Interceptor", "authority_for", "ca_paths", "in
 CA_PATH = b"/aoaiproxy/ca.pem"
 
 _log = Logger(namespace="aoaiproxy.intercept")
-
-
-@functools.lru_cache(maxsize=32)
-def _hosts(entries: tuple[str, ...]) -> frozenset[tuple[str, int]]:
-    # Normalised as CONNECT targets are (parse_authority), so [0::1]:443 matches [::1]:443.
-    # The configuration accepts only entries that parse (intercept.hosts).
-    return frozenset(parse_authority(entry.encode("ascii")) for entry in entries)
-
-
-def intercepted(config: Config, host: str, port: int) -> bool:
-    """Whether a CONNECT to C{host:port} (as L{parse_authority} returns it) is intercepted."""
-    return config.intercept and (host, port) in _hosts(config.intercept_hosts)
 
 
 def ca_paths(config: Config) -> tuple[str, str]:
