@@ -393,7 +393,7 @@ def machine() -> str:
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("scenarios", nargs="*", choices=SCENARIOS, default=[], metavar="SCENARIO")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} [all]")
     p.add_argument("--quick", action="store_true", help="a smoke run of about a minute, once each")
     p.add_argument("--repeat", type=int, help="runs of each scenario; the table shows medians [2; quick 1]")
     p.add_argument("--proxy-core", type=int, default=0)
@@ -445,6 +445,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, key) is None:
             setattr(a, key, value)
     a.scenarios = a.scenarios or list(SCENARIOS)
+    if unknown := set(a.scenarios) - set(SCENARIOS):
+        p.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
     if a.proxy_log != "-" and Path(a.proxy_log).exists() and not Path(a.proxy_log).is_file():
         p.error("--proxy-log must be a regular file (twistd rotates it by renaming it)")
     return a
