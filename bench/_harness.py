@@ -88,7 +88,8 @@ CHAT_RESPONSE = _padded(
     lambda b, text: b["choices"][0]["message"].__setitem__("content", text),
 )
 
-#: One SSE event of a streamed chat completion, as Azure sends them.
+#: One SSE event of a streamed chat completion, as Azure sends them.  The upstream writes its
+#: send time (16 digits of microseconds) over the id's zeros, so the client sees how late it is.
 STREAM_CHUNK = (
     b'data: {"id":"chatcmpl-AZ12bench0000000000000000","object":"chat.completion.chunk",'
     b'"created":1730000000,"model":"gpt-4o-2024-08-06","system_fingerprint":"fp_bench",'
@@ -154,10 +155,14 @@ def frame_module(frame: str) -> str:
     """
     The dotted module of a py-spy frame C{"function (path/to/module.py:123)"}: its path after
     C{site-packages} or the standard library's folder (C{twisted.web.http}, C{urllib.parse}),
-    or from C{aoaiproxy} on for the checkout; else the file name.
+    or from C{aoaiproxy} on for the checkout; else the file name.  py-spy shortens paths to
+    what follows their C{sys.path} entry, and then that is the module.
     """
     _, _, where = frame.rpartition(" (")
-    parts = Path(where.rstrip(")").rsplit(":", 1)[0]).with_suffix("").parts
+    path = Path(where.rstrip(")").rsplit(":", 1)[0]).with_suffix("")
+    parts = path.parts
+    if not path.is_absolute():  # py-spy names a file from its sys.path entry on
+        return ".".join(parts)
     for i in range(len(parts) - 1, -1, -1):
         if parts[i] == "site-packages" or parts[i].startswith("python3"):
             return ".".join(parts[i + 1 :])

@@ -75,18 +75,13 @@ class Failures:
     """Failed operations per scenario and target, over all runs (printed under the table)."""
 
     def __init__(self) -> None:
-        self.counts: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, dict[str, float]] = {}
 
     def add(self, scenario: str, target: str, errors: dict[str, int] | float) -> None:
-        if isinstance(errors, dict):
-            errors = {k: v for k, v in errors.items() if v}
-            if not errors:
-                return
-        elif not errors:
-            return
-        self.counts.setdefault(f"{scenario} / {target}", {}).update(
-            errors if isinstance(errors, dict) else {"errors": errors}
-        )
+        counts = self.counts.setdefault(f"{scenario} / {target}", {})
+        for kind, n in (errors if isinstance(errors, dict) else {"errors": errors}).items():
+            if n:
+                counts[kind] = counts.get(kind, 0) + n
 
 
 class CpuMeter:
@@ -189,9 +184,14 @@ def profile(h: Harness, a: argparse.Namespace, up: int) -> None:
             )
         finally:
             load.wait(a.profile + 30)
-    total, functions, modules = profile_tables(parse_collapsed(raw.read_text().splitlines()), a.profile_top)
     if a.profile_out:
         shutil.copyfile(raw, a.profile_out)
+    print_profile(raw, a.profile_top)
+
+
+def print_profile(raw: Path, top: int) -> None:
+    """The top functions and modules by CPU time in py-spy's collapsed stacks."""
+    total, functions, modules = profile_tables(parse_collapsed(raw.read_text().splitlines()), top)
     print(
         f"\nProfile of aoaiproxy under wrk -c64 (py-spy, {total} samples of CPU time, self %, inclusive %):\n"
     )
@@ -280,6 +280,8 @@ def chunks(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
     rate = Figure(s, "chunks/s delivered")
     gap = Figure(s, "inter-chunk gap p99 ms", "{:.1f}")
     added = Figure(s, "added gap p99 ms (vs no proxy, same run)", "{:.1f}")
+    late = Figure(s, "chunk lateness p99 ms (upstream write to client read)", "{:.1f}")
+    added_late = Figure(s, "added lateness p99 ms (vs no proxy, same run)", "{:.1f}")
     cpu = Figure(s, "CPU µs per chunk (target's own)", "{:.1f}")
     with h.upstream() as up:
         targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(up))]
@@ -287,7 +289,7 @@ def chunks(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
             targets.append((NGINX, lambda: h.nginx_proxy(up)))
         targets.append((PROXY, lambda: h.proxy(up, a.proxy_arg)))
         for run in range(a.repeat):
-            base = None
+            base: tuple[float | None, float | None] | None = None
             for name, start in targets:
                 with start() as (port, proc):
                     args = ["-n", str(a.chunk_streams), "-interval-ms", str(a.chunk_interval)]
@@ -297,21 +299,25 @@ def chunks(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
                         with CpuMeter(proc) as meter:
                             lines.next(a.chunk_window + 60)  # the window closes
                         r = lines.next(60)
-                p99 = r["gap"].get("p99_ms")
+                p99, late99 = r["gap"].get("p99_ms"), r["late"].get("p99_ms")
                 opened.add(name, r["open"])
                 rate.add(name, r["rate"])
                 cpu.add(name, meter.per(r["delivered"]))
                 gap.add(name, p99)
+                late.add(name, late99)
                 if name == DIRECT:
-                    base = p99
-                elif base is not None and p99 is not None:
-                    added.add(name, p99 - base)
+                    base = (p99, late99)
+                elif base is not None:
+                    added.add(name, p99 - base[0] if p99 is not None and base[0] is not None else None)
+                    added_late.add(
+                        name, late99 - base[1] if late99 is not None and base[1] is not None else None
+                    )
                 fail.add("chunks", name, r["errors"])
                 note(
                     f"chunks {run + 1}/{a.repeat} {name}: {r['open']:,} open, {r['rate']:,.0f} chunks/s, "
-                    f"gap p99 {p99} ms, errors {r['errors']}"
+                    f"gap p99 {p99} ms, late p99 {late99} ms, errors {r['errors']}"
                 )
-    return [opened, rate, gap, added, cpu]
+    return [opened, rate, late, added_late, gap, added, cpu]
 
 
 def tunnel_load(h: Harness, port: int, tool: str, sink: int, *more: str, seconds: float) -> dict[str, Any]:
@@ -417,6 +423,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", type=float, default=0, help="py-spy the proxy for this many seconds")
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--profile-out", help="keep py-spy's collapsed stacks here")
+    p.add_argument("--profile-from", help="only print the tables of collapsed stacks kept before")
     p.add_argument("--json", help="write every sample here")
     a = p.parse_args(argv)
     quick = {
@@ -454,6 +461,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = arguments(argv)
+    if a.profile_from:
+        print_profile(Path(a.profile_from), a.profile_top)
+        return 0
     cores = os.sched_getaffinity(0)
     pin = {a.proxy_core, a.load_core} <= cores and a.proxy_core != a.load_core and shutil.which("taskset")
     if not pin:
@@ -479,10 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     took = time.monotonic() - began
     print(f"\n{header}; {took:.0f} s; medians of {a.repeat} run(s); ratio = aoaiproxy ÷ reference\n")
     print(table(figures))
-    if fail.counts:
+    if any(fail.counts.values()):
         print("\nFailed operations (all runs):")
         for where, counts in fail.counts.items():
-            print(f"- {where}: {counts}")
+            if counts:
+                print(f"- {where}: {counts}")
     if a.json:
         Path(a.json).write_text(
             json.dumps(

@@ -24,7 +24,8 @@
 //	    a line on stdin (or -hold passes), closes them and exits.
 //	chunks    -addr ADDR -path PATH -body FILE -n N -interval-ms I -window DURATION
 //	    opens N paced streams, then counts the SSE events delivered during the window and the
-//	    gaps between consecutive events of a stream; prints {"event": "window"} when the window
+//	    gaps between consecutive events of a stream, and how late each arrived (the upstream
+//	    writes its send time into each chunk's id); prints {"event": "window"} when the window
 //	    opens and {"event": "window-end"} when it closes, before the summary.
 //
 // Load generators print one JSON object on stdout.  Every loop is bounded in count and time,
@@ -137,6 +138,8 @@ func upstream(args []string) {
 		w.Header().Set("Cache-Control", "no-cache")
 		w.WriteHeader(http.StatusOK)
 		flusher := w.(http.Flusher)
+		event := append([]byte(nil), chunk...)
+		stamp := bytes.Index(event, stampMarker) // the send time goes here, for chunks' lateness
 		start := time.Now()
 		var timer *time.Timer
 		for i := 0; i < count; i++ {
@@ -155,7 +158,10 @@ func upstream(args []string) {
 					return
 				}
 			}
-			if _, err := w.Write(chunk); err != nil {
+			if stamp >= 0 {
+				putStamp(event[stamp+len(stampMarker)-stampDigits:], time.Now())
+			}
+			if _, err := w.Write(event); err != nil {
 				return
 			}
 			flusher.Flush()
@@ -164,6 +170,30 @@ func upstream(args []string) {
 	}
 	srv := &http.Server{Handler: http.HandlerFunc(handler), ReadHeaderTimeout: 30 * time.Second}
 	must(srv.Serve(ln))
+}
+
+// stampMarker is where the chunk carries its send time: its id ends with 16 digits,
+// microseconds since 1970, in place of the marker's zeros.
+var stampMarker = []byte("bench0000000000000000")
+
+const stampDigits = 16
+
+func putStamp(dst []byte, t time.Time) {
+	v := t.UnixMicro()
+	for i := stampDigits - 1; i >= 0; i-- {
+		dst[i] = byte('0' + v%10)
+		v /= 10
+	}
+}
+
+// readStamp is the send time in an event with a stamp (false if it has none).
+func readStamp(event []byte) (int64, bool) {
+	i := bytes.Index(event, stampMarker[:len(stampMarker)-stampDigits])
+	if i < 0 || len(event) < i+len(stampMarker) {
+		return 0, false
+	}
+	v, err := strconv.ParseInt(string(event[i+len(stampMarker)-stampDigits:i+len(stampMarker)]), 10, 64)
+	return v, err == nil && v > 0
 }
 
 func headerInt(r *http.Request, name string, fallback int) int {
@@ -655,7 +685,7 @@ func chunks(args []string) {
 	var delivered int64
 	var mu sync.Mutex
 	var conns []net.Conn
-	var gaps [][]time.Duration
+	var gaps, lates [][]time.Duration
 	var errs errorCounts
 	var readers sync.WaitGroup
 	start := time.Now()
@@ -666,13 +696,15 @@ func chunks(args []string) {
 		readers.Add(1)
 		go func() {
 			defer readers.Done()
-			var mine []time.Duration
+			var myGaps, myLates []time.Duration
 			defer func() {
 				mu.Lock()
-				gaps = append(gaps, mine)
+				gaps = append(gaps, myGaps)
+				lates = append(lates, myLates)
 				mu.Unlock()
 			}()
 			buf := make([]byte, 16<<10)
+			var event []byte
 			var last time.Time
 			newline := false // the previous byte was '\n'
 			for {
@@ -680,20 +712,29 @@ func chunks(args []string) {
 				if nr > 0 {
 					now := time.Now()
 					on := atomic.LoadInt32(&measuring) == 1
-					for _, b := range buf[:nr] {
-						if b == '\n' && newline { // "\n\n": the end of an SSE event
-							if on {
-								atomic.AddInt64(&delivered, 1)
-								if !last.IsZero() {
-									mine = append(mine, now.Sub(last))
-								}
-								last = now
-							}
-							newline = false
+					from := 0
+					for i, b := range buf[:nr] {
+						if b != '\n' || !newline {
+							newline = b == '\n'
 							continue
 						}
-						newline = b == '\n'
+						// "\n\n": the end of an SSE event
+						newline = false
+						event = append(event, buf[from:i+1]...)
+						from = i + 1
+						if on {
+							atomic.AddInt64(&delivered, 1)
+							if !last.IsZero() {
+								myGaps = append(myGaps, now.Sub(last))
+							}
+							last = now
+							if sent, ok := readStamp(event); ok {
+								myLates = append(myLates, time.Duration(now.UnixMicro()-sent)*time.Microsecond)
+							}
+						}
+						event = event[:0]
 					}
+					event = append(event, buf[from:nr]...)
 					if !on {
 						last = time.Time{}
 					}
@@ -727,12 +768,13 @@ func chunks(args []string) {
 	case <-time.After(10 * time.Second):
 	}
 	mu.Lock()
-	var all []time.Duration
-	for _, g := range gaps {
-		all = append(all, g...)
+	var allGaps, allLates []time.Duration
+	for i := range gaps {
+		allGaps = append(allGaps, gaps[i]...)
+		allLates = append(allLates, lates[i]...)
 	}
 	mu.Unlock()
 	emit(map[string]any{"open": open, "tried": *n, "ramp_s": ramp, "delivered": got,
 		"rate": float64(got) / elapsed, "offered": float64(open) * 1000 / float64(*interval),
-		"nominal": float64(*n) * 1000 / float64(*interval), "gap": percentiles(all), "errors": errs.get()})
+		"nominal": float64(*n) * 1000 / float64(*interval), "gap": percentiles(allGaps), "late": percentiles(allLates), "errors": errs.get()})
 }

@@ -81,6 +81,9 @@ def test_frame_module_names_standard_library_and_checkout(harness: ModuleType) -
         "urlsplit (/root/.pyenv/versions/3.11.7/lib/python3.11/urllib/parse.py:4)"
     ) == ("urllib.parse")
     assert harness.frame_module("f (/work/wt/x/aoaiproxy/relay.py:1)") == "aoaiproxy.relay"
+    assert (
+        harness.frame_module("f (twisted/web/_newclient.py:7)") == "twisted.web._newclient"
+    )  # as py-spy shows it
 
 
 def test_table_shows_medians_and_ratios(harness: ModuleType) -> None:
