@@ -245,7 +245,10 @@ def table(figures: Sequence[Figure]) -> str:
                 lines.append(f"| {scenario} | {f.name} | {shown} | — | — | — |")
                 continue
             theirs = f.median(ref)
-            ratio = f"{mine / theirs:.2f}" if mine is not None and theirs else "—"
+            # A ratio of differences that may be negative (an added delay) would mislead.
+            ratio = (
+                f"{mine / theirs:.2f}" if mine is not None and mine >= 0 and theirs and theirs > 0 else "—"
+            )
             theirs_shown = f.fmt.format(theirs) if theirs is not None else "—"
             lines.append(
                 f"| {scenario} | {f.name if i == 0 else ''} | {shown if i == 0 else ''} "

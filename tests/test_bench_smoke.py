@@ -92,7 +92,9 @@ def test_table_shows_medians_and_ratios(harness: ModuleType) -> None:
         for v in values:
             rps.add(target, v)
     alone = harness.Figure("held", "open", samples={"aoaiproxy": [5.0]})
-    lines = harness.table([rps, alone]).splitlines()
+    added = harness.Figure("chunks", "added ms", samples={"aoaiproxy": [3.0], "nginx": [-1.0]})
+    lines = harness.table([rps, alone, added]).splitlines()
     assert lines[2] == "| plain | req/s | 200 | nginx | 1,000 | 0.20 |"
     assert lines[3] == "|  |  |  | floor | 400 | 0.50 |"
     assert lines[4] == "| held | open | 5 | — | — | — |"
+    assert lines[5] == "| chunks | added ms | 3 | nginx | -1 | — |"
