@@ -59,6 +59,7 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     from aoaiproxy.forward import Forwarder
+    from aoaiproxy.gateway import Backends
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService, Reloader
     from aoaiproxy.site import ProxySite
@@ -69,7 +70,9 @@ def makeService(options: Options) -> service.IService:
     config = options.config
     live = LiveConfig(config)
     upstream = UpstreamClient(reactor)
-    resource = ApiResource(live, upstream, reactor)
+    # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
+    backends = Backends(live, reactor)
+    resource = ApiResource(live, upstream, reactor, backends=backends)
     # The tunnel idle timeout is read from the live config per tunnel, so a reload changes it.
     forwarder = Forwarder(reactor, live, upstream=upstream)
     site = ProxySite(resource, live, reactor, forwarder)
@@ -85,6 +88,7 @@ def makeService(options: Options) -> service.IService:
         except TLSFilesError as e:
             raise SystemExit(f"aoaiproxy: --listen: {e}") from None
     _Closing(upstream).setServiceParent(top)
+    _Tokens(backends).setServiceParent(top)
     return top
 
 
@@ -95,3 +99,22 @@ class _Closing(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         return self._upstream.close()
+
+
+class _Tokens(service.Service):
+    """
+    Starts the Entra ID token sources once the reactor runs (the first token is sought in a
+    thread, for up to 10 s, while the daemon already serves; requests that need it wait for
+    it meanwhile) and stops them after the drain.
+    """
+
+    def __init__(self, backends: Any) -> None:
+        self._backends = backends
+
+    def startService(self) -> None:
+        super().startService()
+        self._backends.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._backends.stop()
