@@ -150,14 +150,20 @@ class Backends:
 
     def reload(self, config: Config) -> None:
         """Take a new configuration (SIGHUP): its backends, its settings, its token scopes."""
+        try:
+            self._reload(config)
+        except Exception:  # a bug here must not fail the reload of everything else
+            _log.failure("taking the reloaded backends failed; requests keep the old ones")
+
+    def _reload(self, config: Config) -> None:
         old = {b.name for b in self.config.backends}
-        self.config = config
         self.pool.replace(
             config.backends,
             max_cooldown=config.max_cooldown,
             global_deployment=partial(rewrite.deployment_for, config),
             max_attempts=config.max_attempts,
         )
+        self.config = config
         for backend in config.backends:
             if backend.name not in old:
                 self.recorder.backend_available(backend.name, True)
