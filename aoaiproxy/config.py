@@ -13,6 +13,7 @@ I/O and needs no reactor, so it is also what SIGHUP calls to reload.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -368,7 +369,14 @@ def _forward_users(value: Any, label: str) -> Mapping[str, str]:
 
 
 def _intercept_hosts(values: list[str], label: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys([DEFAULT_INTERCEPT_HOST, *(parse_host(v, label) for v in values)]))
+    hosts = [parse_host(v, label) for v in values]
+    for host in hosts:
+        if host.startswith("["):  # an IPv6 literal, as a CONNECT names it
+            try:
+                ipaddress.IPv6Address(host[1:].rpartition("]")[0])
+            except ValueError:
+                raise ConfigError(label, f"{host!r} is not an IPv6 address in brackets") from None
+    return tuple(dict.fromkeys([DEFAULT_INTERCEPT_HOST, *hosts]))
 
 
 def _optional_listener(value: Any, label: str) -> str:
@@ -902,7 +910,6 @@ class Config:
         default=None,
         key="intercept.ca_cert",
         parse=_path,
-        reload=False,
         default_text="generated in the state directory (``ca.pem``)",
         help="The interception CA's certificate (PEM), given with ``ca_key``",
     )
@@ -910,7 +917,6 @@ class Config:
         default=None,
         key="intercept.ca_key",
         parse=_path,
-        reload=False,
         default_text="generated in the state directory (``ca-key.pem``)",
         help="The interception CA's private key (PEM), given with ``ca_cert``",
     )

@@ -226,16 +226,6 @@ def backend_auth(
     return ((b"api-key", presented),)
 
 
-def upstream_auth(config: Config, headers: Iterable[Header]) -> tuple[Header, ...]:
-    """
-    The authentication header to send to the first backend (the one-backend form with a key,
-    or the client's own), after checking the client's key.  Raises a 401 L{ProxyError} for a
-    missing or unknown key.
-    """
-    presented = client_credential(config, headers)
-    return backend_auth(config.mode, config.backends[0], presented, None)
-
-
 def strip_hop_by_hop(headers: Iterable[Header], drop: frozenset[bytes] = frozenset()) -> list[Header]:
     """
     C{headers} less hop-by-hop ones (L{HOP_BY_HOP} and those their C{Connection} header

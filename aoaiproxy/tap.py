@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.application import service
 from twisted.python import usage
 
 from aoaiproxy.config import OPTIONS, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.options import flag_table, given_flags, parameter_table, repeatable_handlers
+from aoaiproxy.service import Reloader
+
+if TYPE_CHECKING:
+    from aoaiproxy.forward.intercept import Interceptor
 
 
 class Options(usage.Options):
@@ -57,11 +62,14 @@ for _name, _handler in repeatable_handlers(OPTIONS).items():
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
+    from twisted.web.resource import Resource
 
     from aoaiproxy.forward import Forwarder
+    from aoaiproxy.forward.ca import CAFilesError
+    from aoaiproxy.forward.intercept import CARoute, Interceptor
     from aoaiproxy.gateway import Backends
     from aoaiproxy.resource import ApiResource
-    from aoaiproxy.service import DaemonService, Reloader
+    from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
     from aoaiproxy.tls import TLSFilesError, listener_service
     from aoaiproxy.upstream import UpstreamClient
@@ -72,12 +80,22 @@ def makeService(options: Options) -> service.IService:
     upstream = UpstreamClient(reactor)
     # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
     backends = Backends(live, reactor)
-    resource = ApiResource(live, upstream, reactor, backends=backends)
+    resource: Resource = ApiResource(live, upstream, reactor, backends=backends)
+    interceptor = None
+    if config.intercept:
+        # TLS interception: the CA (loaded, or generated in the state directory), whose
+        # certificate the site serves at /aoaiproxy/ca.pem, and which SIGHUP reloads.
+        try:
+            interceptor = Interceptor.start(live, reactor.seconds)
+        except CAFilesError as e:
+            option = "intercept.ca_cert" if config.intercept_ca_cert else "--state-dir"
+            raise SystemExit(f"aoaiproxy: {option}: {e}") from None
+        resource = CARoute(interceptor, resource)
     # The tunnel idle timeout is read from the live config per tunnel, so a reload changes it.
-    forwarder = Forwarder(reactor, live, upstream=upstream)
+    forwarder = Forwarder(reactor, live, upstream=upstream, interceptor=interceptor)
     site = ProxySite(resource, live, reactor, forwarder)
     # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
-    reloader = Reloader(options.flags(), options.environ, live)
+    reloader = _Reloader(options.flags(), options.environ, live, interceptor=interceptor)
     top = DaemonService(live, site.connections, reactor, reloader)
     for description in config.listen:
         # strports.service semantics; ssl: listeners get reloadable certificates
@@ -90,6 +108,19 @@ def makeService(options: Options) -> service.IService:
     _Closing(upstream).setServiceParent(top)
     _Tokens(backends).setServiceParent(top)
     return top
+
+
+@attrs.define
+class _Reloader(Reloader):
+    """Reloads the interception CA too, after the configuration (which names its files)."""
+
+    interceptor: Interceptor | None = None
+
+    def reload(self) -> bool:
+        ok = super().reload()
+        if self.interceptor is not None:
+            ok = self.interceptor.reload() and ok
+        return ok
 
 
 class _Closing(service.Service):
