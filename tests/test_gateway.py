@@ -9,9 +9,11 @@ token_unavailable, the wait for the first token).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from twisted.logger import globalLogPublisher
 from aoaiproxy.backends import TokenSources
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
-from aoaiproxy.gateway import Backends
+from aoaiproxy.gateway import Backends, ReplayBody
 from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
@@ -523,3 +525,24 @@ def test_several_backends_need_client_keys(tmp_path: Path) -> None:
     )
     with pytest.raises(Exception, match="client-keys"):
         load_config({"config": str(path)}, {})
+
+
+def test_replay_body_gives_each_attempt_its_own_reader_of_the_file() -> None:
+    body = bytes(range(256)) * 1000
+    with tempfile.TemporaryFile() as f:
+        f.write(body)  # still in the file object's buffer: the views see it anyway
+        replay = ReplayBody(f)
+        first, second = replay.fresh(), replay.fresh()
+        assert not isinstance(first, bytes) and not isinstance(second, bytes) and first is not None
+        assert second is not None
+        assert first.seek(0, 2) == len(body) and first.seek(0) == 0
+        assert first.read(1000) == body[:1000]
+        assert second.read(10) == body[:10]  # its own place, untouched by the first
+        assert first.read() == body[1000:]
+        second.close()  # a view cannot close the request's file
+        assert not f.closed
+    with pytest.raises(ValueError):
+        first.read(1)  # the request's file is gone: never read another file's descriptor
+    small = io.BytesIO(b"small body")
+    assert ReplayBody(small).fresh() == b"small body"
+    assert ReplayBody(b"bytes").fresh() == b"bytes" and ReplayBody(None).fresh() is None
