@@ -79,6 +79,7 @@ def makeService(options: Options) -> service.IService:
     live = LiveConfig(config)
     upstream = UpstreamClient(reactor)
     # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
+    # (Metrics: Backends(..., recorder=) records attempts, availability and rate limits.)
     backends = Backends(live, reactor)
     resource: Resource = ApiResource(live, upstream, reactor, backends=backends)
     interceptor = None

@@ -32,6 +32,7 @@ from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.gateway import Backends, ReplayBody
 from aoaiproxy.log import ACCESS_NAMESPACE
+from aoaiproxy.metrics import NullMetrics
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
@@ -111,12 +112,14 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Gateway]]:
     keys = tmp_path / "client-keys"
     keys.write_text(f"app:{CLIENT_KEY}\n")
 
-    def make(toml: str, tokens: TokenSources | None = None, seed: int = 1, **flags: Any) -> Gateway:
+    def make(
+        toml: str, tokens: TokenSources | None = None, seed: int = 1, recorder: Any = None, **flags: Any
+    ) -> Gateway:
         path = tmp_path / f"config-{len(started)}.toml"
         path.write_text(f'client_keys_file = "{keys}"\n' + toml)
         live = LiveConfig(load_config({"config": str(path), **flags}, {}))
         upstream = UpstreamClient(reactor)
-        backends = Backends(live, reactor, tokens=tokens, rng=random.Random(seed))
+        backends = Backends(live, reactor, tokens=tokens, rng=random.Random(seed), recorder=recorder)
         backends.start()
         resource = ApiResource(live, upstream, reactor, backends=backends)
         site = ProxySite(resource, live, reactor, Forwarder(reactor, live, upstream=upstream))
@@ -546,3 +549,51 @@ def test_replay_body_gives_each_attempt_its_own_reader_of_the_file() -> None:
     small = io.BytesIO(b"small body")
     assert ReplayBody(small).fresh() == b"small body"
     assert ReplayBody(b"bytes").fresh() == b"bytes" and ReplayBody(None).fresh() is None
+
+
+class Recording(NullMetrics):
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def attempt(self, backend: str, outcome: str) -> None:
+        self.calls.append(("attempt", backend, outcome))
+
+    def backend_available(self, name: str, up: bool) -> None:
+        self.calls.append(("available", name, up))
+
+    def ratelimit(self, backend: str, deployment: str, headers: Any) -> None:
+        self.calls.append(
+            ("ratelimit", backend, deployment, headers.getRawHeaders(b"x-ratelimit-remaining-tokens"))
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_hear_of_each_attempt(
+    regions: dict[str, FakeAzure], gateway: Callable[..., Gateway]
+) -> None:
+    east, west = regions["east"], regions["west"]
+    recorder = Recording()
+    gw = gateway(
+        backend_table("east", east, priority=0, models={"gpt-4o": "e4o"})
+        + backend_table("west", west, priority=1),
+        recorder=recorder,
+    )
+    assert recorder.calls == [("available", "east", True), ("available", "west", True)]
+    recorder.calls.clear()
+    west.ratelimit_remaining = (5, 900)
+    east.fail(503, count=1)
+    code, _, _ = await gw.post("/v1/chat/completions")
+    assert code == 200
+    assert recorder.calls == [
+        ("ratelimit", "east", "e4o", None),
+        ("attempt", "east", "5xx"),
+        ("available", "east", True),  # one failure: its circuit is still closed
+        ("ratelimit", "west", "gpt-4o", [b"900"]),
+        ("attempt", "west", "ok"),
+        ("available", "west", True),
+    ]
+    recorder.calls.clear()
+    await east.stop()
+    code, _, _ = await gw.post("/v1/chat/completions")
+    assert code == 200
+    assert recorder.calls[:2] == [("attempt", "east", "connect_error"), ("available", "east", True)]
