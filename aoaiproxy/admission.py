@@ -8,7 +8,7 @@ Continue}), so that no client stores a body it may not send.  The decisions are 
 request would meet later, by the same functions: the forward proxy's
 (L{aoaiproxy.forward.policy.admit}: 400, 407, 403) for C{CONNECT} and absolute-form requests,
 and for API requests the route (L{aoaiproxy.rewrite.classify}: 404, 405, 400) and the key
-(L{aoaiproxy.rewrite.upstream_auth}: 401).
+(L{aoaiproxy.rewrite.client_credential}: 401).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def needs_key(method: bytes, target: bytes) -> bool:
     """
     Whether an origin-form API request must present a key (SPEC §5): every one but CORS
     preflights (C{OPTIONS}) and C{GET}/C{HEAD} of L{KEYLESS_PATHS}.  Which key, if any, is
-    accepted is L{aoaiproxy.rewrite.upstream_auth}'s to say.
+    accepted is L{aoaiproxy.rewrite.client_credential}'s to say.
     """
     if method == b"OPTIONS":
         return False
@@ -71,7 +71,7 @@ def refusal(config: Config, method: bytes, target: bytes, headers: Sequence[Head
         return None
     try:
         rewrite.classify(config, method.decode("ascii", "replace"), _path(target).decode("latin-1"))
-        rewrite.upstream_auth(config, headers)
+        rewrite.client_credential(config, headers)
     except ProxyError as e:
         return e
     return None

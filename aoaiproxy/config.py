@@ -17,7 +17,7 @@ import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -1096,8 +1096,24 @@ def _derive(values: dict[str, Any], given: Mapping[str, Given]) -> None:
 class LiveConfig:
     """
     The one mutable cell: the configuration in force.  A reload swaps it whole, so each
-    request sees one consistent L{Config}; requests already running keep theirs.
+    request sees one consistent L{Config}; requests already running keep theirs.  What keeps
+    state derived from it (the backend pool, Entra ID token sources) L{watch}es the swaps.
     """
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        self._config = config
+        self._watchers: list[Callable[[Config], None]] = []
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        for watcher in list(self._watchers):
+            watcher(config)
+
+    def watch(self, watcher: Callable[[Config], None]) -> None:
+        """Call C{watcher} with each new configuration once it is in force (after a reload)."""
+        self._watchers.append(watcher)

@@ -131,5 +131,39 @@ def upstream_timeout(what: str) -> ProxyError:
     return ProxyError(504, f"Upstream timed out: {what}", type="api_error", code="gateway_timeout")
 
 
+def model_not_found(model: str) -> ProxyError:
+    """No backend serves the model (SPEC §11); nothing was sent upstream."""
+    return ProxyError(
+        404,
+        f"The model {_clip(model, 80)!r} does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def all_backends_busy(retry_after: int) -> ProxyError:
+    """Every backend serving the model is cooling down after a 429, or its circuit is open."""
+    return ProxyError(
+        429,
+        "Every backend serving this model is rate limited or unavailable; "
+        f"retry after {retry_after} seconds.",
+        type="rate_limit_error",
+        code="all_backends_busy",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
+
+
+def token_unavailable(retry_after: int) -> ProxyError:
+    """The proxy has no valid Entra ID token for the backend (SPEC §12)."""
+    return ProxyError(
+        503,
+        "The proxy has no valid Entra ID token for the upstream resource; "
+        f"retry after {retry_after} seconds.",
+        type="api_error",
+        code="token_unavailable",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
+
+
 def _clip(text: str, n: int = 200) -> str:
     return text if len(text) <= n else text[:n] + "..."

@@ -3,8 +3,9 @@ Logging: one access-log line per request, the start-up lines, and (with C{--log-
 a log observer that writes every log event, twistd's own among them, as one JSON object per line.
 
 Access lines carry the method, the path (never the query string: clients may put an
-C{api-key} there) or the C{CONNECT} target, the model and deployment, the status, the body
-bytes sent and the duration.  They never carry a header value, so never a key or a proxy
+C{api-key} there) or the C{CONNECT} target, the model and deployment, the backend that
+answered and the upstream requests sent (attempts), the status, the body bytes sent and the
+duration.  They never carry a header value, so never a key or a proxy
 password.
 """
 
@@ -29,7 +30,7 @@ __all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_st
 
 #: Facts a request handler may note in C{request.log_info} that go into the access line.  Any
 #: other key is ignored, so that nothing unexpected (a header, a key) reaches the log.
-LOGGED_INFO = ("model", "deployment", "upstream_status", "error")
+LOGGED_INFO = ("model", "deployment", "upstream_status", "backend", "attempts", "error")
 
 #: The status logged for a request whose client left before it was answered (as nginx does).
 CLIENT_CLOSED = 499
@@ -107,7 +108,7 @@ def format_text(fields: Mapping[str, Any]) -> str:
     """
     One text access line:
     C{127.0.0.1 "POST /v1/chat/completions" 200 bytes=1234 duration=0.812s model=gpt-4o
-    deployment=prod-4o upstream=200}.
+    deployment=prod-4o upstream=200 backend=east attempts=2}.
     """
     parts = [
         str(fields["client"]),
@@ -232,10 +233,10 @@ def log_startup(config: Config) -> None:
     )
     for description in config.listen:
         log.info("listening on {listener}", listener=description)
-    if config.server_key:
-        auth = f"server key, {len(config.client_keys)} client key(s)"
+    if any(b.auth != "client" for b in config.backends):
+        auth = f"server credential, {len(config.client_keys)} client key(s)"
         if not config.client_keys:
-            auth = "server key, open to anonymous clients (--allow-anonymous)"
+            auth = "server credential, open to anonymous clients (--allow-anonymous)"
     else:
         auth = "client keys passed upstream"
     log.info("authentication: {auth}", auth=auth)

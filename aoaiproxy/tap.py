@@ -67,6 +67,7 @@ def makeService(options: Options) -> service.IService:
     from aoaiproxy.forward import Forwarder
     from aoaiproxy.forward.ca import CAFilesError
     from aoaiproxy.forward.intercept import CARoute, Interceptor
+    from aoaiproxy.gateway import Backends
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
@@ -77,7 +78,10 @@ def makeService(options: Options) -> service.IService:
     config = options.config
     live = LiveConfig(config)
     upstream = UpstreamClient(reactor)
-    resource: Resource = ApiResource(live, upstream, reactor)
+    # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
+    # (Metrics: Backends(..., recorder=) records attempts, availability and rate limits.)
+    backends = Backends(live, reactor)
+    resource: Resource = ApiResource(live, upstream, reactor, backends=backends)
     interceptor = None
     if config.intercept:
         # TLS interception: the CA (loaded, or generated in the state directory), whose
@@ -103,6 +107,7 @@ def makeService(options: Options) -> service.IService:
         except TLSFilesError as e:
             raise SystemExit(f"aoaiproxy: --listen: {e}") from None
     _Closing(upstream).setServiceParent(top)
+    _Tokens(backends).setServiceParent(top)
     return top
 
 
@@ -126,3 +131,22 @@ class _Closing(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         return self._upstream.close()
+
+
+class _Tokens(service.Service):
+    """
+    Starts the Entra ID token sources once the reactor runs (the first token is sought in a
+    thread, for up to 10 s, while the daemon already serves; requests that need it wait for
+    it meanwhile) and stops them after the drain.
+    """
+
+    def __init__(self, backends: Any) -> None:
+        self._backends = backends
+
+    def startService(self) -> None:
+        super().startService()
+        self._backends.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._backends.stop()

@@ -228,8 +228,14 @@ async def test_upstream_errors_pass_through(fake: FakeAzure, make_proxy: Callabl
     assert headers.getRawHeaders("retry-after") == ["7"]
     assert headers.getRawHeaders("x-ratelimit-remaining-requests")
     assert b"retry after 7 seconds" in content
+    assert headers.getRawHeaders("x-aoaiproxy-backend") == ["default"]
+    # That deployment now cools down for 7 s (SPEC §11): the proxy answers for it.
+    code, headers, content = await post(proxy.url + "/v1/chat/completions", CHAT)
+    assert code == 429 and json.loads(content)["error"]["code"] == "all_backends_busy"
+    assert headers.getRawHeaders("retry-after") == ["7"]
+    assert len(fake.requests) == 1
     fake.deployment_not_found_next()
-    code, _, content = await post(proxy.url + "/v1/chat/completions", CHAT)
+    code, _, content = await post(proxy.url + "/v1/chat/completions", {**CHAT, "model": "other"})
     assert code == 404
     assert json.loads(content)["error"]["code"] == "DeploymentNotFound"
 

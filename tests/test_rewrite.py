@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from aoaiproxy import relay, rewrite
-from aoaiproxy.config import load_config
+from aoaiproxy.config import Config, load_config
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.relay import FilterFrames, is_filter_only
 
@@ -71,18 +72,47 @@ def test_deployment_mapping_and_validation() -> None:
             rewrite.deployment_for(AZ, bad)
 
 
+def upstream_auth(config: Config, headers: list[tuple[bytes, bytes]]) -> tuple[tuple[bytes, bytes], ...]:
+    """What the first backend gets: the client's key checked, then the backend's credential."""
+    presented = rewrite.client_credential(config, headers)
+    return rewrite.backend_auth(config.mode, config.backends[0], presented, None)
+
+
 def test_upstream_auth_modes() -> None:
-    assert rewrite.upstream_auth(AZ, [(b"Authorization", b"Bearer k")]) == ((b"api-key", b"k"),)
-    assert rewrite.upstream_auth(AZ, [(b"api-key", b"k2")]) == ((b"api-key", b"k2"),)
+    assert upstream_auth(AZ, [(b"Authorization", b"Bearer k")]) == ((b"api-key", b"k"),)
+    assert upstream_auth(AZ, [(b"api-key", b"k2")]) == ((b"api-key", b"k2"),)
     jwt = b"eyJ0eXAiOiJKV1QifQ.eyJhIjoxfQ.sig"
-    assert rewrite.upstream_auth(AZ, [(b"Authorization", b"Bearer " + jwt)]) == (
+    assert upstream_auth(AZ, [(b"Authorization", b"Bearer " + jwt)]) == (
         (b"Authorization", b"Bearer " + jwt),
     )
     with pytest.raises(ProxyError) as e:
-        rewrite.upstream_auth(AZ, [])
+        upstream_auth(AZ, [])
     assert e.value.status == 401
     oa = load_config({"mode": "openai"}, {})
-    assert rewrite.upstream_auth(oa, [(b"api-key", b"k")]) == ((b"Authorization", b"Bearer k"),)
+    assert upstream_auth(oa, [(b"api-key", b"k")]) == ((b"Authorization", b"Bearer k"),)
+
+
+def test_server_credentials_check_the_client_key_and_send_their_own(tmp_path: Path) -> None:
+    keys = tmp_path / "client-keys"
+    keys.write_text("c1\n")
+    served = load_config(
+        {"endpoint": "https://r.openai.azure.com", "token": "srv", "client_keys": str(keys)}, {}
+    )
+    assert rewrite.client_credential(served, [(b"api-key", b"c1")]) is None
+    for wrong in ([(b"api-key", b"other")], []):
+        with pytest.raises(ProxyError) as e:
+            rewrite.client_credential(served, wrong)
+        assert e.value.status == 401
+    assert upstream_auth(served, [(b"Authorization", b"Bearer c1")]) == ((b"api-key", b"srv"),)
+    entra = load_config(
+        {"endpoint": "https://r.openai.azure.com", "auth": "entra", "client_keys": str(keys)}, {}
+    )
+    assert rewrite.client_credential(entra, [(b"api-key", b"c1")]) is None
+    with pytest.raises(ProxyError):
+        rewrite.client_credential(entra, [(b"api-key", b"eyJhbGciOi.e30.sig")])  # not a client key
+    assert rewrite.backend_auth("azure", entra.backends[0], None, "tok") == (
+        (b"Authorization", b"Bearer tok"),
+    )
 
 
 def test_forward_headers_drop_hop_by_hop_and_credentials() -> None:
