@@ -24,6 +24,8 @@ setup(
         "prometheus_client>=0.20",
         # Entra ID (aoaiproxy.backends.entra); imported only when a backend has auth = "entra".
         "azure-identity>=1.16",
+        # The upstream client's HTTP/1.1 response parser (llhttp), in place of twisted.web.client.Agent.
+        "httptools>=0.6",
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require={
