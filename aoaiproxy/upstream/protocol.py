@@ -80,10 +80,6 @@ class _SkipBody(Exception):
     """Raised from the parser's head callback: this response has no body (a HEAD request)."""
 
 
-class _Unsolicited(Exception):
-    """Raised from the parser when a second response follows the one asked for."""
-
-
 class Exchange(TypingProtocol):
     """What a connection reports a request's outcome to (until the response head)."""
 
@@ -148,6 +144,8 @@ class UpstreamResponse:
         self._protocol: Any = None
         self._unread: list[bytes] = []
         self._unread_bytes = 0
+        #: Whether the socket is not read until deliverBody (too much unread).
+        self._waiting = False
         self._end: Failure | None = None
 
     def setPreviousResponse(self, response: IResponse) -> None:
@@ -158,14 +156,15 @@ class UpstreamResponse:
             raise RuntimeError("deliverBody was already called")
         self._protocol = protocol
         protocol.makeConnection(_BodyTransport(self))
+        if self._waiting and self._conn is not None:
+            self._conn.resume()
+        self._waiting = False
         if self._unread:
             data = b"".join(self._unread)
             self._unread = []
             protocol.dataReceived(data)
         if self._end is not None:
             protocol.connectionLost(self._end)
-        elif self._conn is not None and self._unread_bytes > UNREAD_BODY_LIMIT:
-            self._conn.resume()
 
     def _data(self, data: bytes) -> None:
         if self._protocol is not None:
@@ -173,7 +172,8 @@ class UpstreamResponse:
             return
         self._unread.append(data)
         self._unread_bytes += len(data)
-        if self._unread_bytes > UNREAD_BODY_LIMIT and self._conn is not None:
+        if self._unread_bytes > UNREAD_BODY_LIMIT and self._conn is not None and not self._waiting:
+            self._waiting = True
             self._conn.pause()
 
     def _finished(self, reason: Failure) -> None:
@@ -317,32 +317,37 @@ class HTTP11Connection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
-        if state == _CLOSED:
-            return
         if state == _BODY:
-            self._feed(data)
+            if self._parse(data):
+                self._deliver(state)
         elif state == _HEAD:
             self._received = True
             room = self._max_head_bytes - self._head_bytes
             if len(data) <= room:
                 self._head_bytes += len(data)
-                self._feed(data)
-            else:
-                # The head must end within the limit: feed up to it, and the rest only if it
-                # did (llhttp has no limit of its own, and httptools gathers a header's bytes
-                # without bound).
-                self._head_bytes = self._max_head_bytes
-                self._feed(data[:room])
-                if self._state == _HEAD:
-                    self._fail(HeadTooLarge(f"response head over {self._max_head_bytes} bytes"))
-                else:
-                    self.dataReceived(data[room:])
+                if self._parse(data):
+                    self._deliver(state)
+                return
+            # The head must end within the limit: parse up to it, and the rest only if it
+            # did (llhttp has no limit of its own, and httptools gathers a header's bytes
+            # without bound).
+            self._head_bytes = self._max_head_bytes
+            if not self._parse(data[:room]):
+                return
+            if self._response is None:
+                self._fail(HeadTooLarge(f"response head over {self._max_head_bytes} bytes"))
+                return
+            if self._complete:
+                self._keep_alive = False  # bytes after the response: nobody asked for them
+            elif not self._parse(data[room:]):
+                return
+            self._deliver(state)
         elif state == _IDLE:
             # Nothing was asked: an upstream that talks out of turn is not to be trusted.
             self.abort()
 
-    def _feed(self, data: bytes) -> None:
-        state = self._state
+    def _parse(self, data: bytes) -> bool:
+        """Parse C{data}; False if the response failed (the connection is then closed)."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -350,20 +355,27 @@ class HTTP11Connection(Protocol):
             if isinstance(cause, _SkipBody):
                 self._complete = True
                 self._keep_alive = False  # what follows a HEAD head cannot be told apart
-            elif isinstance(cause, _Unsolicited):
-                self._keep_alive = False  # bytes nobody asked for: not reusable
-            elif isinstance(cause, (HeadTooLarge, MalformedResponse)):
-                self._fail(cause)
-                return
-            else:
-                self._fail(MalformedResponse(f"invalid response ({type(cause).__name__})"))
-                return
+                return True
+            error = (
+                cause
+                if isinstance(cause, (HeadTooLarge, MalformedResponse))
+                else MalformedResponse(f"invalid response ({type(cause).__name__})")
+            )
         except httptools.HttpParserUpgrade:
-            self._fail(MalformedResponse("unexpected protocol switch"))
-            return
+            error = MalformedResponse("unexpected protocol switch")
         except httptools.HttpParserError as e:
-            self._fail(MalformedResponse(f"invalid response ({e})"))
-            return
+            error = MalformedResponse(f"invalid response ({e})")
+        else:
+            return True
+        if self._complete:
+            # After the whole response: bytes nobody asked for.  Not reusable.
+            self._keep_alive = False
+            return True
+        self._fail(error)
+        return False
+
+    def _deliver(self, state: int) -> None:
+        """After parsing: hand the head on (in state C{_HEAD}), the body bytes, the end."""
         response = self._response
         if response is None:
             return
@@ -439,7 +451,7 @@ class HTTP11Connection(Protocol):
 
     def on_message_begin(self) -> None:
         if self._complete:
-            raise _Unsolicited()
+            raise MalformedResponse("a second response")
         self._headers = []
         self._phrase = b""
 
