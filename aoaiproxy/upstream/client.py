@@ -39,6 +39,7 @@ from aoaiproxy import errors
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.upstream.pool import Key, Pool
 from aoaiproxy.upstream.protocol import (
+    FILE_CHUNK,
     HeadTooLarge,
     HTTP11Connection,
     MalformedResponse,
@@ -62,6 +63,8 @@ MAX_PERSISTENT_PER_HOST = 32
 #: (C{--max-headers}, C{--max-header-size}): beyond them the request fails with a 502.
 MAX_RESPONSE_HEADERS = 100
 MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+#: A request body file up to this size is read at once and sent with the head (one write).
+SMALL_BODY = FILE_CHUNK
 #: Parsed upstreams remembered (the forward proxy relays to arbitrary ones).
 _TARGETS_CACHED = 512
 
@@ -176,12 +179,23 @@ class UpstreamClient:
         @param body: bytes, a seekable file positioned at the body's start (it is re-read on
             a retry and never closed here), or None for no body.
         """
+        length: int | None = None
+        if body is not None:
+            if isinstance(body, bytes):
+                length = len(body)
+            else:
+                start = body.tell()
+                length = body.seek(0, 2) - start
+                body.seek(start)
+                if length <= SMALL_BODY:
+                    # Sent with the head in one write, and kept for a retry.
+                    body = body.read(length)
         try:
             target, path = self._target(url)
-            head, length = _head(method, path, target, headers, body)
+            head = _head(method, path, target, headers, length)
         except ProxyError as e:
             return fail(e)
-        exchange = _Exchange(self, target, method, head, body, length, connect_timeout, header_timeout)
+        exchange = _Exchange(self, target, method, head, body, length or 0, connect_timeout, header_timeout)
         return exchange.start()
 
     def close(self) -> Deferred[None]:
@@ -231,9 +245,9 @@ def _head(
     path: bytes,
     target: Target,
     headers: Sequence[tuple[bytes, bytes]],
-    body: bytes | IO[bytes] | None,
-) -> tuple[bytes, int]:
-    """The request head, and the body's length."""
+    length: int | None,
+) -> bytes:
+    """The request head, for a body of C{length} bytes (None: no body)."""
     parts = [method, b" ", path, b" HTTP/1.1\r\n"]
     lines = 2  # the request line and the blank line
     host = False
@@ -248,14 +262,7 @@ def _head(
     if not host:
         parts.append(target.host_line)
         lines += 1
-    length = 0
-    if body is not None:
-        if isinstance(body, bytes):
-            length = len(body)
-        else:
-            start = body.tell()
-            length = body.seek(0, 2) - start
-            body.seek(start)
+    if length is not None:
         parts.append(b"Content-Length: %d\r\n" % length)
         lines += 1
     elif method in (b"POST", b"PUT"):
@@ -266,7 +273,7 @@ def _head(
     # No header may add a line (a CR or LF in a name or value), nor the path a word.
     if head.count(b"\n") != lines or head.count(b"\r") != lines or b" " in path:
         raise errors.upstream_unreachable("invalid character in the upstream request")
-    return head, length
+    return head
 
 
 class _Exchange:
