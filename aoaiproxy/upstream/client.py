@@ -199,7 +199,7 @@ class UpstreamClient:
         return exchange.start()
 
     def close(self) -> Deferred[None]:
-        """Close every idle pooled connection."""
+        """Close every idle pooled connection (and those that become idle later)."""
         return self._pool.close()
 
     # -- internals -------------------------------------------------------------------------

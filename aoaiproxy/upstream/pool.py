@@ -26,6 +26,7 @@ class Pool:
         self._idle_timeout = idle_timeout
         self._idle: dict[Key, list[HTTP11Connection]] = {}
         self._sweeper: IDelayedCall | None = None
+        self._closed = False
 
     def take(self, key: Key) -> HTTP11Connection | None:
         """An idle connection to C{key}, now no longer idle, or None."""
@@ -39,7 +40,7 @@ class Pool:
         idle = self._idle.get(key)
         if idle is None:
             idle = self._idle[key] = []
-        if len(idle) >= self._max_idle:
+        if len(idle) >= self._max_idle or self._closed:
             conn.close()
             return
         conn.idle_since = self._reactor.seconds()
@@ -72,7 +73,8 @@ class Pool:
             self._sweeper = self._reactor.callLater(next_due - cutoff, self._sweep)
 
     def close(self) -> Deferred[None]:
-        """Close every idle connection; fires once they are closed."""
+        """Close every idle connection, and keep none from now on; fires once they are closed."""
+        self._closed = True
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
