@@ -229,8 +229,6 @@ class HTTP11Connection(Protocol):
         self._max_head_bytes = max_head_bytes
         self.on_idle: Callable[[HTTP11Connection], None] | None = None
         self.on_lost: Callable[[HTTP11Connection], None] | None = None
-        #: Requests sent on this connection so far.
-        self.requests = 0
         #: When it last became idle (set by the pool).
         self.idle_since = 0.0
         self._state = _IDLE
@@ -263,7 +261,6 @@ class HTTP11Connection(Protocol):
         assert self._state == _IDLE and self.transport is not None
         self._state = _HEAD
         self._exchange = exchange
-        self.requests += 1
         self._received = False
         self._head_bytes = 0
         self._no_body = method == b"HEAD"
