@@ -32,7 +32,7 @@ setup(
         "test": [
             "pytest",
             "pytest-twisted",
-            # The tests' HTTP client; the daemon relays with Agent (README, "Quick start").
+            # The tests' HTTP client; the daemon relays with aoaiproxy.upstream (README, "Quick start").
             "treq>=24.9",
             "openai>=1.40",
             "httpx",
