@@ -41,6 +41,7 @@ from zope.interface import implementer
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
+from aoaiproxy.upstream.client import parse_target
 
 from .certs import make_ca
 from .conftest import Proxy, get_reactor
@@ -747,3 +748,28 @@ async def test_header_count_limit(serve: Callable[..., Upstream]) -> None:
         )
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "prefix,parsed",
+    [
+        (b"http://h.example", ("http", "h.example", 80, b"Host: h.example\r\n")),
+        (b"https://H.Example:443", ("https", "h.example", 443, b"Host: h.example\r\n")),
+        (b"http://h.example:8080", ("http", "h.example", 8080, b"Host: h.example:8080\r\n")),
+        (b"http://[::1]:8080", ("http", "::1", 8080, b"Host: [::1]:8080\r\n")),
+        (b"https://[::1]", ("https", "::1", 443, b"Host: [::1]\r\n")),
+        (b"ftp://h.example", None),
+        (b"http://user:pw@h.example", None),
+        (b"http://h.example:99999", None),
+        (b"http://", None),
+        (b"http://h\xc3\xa9.example", None),
+    ],
+)
+def test_upstream_url_parsing(prefix: bytes, parsed: tuple[str, str, int, bytes] | None) -> None:
+    if parsed is None:
+        with pytest.raises(ProxyError) as e:
+            parse_target(prefix)
+        assert (e.value.status, e.value.message) == (502, "Upstream unreachable: invalid upstream URL")
+    else:
+        target = parse_target(prefix)
+        assert (target.scheme, target.host, target.port, target.host_line) == parsed

@@ -4,7 +4,7 @@ The relay's upstream HTTP client: one request in, one response (or a L{ProxyErro
 A proxy's client must change nothing: no cookie jar (cookies would leak between clients), no
 redirect followed (it must reach the client), no C{Accept-Encoding} added and no body decoded.
 So it is neither treq (which adds all of these) nor C{twisted.web.client.Agent} (correct, but
-about half of the proxy's CPU per request went into it): it is L{HTTP11Connection} on the
+about 40% of the proxy's CPU per request went into it): it is L{HTTP11Connection} on the
 C{httptools} parser, with what a relay needs around it:
 
   - one pool of persistent connections per (scheme, host, port) (L{Pool});
