@@ -24,13 +24,15 @@ setup(
         "prometheus_client>=0.20",
         # Entra ID (aoaiproxy.backends.entra); imported only when a backend has auth = "entra".
         "azure-identity>=1.16",
+        # The upstream client's HTTP/1.1 response parser (llhttp), in place of twisted.web.client.Agent.
+        "httptools>=0.6",
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require={
         "test": [
             "pytest",
             "pytest-twisted",
-            # The tests' HTTP client; the daemon relays with Agent (README, "Quick start").
+            # The tests' HTTP client; the daemon relays with aoaiproxy.upstream (README, "Quick start").
             "treq>=24.9",
             "openai>=1.40",
             "httpx",

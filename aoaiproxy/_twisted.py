@@ -18,8 +18,6 @@ here; each has the public alternative noted):
 
   - C{aoaiproxy.resource}: C{request._disconnected} (public: C{request.channel is None} after
     C{Request.connectionLost}, or C{request.notifyFinish()}).
-  - C{aoaiproxy.upstream}: imports from C{twisted.web._newclient} (the exceptions and
-    C{HTTP11ClientProtocol} C{Agent} uses; no public module exports them).
 """
 
 from __future__ import annotations
