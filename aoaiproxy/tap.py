@@ -77,7 +77,8 @@ def makeService(options: Options) -> service.IService:
     assert options.config is not None
     config = options.config
     live = LiveConfig(config)
-    upstream = UpstreamClient(reactor)
+    # The same head limits for upstream responses as for clients' requests (as at start-up).
+    upstream = UpstreamClient(reactor, max_headers=config.max_headers, max_head_bytes=config.max_header_size)
     # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
     # (Metrics: Backends(..., recorder=) records attempts, availability and rate limits.)
     backends = Backends(live, reactor)
