@@ -15,7 +15,6 @@ setup(
     package_data={"aoaiproxy": ["py.typed"], "twisted": ["plugins/aoaiproxy_plugin.py"]},
     install_requires=[
         "twisted[tls]>=24.7",
-        "treq>=24.9",
         "pyopenssl>=24",
         # Imported by aoaiproxy.tls; load_pem_x509_certificates is from 39.
         "cryptography>=39",
@@ -23,12 +22,18 @@ setup(
         "attrs>=23",
         # aoaiproxy.metrics: --metrics-listen (a recent one: multiprocess "livemostrecent" gauges).
         "prometheus_client>=0.20",
+        # Entra ID (aoaiproxy.backends.entra); imported only when a backend has auth = "entra".
+        "azure-identity>=1.16",
+        # The upstream client's HTTP/1.1 response parser (llhttp), in place of twisted.web.client.Agent.
+        "httptools>=0.6",
         "tomli>=2; python_version<'3.11'",
     ],
     extras_require={
         "test": [
             "pytest",
             "pytest-twisted",
+            # The tests' HTTP client; the daemon relays with aoaiproxy.upstream (README, "Quick start").
+            "treq>=24.9",
             "openai>=1.40",
             "httpx",
             "hypothesis",

@@ -18,8 +18,6 @@ here; each has the public alternative noted):
 
   - C{aoaiproxy.resource}: C{request._disconnected} (public: C{request.channel is None} after
     C{Request.connectionLost}, or C{request.notifyFinish()}).
-  - C{aoaiproxy.upstream}: imports from C{twisted.web._newclient} (the exceptions and
-    C{HTTP11ClientProtocol} C{Agent} uses; no public module exports them).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from typing import Any
 
 from twisted.web.http import HTTPChannel
 
-__all__ = ["pending_write_bytes", "request_line", "take_pipelined"]
+__all__ = ["pending_write_bytes", "pipelined_length", "request_line", "take_pipelined"]
 
 
 def take_pipelined(channel: HTTPChannel) -> bytes:
@@ -50,6 +48,24 @@ def take_pipelined(channel: HTTPChannel) -> bytes:
     return data
 
 
+def pipelined_length(channel: HTTPChannel) -> int:
+    """
+    How many bytes C{channel} holds that the client sent after the request it is handling,
+    not parsed yet: those it buffers while the request is handled (as L{take_pipelined}
+    takes them) and those still in its line buffer (the rest of the segment that carried
+    the end of the request, while that request is processed from inside the line parser).
+
+    Why: both buffers are private (C{HTTPChannel._dataBuffer}, C{LineReceiver._buffer}), and
+    nothing public tells whether either holds anything.  Checked against Twisted 26.10.  Used
+    by L{aoaiproxy.forward} to close the connection of a refused CONNECT that has tunnel
+    bytes behind it; tested by tests/test_forward.py
+    (C{test_refused_connect_closes_and_serves_no_pipelined_bytes}, its 407 case).
+    """
+    buffered: list[bytes] = channel._dataBuffer  # type: ignore[attr-defined]
+    unsplit: bytes = channel._buffer  # type: ignore[attr-defined]
+    return sum(map(len, buffered)) + len(unsplit)
+
+
 def request_line(channel: HTTPChannel) -> tuple[bytes, bytes] | None:
     """
     The method and request-target of the request whose head C{channel} is reading, once its
@@ -58,8 +74,10 @@ def request_line(channel: HTTPChannel) -> tuple[bytes, bytes] | None:
     Why: a request refused before C{requestReceived} (413 on its announced length, 431)
     has no method or URI yet: C{HTTPChannel.lineReceived} keeps them in C{_command} and
     C{_path} until the request is complete.  Checked against Twisted 26.10.  Used by
-    L{aoaiproxy.log} for such a request's access line; tested by tests/test_service.py
-    (C{test_access_line_json_and_refused_requests}).
+    L{aoaiproxy.site.ProxyRequest.gotLength} to judge a request from its head before its body
+    is read (tests/test_limits.py, C{test_refused_before_the_body_is_read}), and by
+    L{aoaiproxy.log} for such a request's access line (tests/test_service.py,
+    C{test_access_line_json_and_refused_requests}).
     """
     command = getattr(channel, "_command", None)
     path = getattr(channel, "_path", None)
@@ -76,7 +94,8 @@ def pending_write_bytes(transport: Any) -> int:
     Why: no interface tells how much a transport buffers.  C{FileDescriptor} keeps
     C{dataBuffer}, C{offset} and the private C{_tempDataLen}; C{TLSMemoryBIOProtocol} the
     private C{_appSendBuffer}; wrappers their inner C{transport}.  Checked against Twisted
-    26.10.  Used by tests/test_forward.py (a stalled reader).
+    26.10.  Used by L{aoaiproxy.forward.tunnel} (a tunnel still flushing to a slow reader is
+    not at rest on a graceful stop) and by tests/test_forward.py (a stalled reader).
     """
     total = 0
     while transport is not None:

@@ -13,10 +13,11 @@ I/O and needs no reactor, so it is also what SIGHUP calls to reload.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -368,7 +369,14 @@ def _forward_users(value: Any, label: str) -> Mapping[str, str]:
 
 
 def _intercept_hosts(values: list[str], label: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys([DEFAULT_INTERCEPT_HOST, *(parse_host(v, label) for v in values)]))
+    hosts = [parse_host(v, label) for v in values]
+    for host in hosts:
+        if host.startswith("["):  # an IPv6 literal, as a CONNECT names it
+            try:
+                ipaddress.IPv6Address(host[1:].rpartition("]")[0])
+            except ValueError:
+                raise ConfigError(label, f"{host!r} is not an IPv6 address in brackets") from None
+    return tuple(dict.fromkeys([DEFAULT_INTERCEPT_HOST, *hosts]))
 
 
 def _optional_listener(value: Any, label: str) -> str:
@@ -913,7 +921,6 @@ class Config:
         default=None,
         key="intercept.ca_cert",
         parse=_path,
-        reload=False,
         default_text="generated in the state directory (``ca.pem``)",
         help="The interception CA's certificate (PEM), given with ``ca_key``",
     )
@@ -921,7 +928,6 @@ class Config:
         default=None,
         key="intercept.ca_key",
         parse=_path,
-        reload=False,
         default_text="generated in the state directory (``ca-key.pem``)",
         help="The interception CA's private key (PEM), given with ``ca_cert``",
     )
@@ -1102,8 +1108,24 @@ def _derive(values: dict[str, Any], given: Mapping[str, Given]) -> None:
 class LiveConfig:
     """
     The one mutable cell: the configuration in force.  A reload swaps it whole, so each
-    request sees one consistent L{Config}; requests already running keep theirs.
+    request sees one consistent L{Config}; requests already running keep theirs.  What keeps
+    state derived from it (the backend pool, Entra ID token sources) L{watch}es the swaps.
     """
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        self._config = config
+        self._watchers: list[Callable[[Config], None]] = []
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        for watcher in list(self._watchers):
+            watcher(config)
+
+    def watch(self, watcher: Callable[[Config], None]) -> None:
+        """Call C{watcher} with each new configuration once it is in force (after a reload)."""
+        self._watchers.append(watcher)

@@ -74,6 +74,21 @@ def bad_json() -> ProxyError:
     )
 
 
+def json_too_complex(limit: int) -> ProxyError:
+    return ProxyError(
+        400,
+        "The JSON body has too many values for the proxy to read: at most about "
+        f"{limit} strings, arrays, objects and escaped quotes.",
+        code="json_too_complex",
+    )
+
+
+def duplicate_member(name: str) -> ProxyError:
+    return ProxyError(
+        400, f"The JSON body has more than one {name!r} member.", param=name, code="duplicate_member"
+    )
+
+
 def missing_model() -> ProxyError:
     return ProxyError(400, "You must provide a model parameter.", param="model", code="missing_model")
 
@@ -99,12 +114,55 @@ def bad_path(path: str) -> ProxyError:
     return ProxyError(400, f"Invalid path {_clip(path)!r}.", code="invalid_path")
 
 
+def internal_error() -> ProxyError:
+    return ProxyError(
+        500,
+        "The proxy failed to handle the request (the error is in its log).",
+        type="server_error",
+        code="internal_error",
+    )
+
+
 def upstream_unreachable(reason: str) -> ProxyError:
     return ProxyError(502, f"Upstream unreachable: {reason}", type="api_error", code="bad_gateway")
 
 
 def upstream_timeout(what: str) -> ProxyError:
     return ProxyError(504, f"Upstream timed out: {what}", type="api_error", code="gateway_timeout")
+
+
+def model_not_found(model: str) -> ProxyError:
+    """No backend serves the model (SPEC §11); nothing was sent upstream."""
+    return ProxyError(
+        404,
+        f"The model {_clip(model, 80)!r} does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def all_backends_busy(retry_after: int) -> ProxyError:
+    """Every backend serving the model is cooling down after a 429, or its circuit is open."""
+    return ProxyError(
+        429,
+        "Every backend serving this model is rate limited or unavailable; "
+        f"retry after {retry_after} seconds.",
+        type="rate_limit_error",
+        code="all_backends_busy",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
+
+
+def token_unavailable(retry_after: int) -> ProxyError:
+    """The proxy has no valid Entra ID token for the backend (SPEC §12)."""
+    return ProxyError(
+        503,
+        "The proxy has no valid Entra ID token for the upstream resource; "
+        f"retry after {retry_after} seconds.",
+        type="api_error",
+        code="token_unavailable",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
 
 
 def _clip(text: str, n: int = 200) -> str:

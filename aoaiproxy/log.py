@@ -3,8 +3,9 @@ Logging: one access-log line per request, the start-up lines, and (with C{--log-
 a log observer that writes every log event, twistd's own among them, as one JSON object per line.
 
 Access lines carry the method, the path (never the query string: clients may put an
-C{api-key} there) or the C{CONNECT} target, the model and deployment, the status, the body
-bytes sent and the duration.  They never carry a header value, so never a key or a proxy
+C{api-key} there) or the C{CONNECT} target, the model and deployment, the backend that
+answered and the upstream requests sent (attempts), the status, the body bytes sent and the
+duration.  They never carry a header value, so never a key or a proxy
 password.
 """
 
@@ -29,7 +30,10 @@ __all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_st
 
 #: Facts a request handler may note in C{request.log_info} that go into the access line.  Any
 #: other key is ignored, so that nothing unexpected (a header, a key) reaches the log.
-LOGGED_INFO = ("model", "deployment", "upstream_status", "error")
+LOGGED_INFO = ("model", "deployment", "upstream_status", "backend", "attempts", "error")
+
+#: The status logged for a request whose client left before it was answered (as nginx does).
+CLIENT_CLOSED = 499
 
 #: The namespace of access-log events.
 ACCESS_NAMESPACE = "aoaiproxy.access"
@@ -70,7 +74,11 @@ def request_target(request: Request) -> str:
 
 
 def access_fields(request: Request, started: float, now: float, *, aborted: bool = False) -> dict[str, Any]:
-    """The facts of one access line, as a JSON-able dict (never a key)."""
+    """
+    The facts of one access line, as a JSON-able dict (never a key).  A request C{aborted}
+    before any answer was sent shows status L{CLIENT_CLOSED}; one aborted later, the status
+    that was sent.
+    """
     address = request.getClientAddress()
     client = getattr(address, "host", None) or (_text(getattr(address, "name", "")) or "-")
     info: Mapping[str, Any] = getattr(request, "log_info", None) or {}
@@ -78,7 +86,7 @@ def access_fields(request: Request, started: float, now: float, *, aborted: bool
         "client": client,
         "method": _text(request.method) if request.method != Request.method else "-",
         "path": request_target(request),
-        "status": request.code,
+        "status": CLIENT_CLOSED if aborted and not _answered(request) else request.code,
         "bytes": info.get("bytes", request.sentLength),
         "duration": round(max(now - started, 0.0), 6),
     }
@@ -91,11 +99,16 @@ def access_fields(request: Request, started: float, now: float, *, aborted: bool
     return fields
 
 
+def _answered(request: Request) -> bool:
+    """Whether an answer was sent: a response begun, or a CONNECT's 200 (its tunnel)."""
+    return bool(request.startedWriting) or bool(getattr(request, "established", False))
+
+
 def format_text(fields: Mapping[str, Any]) -> str:
     """
     One text access line:
     C{127.0.0.1 "POST /v1/chat/completions" 200 bytes=1234 duration=0.812s model=gpt-4o
-    deployment=prod-4o upstream=200}.
+    deployment=prod-4o upstream=200 backend=east attempts=2}.
     """
     parts = [
         str(fields["client"]),
@@ -137,9 +150,8 @@ class _Line:
 class AccessLog:
     """
     Writes one line per request: L{emit} when a request finishes (twisted.web's C{Site.log}
-    hook) or its connection goes away unfinished (marked C{aborted}), L{refused} for one
-    refused before its body was read (413), L{refused_head} before its head was read.  Each
-    request is logged once.
+    hook) or its connection goes away unfinished (marked C{aborted}), L{refused_head} for one
+    refused before its head or its body was read.  Each request is logged once.
     """
 
     def __init__(self, live: LiveConfig, reactor: Any) -> None:
@@ -149,29 +161,32 @@ class AccessLog:
         #: Where access events go (a test may give it an observer).
         self.logger = Logger(namespace=ACCESS_NAMESPACE)
 
-    def refused(self, request: Request) -> None:
-        """A request refused before its body was read (413)."""
-        request.code = 413
-        self.emit(_with_request_line(request))
-
-    def refused_head(self, channel: Any, status: int) -> None:
-        """A request refused before its head was read (400, 408, 414, 431)."""
+    def refused_head(self, channel: Any, status: int, *, sent: int = 0, error: str | None = None) -> None:
+        """
+        A request refused before its head (400, 408, 414, 431) or its body (413, 401, 407...)
+        was read, with an answer of C{sent} body bytes and the C{error} code.
+        """
         requests = getattr(channel, "requests", None) or []
         if requests:
             request = requests[-1]
             request.code = status
+            notes: dict[str, Any] = getattr(request, "log_info", None) or {}
+            notes.update(bytes=sent, error=error)
+            request.log_info = notes
             self.emit(_with_request_line(request))
             return
         transport = getattr(channel, "transport", None)
         peer = transport.getPeer() if transport is not None else None
-        fields = {
+        fields: dict[str, Any] = {
             "client": getattr(peer, "host", None) or "-",
             "method": "-",
             "path": "-",
             "status": status,
-            "bytes": 0,
+            "bytes": sent,
             "duration": 0.0,
         }
+        if error:
+            fields["error"] = error
         self._write(fields)
 
     def emit(self, request: Request, *, aborted: bool = False) -> None:
@@ -182,7 +197,7 @@ class AccessLog:
         now = self._reactor.seconds()
         started: float = getattr(request, "log_started", now)
         # A CONNECT tunnel always ends with its connection: that is not an abort.
-        aborted = aborted and request.method != b"CONNECT"
+        aborted = aborted and not getattr(request, "established", False)
         self._write(access_fields(request, started, now, aborted=aborted))
 
     def _write(self, fields: dict[str, Any]) -> None:
@@ -218,10 +233,10 @@ def log_startup(config: Config) -> None:
     )
     for description in config.listen:
         log.info("listening on {listener}", listener=description)
-    if config.server_key:
-        auth = f"server key, {len(config.client_keys)} client key(s)"
+    if any(b.auth != "client" for b in config.backends):
+        auth = f"server credential, {len(config.client_keys)} client key(s)"
         if not config.client_keys:
-            auth = "server key, open to anonymous clients (--allow-anonymous)"
+            auth = "server credential, open to anonymous clients (--allow-anonymous)"
     else:
         auth = "client keys passed upstream"
     log.info("authentication: {auth}", auth=auth)

@@ -6,71 +6,124 @@ filter that drops Azure's filter-only frames.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
 from zope.interface import implementer
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+from aoaiproxy import jsonbody
+
+#: An SSE line ends with CRLF, LF or CR, and an event with an empty line: two line ends in a
+#: row, of any kinds.  A CR followed by LF is one line end, never two.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+_ENDS_WITH_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)\Z")
+#: An event longer than this is no filter-only frame (those are a few hundred bytes): it is
+#: passed on as it arrives instead of being held until its end.
+MAX_HELD_EVENT = 64 * 1024
+_FRAME_MEMBERS = ("choices", "prompt_filter_results", "usage")
 
 #: After a failed upstream body, how long the client may take to read what was relayed before
 #: its connection is aborted.
 CUT_GRACE_SECONDS = 5.0
 
+_log = Logger()
+
 
 def is_filter_only(event: bytes) -> bool:
     """
     Whether an SSE event is one of Azure's frames that OpenAI never sends: C{choices} empty
-    and nothing but C{prompt_filter_results} (so not the C{include_usage} chunk).
+    and nothing but C{prompt_filter_results} (so not the C{include_usage} chunk).  An event
+    that cannot be read as such (not JSON, nested too deep, a duplicate member) is not one.
     """
     if b"prompt_filter_results" not in event:
         return False
-    data = b"".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        top = jsonbody.top_level(data, _FRAME_MEMBERS)
+        choices = top.get("choices")
+        usage = top.get("usage")
+        if choices is None or top.get("prompt_filter_results") is None:
+            return False
+        return jsonbody.decode(data, choices, 64) == [] and (
+            usage is None or not jsonbody.decode(data, usage)
+        )
+    except jsonbody.JSONBodyError:
         return False
-    return (
-        isinstance(obj, dict)
-        and obj.get("choices") == []
-        and "prompt_filter_results" in obj
-        and not obj.get("usage")
-    )
 
 
 class FilterFrames:
     """
     Splits an SSE byte stream into whole events and drops filter-only ones.  Bytes of an
-    event not yet complete are held until its end arrives (one event at most).
+    event not yet complete are held until its end arrives (one event, at most
+    L{MAX_HELD_EVENT} bytes: a longer one is passed on as it arrives).  Every byte that is not
+    part of a dropped event is passed on unchanged, in order.
     """
 
     def __init__(self) -> None:
         self._buffer = b""
+        #: The current event is too long to be held: its bytes are passed on as they come,
+        #: and C{_tail} (the last bytes passed) shows an end that falls across two chunks.
+        self._passing = False
+        self._tail = b""
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._buffer + data if self._buffer else data
         out = []
+        if self._passing:
+            seen = self._tail + data
+            m = _event_end(seen, 0)
+            if m is None:
+                self._tail = seen[-3:]
+                return data
+            cut = max(0, m.end() - len(self._tail))
+            out.append(data[:cut])
+            data = data[cut:]
+            self._passing, self._tail = False, b""
+        held = len(self._buffer)
+        buf = self._buffer + data if held else data
         pos = 0
-        for m in _EVENT_END.finditer(buf):
+        while (m := _event_end(buf, max(pos, held - 3))) is not None:
             event = buf[pos : m.end()]
             pos = m.end()
-            if not is_filter_only(event):
+            if self._keeps(event):
                 out.append(event)
-        self._buffer = buf[pos:]
+        rest = buf[pos:]
+        if len(rest) > MAX_HELD_EVENT:
+            out.append(rest)
+            self._passing, self._tail, rest = True, rest[-3:], b""
+        self._buffer = rest
         return b"".join(out)
 
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
-        if rest and is_filter_only(rest):
+        if rest and not self._keeps(rest):
             return b""
         return rest
+
+    def _keeps(self, event: bytes) -> bool:
+        """Whether to pass an event on: any error reading it passes it, and is logged."""
+        try:
+            return not is_filter_only(event)
+        except Exception:
+            _log.failure("reading an SSE event failed; it is passed on unchanged")
+            return True
+
+
+def _event_end(buf: bytes, start: int) -> re.Match[bytes] | None:
+    """
+    The first event end in C{buf} from C{start}, or None.  A CR that ends C{buf} may be the
+    first half of a CRLF: an end that relies on it waits for the next byte.
+    """
+    m = _EVENT_END.search(buf, start)
+    if m is None or (m.end() == len(buf) and buf.endswith(b"\r")):
+        return None
+    return m
 
 
 @implementer(IPushProducer)
@@ -198,10 +251,9 @@ class BodyRelay(Protocol):
 
 def _missing_blank_line(tail: bytes) -> bytes:
     """What to append so that a stream ends with a blank line after its last event."""
-    if tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")):
+    if _ENDS_WITH_EVENT_END.search(tail):
         return b""
-    if tail.endswith(b"\r\n"):
-        return b"\r\n"
-    if tail.endswith(b"\n"):
-        return b"\n"
+    for line_end in (b"\r\n", b"\n", b"\r"):
+        if tail.endswith(line_end):
+            return line_end
     return b"\n\n"

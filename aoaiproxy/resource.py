@@ -1,15 +1,18 @@
 """
 The reverse API: the resource that serves origin-form requests (C{POST /v1/...}).
 
-Data flows one way: request in, route (L{rewrite.classify}), authenticate and rewrite
-(L{rewrite.plan_upstream}), send (L{UpstreamClient}), relay out (L{BodyRelay}).
+Data flows one way: request in, route (L{rewrite.classify}), authenticate and read what it
+asks for (L{rewrite.plan_client}), send it to one backend after another until one answers
+(L{gateway.Attempts}, over L{UpstreamClient}), relay that answer out (L{BodyRelay}).
 """
 
 from __future__ import annotations
 
+import traceback
 from typing import IO, Any
 
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
@@ -17,8 +20,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from aoaiproxy import errors, rewrite
-from aoaiproxy.config import LiveConfig
+from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.gateway import BACKEND_HEADER, Answer, Attempts, Backends, ReplayBody, discard
+from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
 from aoaiproxy.relay import BodyRelay
 from aoaiproxy.upstream import UpstreamClient
@@ -30,6 +35,8 @@ CORS_DEFAULT_HEADERS = (
     b"X-Stainless-Package-Version, X-Stainless-Runtime, X-Stainless-Runtime-Version"
 )
 CORS_MAX_AGE = b"86400"
+
+_log = Logger()
 
 
 def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
@@ -78,6 +85,7 @@ def relay_response(
     *,
     event_streams: bool = False,
     filter_frames: bool = False,
+    backend: str | None = None,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -87,10 +95,11 @@ def relay_response(
     @param event_streams: treat an unencoded C{text/event-stream} body as Server-Sent
         Events: its length may change (a final blank line is added), so no C{Content-Length}.
     @param filter_frames: and drop Azure's filter-only frames from it.
+    @param backend: the backend that answered, for C{x-aoaiproxy-backend} (SPEC §11).
     """
     if request._disconnected:  # type: ignore[attr-defined]
         # Close the upstream connection rather than leave its body unread.
-        response.deliverBody(_Discard())
+        discard(response)
         return
     request.setResponseCode(response.code, response.phrase)
     # Twisted's client keeps Connection and the other connection-control headers out of
@@ -100,9 +109,12 @@ def relay_response(
     for name in dict.fromkeys(n for n, _ in kept):
         request.responseHeaders.setRawHeaders(name, [v for n, v in kept if n == name])
     request.setHeader(b"Access-Control-Allow-Origin", b"*")
+    if backend is not None:
+        request.setHeader(BACKEND_HEADER, backend.encode("ascii"))
     request.defaultContentType = None  # type: ignore[attr-defined]
     content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
-    encoded = response.headers.hasHeader(b"content-encoding")
+    codings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).lower()
+    encoded = any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
         request.setHeader(b"Content-Length", b"%d" % response.length)
@@ -121,15 +133,34 @@ def relay_response(
 
 
 class ApiResource(Resource):
-    """Serves every origin-form request."""
+    """
+    Serves every origin-form request.
+
+    @param backends: the backend pool and token sources (the daemon's, started by it); by
+        default one of its own, started here.
+    @param recorder: the metrics the request path records (default: none).
+    """
 
     isLeaf = True
 
-    def __init__(self, live: LiveConfig, upstream: UpstreamClient, reactor: Any) -> None:
+    def __init__(
+        self,
+        live: LiveConfig,
+        upstream: UpstreamClient,
+        reactor: Any,
+        *,
+        backends: Backends | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         super().__init__()
         self._live = live
         self._upstream = upstream
         self._reactor = reactor
+        self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
+        if backends is None:
+            backends = Backends(live, reactor, recorder=self._recorder)
+            backends.start()
+        self._backends = backends
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
@@ -138,6 +169,8 @@ class ApiResource(Resource):
             self._render(request)
         except ProxyError as e:
             write_error(request, e)
+        except Exception:
+            self._unexpected(Failure(), request)
         return NOT_DONE_YET
 
     def _render(self, request: Request) -> None:
@@ -153,11 +186,12 @@ class ApiResource(Resource):
             return
         headers = raw_headers(request)
         if route.kind in ("models", "model"):
-            rewrite.upstream_auth(config, headers)
+            rewrite.client_credential(config, headers)
+            names = self._backends.models()
             if route.kind == "models":
-                self._local(request, rewrite.models_list(config))
+                self._local(request, rewrite.models_list(names))
             else:
-                self._local(request, rewrite.model_object(config, route.target))
+                self._local(request, rewrite.model_object(names, route.target))
             return
 
         content = request.content
@@ -166,54 +200,97 @@ class ApiResource(Resource):
         content_type = request.getHeader(b"content-type")
         body: bytes | None = None
         model_from_form: str | None = None
+        multipart = content_type is not None and content_type.lower().startswith(b"multipart/")
         if route.kind in ("deployment", "v1api") and request.method in (b"POST", b"PUT", b"PATCH"):
-            if content_type is not None and content_type.lower().startswith(b"multipart/"):
+            if multipart:
                 # A per-deployment form names its deployment in "model"; the v1 API's uploads
                 # (files) have no model to map and are sent as they are, unscanned.
                 if route.kind == "deployment":
-                    model_from_form = form_field(content, content_type, b"model")
+                    model_from_form = form_field(content, content_type or b"", b"model")
                     content.seek(0)
                     if model_from_form is None:
-                        rewrite.upstream_auth(config, headers)  # a 401 comes before a 400
+                        rewrite.client_credential(config, headers)  # a 401 comes before a 400
                         raise errors.missing_model()
-            elif rewrite.is_json(content_type) or route.kind == "deployment":
+            else:
+                # Any other body on these routes must be a JSON object, whatever its type
+                # claims: a JSON body sent as text/plain still has its model checked.
                 body = content.read()
                 content.seek(0)
-        upstream = rewrite.plan_upstream(config, route, request.method, query, headers, body, model_from_form)
-        note(request, model=upstream.model, deployment=upstream.deployment)
-        send_body: Any = upstream.body if upstream.body is not None else content
-        if upstream.body is None and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            send_body = nonempty_body(content)
-        d = self._upstream.request(
-            upstream.method,
-            upstream.url,
-            upstream.headers,
-            send_body,
-            connect_timeout=config.connect_timeout,
-            header_timeout=config.upstream_timeout,
-        )
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: d.cancel())
-        d.addCallback(
-            relay_response,
+        elif (
+            route.kind == "passthrough"
+            and request.method == b"POST"
+            and not config.keep_filter_frames
+            and not multipart
+            and rewrite.is_json(content_type)
+        ):
+            body = content.read()  # only to see whether it asks for a stream
+            content.seek(0)
+        client = rewrite.plan_client(config, route, request.method, query, headers, body, model_from_form)
+        note(request, model=client.model)
+        # The body each attempt sends: what was read, else the client's file as it is.
+        if body is not None:
+            replay = ReplayBody(body)
+        elif request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+            replay = ReplayBody(nonempty_body(content))
+        else:
+            replay = ReplayBody(content)
+        d = Attempts(self._backends, self._upstream, config, client, replay).start()
+        if not d.called:
+            request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallback(self._answer, request, client, config)
+        # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
+        # is a bug.
+        d.addErrback(lambda f: None if f.check(CancelledError) else self._unexpected(f, request))
+
+    def _answer(
+        self, answer: Answer, request: Request, client: rewrite.ClientRequest, config: Config
+    ) -> None:
+        """The attempts are over: relay the upstream's answer, or write the proxy's error."""
+        info: dict[str, Any] = {"attempts": answer.attempts}
+        if answer.backend is not None:
+            info.update(backend=answer.backend, deployment=answer.deployment)
+        note(request, **info)
+        if answer.response is None:
+            assert answer.error is not None
+            self._error(request, answer.error)
+            return
+        relay_response(
+            answer.response,
             request,
             self._reactor,
             config.upstream_timeout,
             event_streams=True,
-            filter_frames=upstream.azure_stream and not config.keep_filter_frames,
+            filter_frames=client.azure_stream and not config.keep_filter_frames,
+            backend=answer.backend,
         )
-        d.addErrback(self._failed, request)
 
-    def _failed(self, failure: Failure, request: Request) -> None:
+    def _error(self, request: Request, error: ProxyError) -> None:
+        """Write the proxy's error, unless the client left or a response has begun."""
         if request._disconnected or request.finished:  # type: ignore[attr-defined]
             return
         if request.startedWriting:  # pragma: no cover - defensive
             request.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
-        error = failure.value if isinstance(failure.value, ProxyError) else None
-        if error is None:
-            error = errors.upstream_unreachable(type(failure.value).__name__)
         write_error(request, error)
+
+    def _unexpected(self, failure: Failure, request: Request) -> None:
+        """
+        A bug: log it once (its type and where, never its message, which might hold a value
+        such as a key) and answer 500 in OpenAI's shape, or cut a response already started.
+        """
+        _log.error(
+            "unexpected {error} serving {method} {path}:\n{where}",
+            error=type(failure.value).__name__,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            where="".join(traceback.format_tb(failure.getTracebackObject())).rstrip(),
+        )
+        if request._disconnected or request.finished:  # type: ignore[attr-defined]
+            return
+        if request.startedWriting:  # type: ignore[attr-defined]
+            request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        write_error(request, errors.internal_error())
 
     def _preflight(self, request: Request) -> None:
         request.setResponseCode(204)
@@ -233,10 +310,3 @@ class ApiResource(Resource):
         if request.method != b"HEAD":
             request.write(answer.body)
         request.finish()
-
-
-class _Discard(Protocol):
-    """Receives an upstream body nobody wants: stops the upstream at once."""
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]

@@ -1,9 +1,20 @@
 """
 The request rewrite: pure functions from what a client sent to what goes upstream.
 
-No I/O here.  L{plan} takes the method, path, query, headers and (for JSON routes) the parsed
-body, and returns a L{Plan}: answer locally, or send this method, URL, headers and body
-upstream.  Errors are L{ProxyError}s.
+No I/O here.  A request is planned in two steps, because with several backends (SPEC §11) it
+may be sent to more than one:
+
+  - L{plan_client}, once per request: the route, method, query, headers and (for JSON routes)
+    the body give a L{ClientRequest}: the client's key checked, the model read, the headers
+    to forward (without any credential);
+  - L{for_backend}, once per attempt: that request for one backend, its deployment and its
+    credential (L{backend_auth}) gives an L{Upstream}: the method, URL, headers and body to
+    send.
+
+L{plan_upstream} does both for the first backend (the one-backend form with a key).  A body is
+read only at its top level (L{jsonbody}), and changed only by splicing: the bytes of the
+C{model} value are replaced, every other byte stays as the client sent it.  Errors are
+L{ProxyError}s.
 """
 
 from __future__ import annotations
@@ -17,9 +28,8 @@ from urllib.parse import unquote
 
 import attrs
 
-from aoaiproxy import errors
-from aoaiproxy.config import Config, valid_deployment
-from aoaiproxy.errors import ProxyError
+from aoaiproxy import errors, jsonbody
+from aoaiproxy.config import BackendConfig, Config, valid_deployment
 
 Header = tuple[bytes, bytes]
 
@@ -54,6 +64,11 @@ DEPLOYMENT_ROUTES: Mapping[str, str] = {
 
 #: First path segment after /v1/ of routes served by Azure's v1 API (/openai/v1/...).
 V1_API_PREFIXES = frozenset({"responses", "files", "batches", "fine_tuning", "vector_stores"})
+
+#: The top-level members of a JSON body that the proxy reads.
+BODY_MEMBERS = ("model", "stream")
+#: A C{model} value longer than this (raw bytes) is refused without decoding it.
+MAX_MODEL_BYTES = 1024
 
 _JWT = re.compile(rb"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 
@@ -165,13 +180,18 @@ def key_allowed(presented: bytes, keys: frozenset[str]) -> bool:
     return found
 
 
-def upstream_auth(config: Config, headers: Iterable[Header]) -> tuple[Header, ...]:
+def server_credential(config: Config) -> bool:
+    """Whether the proxy sends its own credential upstream (a key or Entra ID), not the client's."""
+    return any(b.auth != "client" for b in config.backends)
+
+
+def client_credential(config: Config, headers: Iterable[Header]) -> bytes | None:
     """
-    The authentication header to send upstream, after checking the client's key.  Raises a
-    401 L{ProxyError} for a missing or unknown key.
+    Check the client's key; return it when it is what goes upstream (no server credential),
+    else None.  Raises a 401 L{ProxyError} for a missing or unknown key.
     """
     presented = client_key(headers)
-    if config.server_key is not None:
+    if server_credential(config):
         if config.client_keys:
             if presented is None:
                 raise errors.missing_key()
@@ -179,13 +199,29 @@ def upstream_auth(config: Config, headers: Iterable[Header]) -> tuple[Header, ..
                 raise errors.unknown_key()
         elif not config.allow_anonymous:  # pragma: no cover - refused at start-up
             raise errors.unknown_key()
-        key = config.server_key.encode("utf-8")
-        if config.mode == "azure":
-            return ((b"api-key", key),)
-        return ((b"Authorization", b"Bearer " + key),)
+        return None
     if presented is None:
         raise errors.missing_key()
-    if config.mode == "openai" or _JWT.match(presented):
+    return presented
+
+
+def backend_auth(
+    mode: str, backend: BackendConfig, presented: bytes | None, token: str | None
+) -> tuple[Header, ...]:
+    """
+    The credential header for C{backend}: its key (C{api-key} in azure mode, a bearer in
+    openai mode), its Entra ID C{token} as a bearer, or (C{auth = "client"}) the client's key
+    C{presented} (a JWT, an Entra ID token of the client's, as a bearer).
+    """
+    if backend.auth == "key":
+        assert backend.api_key is not None
+        key = backend.api_key.encode("utf-8")
+        return ((b"api-key", key),) if mode == "azure" else ((b"Authorization", b"Bearer " + key),)
+    if backend.auth == "entra":
+        assert token is not None
+        return ((b"Authorization", b"Bearer " + token.encode("ascii")),)
+    assert presented is not None
+    if mode == "openai" or _JWT.match(presented):
         return ((b"Authorization", b"Bearer " + presented),)
     return ((b"api-key", presented),)
 
@@ -260,43 +296,71 @@ def deployment_for(config: Config, model: Any) -> str:
     return deployment
 
 
-def parse_json_body(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object body or raise a 400."""
+def read_body(body: bytes) -> jsonbody.TopLevel:
+    """The top level of a JSON object body (its L{BODY_MEMBERS}), or a 400."""
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return jsonbody.top_level(body, BODY_MEMBERS)
+    except jsonbody.TooComplex as e:
+        raise errors.json_too_complex(e.limit) from None
+    except jsonbody.JSONBodyError:
         raise errors.bad_json() from None
-    if not isinstance(value, dict):
-        raise errors.bad_json()
-    return value
 
 
-def deployment_url(config: Config, deployment: str, operation: str, query: bytes) -> bytes:
+def model_member(top: jsonbody.TopLevel) -> jsonbody.Member | None:
+    """The body's one top-level C{model} member, or None; a 400 if there are several."""
+    try:
+        return top.get("model")
+    except jsonbody.DuplicateMember:
+        raise errors.duplicate_member("model") from None
+
+
+def model_value(body: bytes, member: jsonbody.Member) -> str:
+    """The model a body names: a JSON string, else a 400 (C{null}: no model)."""
+    raw = member.raw(body)
+    if raw == b"null":
+        raise errors.missing_model()
+    if raw[:1] != b'"' or len(raw) > MAX_MODEL_BYTES:
+        raise errors.bad_model(raw[:100].decode("utf-8", "replace"))
+    try:
+        model: str = json.loads(raw)
+    except ValueError:
+        raise errors.bad_json() from None
+    return model
+
+
+def is_stream(body: bytes, top: jsonbody.TopLevel) -> bool:
+    """Whether a body asks for a stream (C{"stream": true} at its top level)."""
+    return any(m.raw(body) == b"true" for m in top.named("stream"))
+
+
+def identity_encoding(headers: Sequence[Header]) -> tuple[Header, ...]:
+    """C{headers} asking for an unencoded response: C{Accept-Encoding: identity}."""
+    kept = [(n, v) for n, v in headers if n.lower() != b"accept-encoding"]
+    return (*kept, (b"Accept-Encoding", b"identity"))
+
+
+def deployment_url(endpoint: str, api_version: str, deployment: str, operation: str, query: bytes) -> bytes:
     return (
-        f"{config.endpoint}/openai/deployments/{deployment}/{operation}".encode("ascii")
+        f"{endpoint}/openai/deployments/{deployment}/{operation}".encode("ascii")
         + b"?"
-        + query_with_api_version(query, config.api_version)
+        + query_with_api_version(query, api_version)
     )
 
 
-def plain_url(config: Config, path: str, query: bytes) -> bytes:
-    url = config.endpoint.encode("ascii") + path.encode("latin-1")
+def plain_url(endpoint: str, path: str, query: bytes) -> bytes:
+    url = endpoint.encode("ascii") + path.encode("latin-1")
     return url + b"?" + query if query else url
 
 
-def models_list(config: Config) -> Local:
-    data = [_model_object(name) for name in config.models]
+def models_list(names: Iterable[str]) -> Local:
+    """C{/v1/models}: the models of every backend (L{aoaiproxy.backends.Pool.models})."""
+    data = [_model_object(name) for name in names]
     return _json(200, {"object": "list", "data": data})
 
 
-def model_object(config: Config, model: str) -> Local:
-    if model not in config.models:
-        raise ProxyError(
-            404,
-            f"The model {model[:80]!r} does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
+def model_object(names: Iterable[str], model: str) -> Local:
+    if model not in names:
+        raise errors.model_not_found(model)
     return _json(200, _model_object(model))
 
 
@@ -315,6 +379,114 @@ def is_json(content_type: bytes | None) -> bool:
     return content_type is None or b"json" in content_type.split(b";", 1)[0].lower()
 
 
+@attrs.frozen
+class ClientRequest:
+    """
+    What a client's request asks for, whichever backend serves it (L{plan_client}); each
+    attempt makes it an L{Upstream} for one backend (L{for_backend}).
+    """
+
+    route: Route
+    method: bytes
+    query: bytes
+    #: The client's headers to forward: no credential (each backend adds its own).
+    headers: tuple[Header, ...]
+    #: The client's key, when it is what goes upstream (no server credential), else None.
+    presented: bytes | None = attrs.field(repr=False)
+    #: The model the request names; None when it names none (files, batches, passthrough).
+    model: str | None = None
+    #: A JSON body whose C{model} member is spliced per backend (the v1 API), else None.
+    body: bytes | None = attrs.field(default=None, repr=False, eq=False)
+    member: jsonbody.Member | None = attrs.field(default=None, eq=False)
+    #: Whether Azure's filter-only SSE frames may appear (and so may be dropped).
+    azure_stream: bool = False
+
+
+def plan_client(
+    config: Config,
+    route: Route,
+    method: bytes,
+    query: bytes,
+    headers: Sequence[Header],
+    body: bytes | None,
+    model_from_form: str | None = None,
+) -> ClientRequest:
+    """
+    Check the client's key and read what the request asks for (once per request).
+
+    @param body: the client's body when the route needs to look into it (JSON routes, and a
+        JSON body on an Azure-shaped route, for C{stream}), else None.
+    @param model_from_form: the C{model} field of a multipart body, read by the caller.
+    """
+    presented = client_credential(config, headers)
+    out_headers = forward_headers(headers, ())
+    # Azure's filter-only frames are dropped from chat streams (relay.FilterFrames), which
+    # cannot read an encoded stream: ask for none when the body asks for a stream.
+    filtered = not config.keep_filter_frames
+    if route.kind == "deployment":
+        if model_from_form is not None:
+            model = model_from_form
+        else:
+            body = body or b""
+            top = read_body(body)
+            member = model_member(top)
+            if member is None:
+                raise errors.missing_model()
+            model = model_value(body, member)
+            if filtered and is_stream(body, top):
+                out_headers = identity_encoding(out_headers)
+        return ClientRequest(route, method, query, out_headers, presented, model, azure_stream=True)
+    if route.kind == "v1api":
+        if body:
+            top = read_body(body)
+            member = model_member(top)
+            if member is not None:
+                model = model_value(body, member)
+                return ClientRequest(route, method, query, out_headers, presented, model, body, member)
+        # No chat-completion chunks here (Responses streams typed events): nothing to drop.
+        return ClientRequest(route, method, query, out_headers, presented)
+    # passthrough (/openai/...) and openai mode: unchanged but for authentication (and, for
+    # an Azure stream whose frames are filtered, the encoding asked for).
+    azure_stream = config.mode == "azure"
+    if azure_stream and filtered and body:
+        try:
+            if is_stream(body, jsonbody.top_level(body, ("stream",))):
+                out_headers = identity_encoding(out_headers)
+        except jsonbody.JSONBodyError:
+            pass  # not read here: Azure judges the body
+    return ClientRequest(route, method, query, out_headers, presented, azure_stream=azure_stream)
+
+
+def for_backend(
+    config: Config,
+    client: ClientRequest,
+    backend: BackendConfig,
+    deployment: str | None,
+    auth: Sequence[Header],
+) -> Upstream:
+    """
+    The request to send to C{backend} (one attempt): its endpoint, its C{deployment} for the
+    client's model (None when the request names none) and its credential C{auth}
+    (L{backend_auth}).  L{Upstream.body} is None when the client's body goes unchanged.
+    """
+    route = client.route
+    headers = (*client.headers, *auth)
+    if route.kind == "deployment":
+        assert deployment is not None
+        url = deployment_url(backend.endpoint, config.api_version, deployment, route.target, client.query)
+        return Upstream(client.method, url, headers, None, client.model, deployment, azure_stream=True)
+    if route.kind == "v1api":
+        new_body = None
+        if client.body is not None and client.member is not None and deployment is not None:
+            if deployment != client.model:
+                value = json.dumps(deployment).encode("ascii")
+                new_body = jsonbody.replace_value(client.body, client.member, value)
+        url = plain_url(backend.endpoint, route.target, v1_api_query(client.query))
+        return Upstream(client.method, url, headers, new_body, client.model, deployment)
+    url = plain_url(backend.endpoint, route.target, client.query)
+    return Upstream(client.method, url, headers, azure_stream=client.azure_stream)
+
+
 def plan_upstream(
     config: Config,
     route: Route,
@@ -325,57 +497,11 @@ def plan_upstream(
     model_from_form: str | None = None,
 ) -> Upstream:
     """
-    Build the upstream request for a routed, authenticated client request.
-
-    @param body: the client's body when the route needs to look into it (JSON routes), else
-        None.  L{Upstream.body} is None when the client's body is to be sent unchanged.
-    @param model_from_form: the C{model} field of a multipart body, read by the caller.
+    L{plan_client} and L{for_backend} for the first backend, through the global model map
+    (the one-backend form with a key, or the client's own; no Entra ID token here).
     """
-    auth = upstream_auth(config, headers)
-    out_headers = forward_headers(headers, auth)
-    model: Any
-    deployment: str | None
-    if route.kind == "deployment":
-        if model_from_form is not None:
-            model = model_from_form
-        else:
-            model = parse_json_body(body or b"").get("model")
-        deployment = deployment_for(config, model)
-        return Upstream(
-            method,
-            deployment_url(config, deployment, route.target, query),
-            out_headers,
-            None,
-            model if isinstance(model, str) else None,
-            deployment,
-            azure_stream=True,
-        )
-    if route.kind == "v1api":
-        new_body = None
-        model = None
-        deployment = None
-        if body:
-            parsed = parse_json_body(body)
-            if "model" in parsed:
-                model = parsed["model"]
-                deployment = deployment_for(config, model)
-                if deployment != model:
-                    parsed["model"] = deployment
-                    new_body = json.dumps(parsed, ensure_ascii=False).encode("utf-8")
-        return Upstream(
-            method,
-            plain_url(config, route.target, v1_api_query(query)),
-            out_headers,
-            new_body,
-            model,
-            deployment,
-            # No chat-completion chunks here (Responses streams typed events): nothing to drop.
-            azure_stream=False,
-        )
-    # passthrough (/openai/...) and openai mode: unchanged but for authentication.
-    return Upstream(
-        method,
-        plain_url(config, route.target, query),
-        out_headers,
-        azure_stream=config.mode == "azure",
-    )
+    client = plan_client(config, route, method, query, headers, body, model_from_form)
+    backend = config.backends[0]
+    deployment = None if client.model is None else deployment_for(config, client.model)
+    auth = backend_auth(config.mode, backend, client.presented, None)
+    return for_backend(config, client, backend, deployment, auth)

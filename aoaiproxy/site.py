@@ -4,14 +4,18 @@ role from its request-target (RFC 9112 §3.2): C{CONNECT host:port} and absolute
 (C{GET http://host/path}) go to the forward proxy, origin-form (C{POST /v1/...}) to the
 reverse API resource.
 
-The request class also enforces C{max_body}: a body announced or found to be larger gets a
-413 as soon as that is known, before the rest is read.
+The request class decides at the end of each head whether the request will be refused
+(L{aoaiproxy.admission}): a body announced or found to be larger than C{max_body} gets a 413,
+and a request with a body that its route, its key or its proxy credentials refuse (401, 407,
+403, 404...) is answered at once, before its body is read (and with no C{100 Continue}).  A
+body no route reads (C{/healthz}, C{OPTIONS}) is discarded as it arrives, never stored.
 
 The channel class enforces the limits on a request's head (L{ProxyChannel}: 414, 431, 408,
-and 400 for malformed requests, all in OpenAI's error shape), keeps its site's count of open
-connections (L{Connections}, for the graceful stop), and can hand its connection to another
-protocol (L{ProxyChannel.hand_over}: a CONNECT tunnel, TLS interception).  Each listener
-listens with its own L{Listener}, which refuses connections over the process's cap (503).
+and 400 for malformed requests, all in OpenAI's error shape) and the total time its body may
+take (408), keeps its site's count of open connections (L{Connections}, for the graceful
+stop), and can hand its connection to another protocol (L{ProxyChannel.hand_over}: a CONNECT
+tunnel, TLS interception).  Each listener listens with its own L{Listener}, which refuses
+connections over the process's cap (503).
 """
 
 from __future__ import annotations
@@ -28,24 +32,32 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
-from zope.interface import alsoProvides
+from zope.interface import implementer
 
-from aoaiproxy import _twisted, errors
+from aoaiproxy import _twisted, admission, errors
 from aoaiproxy.config import LiveConfig
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.forward.tunnel import half_closeable
 from aoaiproxy.log import AccessLog
+from aoaiproxy.resource import raw_headers
 
 if TYPE_CHECKING:
     from aoaiproxy.forward import Forwarder
 
 _log = Logger(namespace="aoaiproxy")
 
-#: How long a connection whose body was refused (413) may go on sending it, so that the client
-#: reads our answer instead of a reset, before it is cut.
+#: How long a connection whose body was refused (413, 401, 407...) may go on sending it, so
+#: that the client reads our answer instead of a reset, before it is cut.
 LINGER_SECONDS = 5.0
+
+#: The total time a request body may take to arrive, from the end of its head (a client
+#: sending one byte now and then stays within the idle timeout, not within this): beyond it,
+#: 408 and the connection is closed.  The configuration's C{body_timeout}, once it has one.
+BODY_TIMEOUT = 300.0
 
 #: How long a connection refused before its request was read (400, 408, 414, 431, 503) is
 #: kept open, reading and discarding, so the client reads our answer rather than a reset.
@@ -57,37 +69,69 @@ REJECT_DISCARD_BYTES = 256 * 1024
 BUSY_LINGER_MAX = 64
 
 
+#: Reason phrases of RFC 9110 and RFC 6585 where Twisted's table has none or an obsolete one.
+_REASONS = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    504: b"Gateway Timeout",
+}
+
+
+def reason(status: int) -> bytes:
+    """The reason phrase of the proxy's own answers with C{status}."""
+    return _REASONS.get(status) or http.RESPONSES.get(status) or b"Unknown"
+
+
+def close_lingering(transport: Any, reactor: Any, linger: float) -> IDelayedCall:
+    """
+    Close a connection whose last answer was written: end our side of it, so that the client
+    sees the end of our answer at once (plain TCP: a half-close; TLS: its C{close_notify},
+    after which TLS goes on reading until the client's), and abort it after C{linger}
+    seconds.  The caller reads and discards whatever the client sends meanwhile (so that
+    closing does not reset the connection before the client has read the answer), and
+    cancels the returned call when the connection is lost.
+    """
+    if half_closeable(transport):
+        transport.loseWriteConnection()
+    elif isinstance(transport, TLSMemoryBIOProtocol):
+        # TLS sends its close_notify once no producer is registered (the channel is one).
+        transport.unregisterProducer()
+        transport.loseConnection()
+    return reactor.callLater(linger, transport.abortConnection)  # type: ignore[no-any-return]
+
+
 def answer_and_close(
     transport: Any, reactor: Any, error: ProxyError, linger: float = REJECT_LINGER_SECONDS
 ) -> IDelayedCall:
     """
-    Write C{error} as a complete HTTP/1.1 response on a connection whose request will not be
-    read, half-close it (so the client sees the end of our answer at once), and abort it after
-    C{linger} seconds.  The caller discards whatever the client sends meanwhile, and cancels
-    the returned call when the connection is lost.
+    Write C{error} as a complete HTTP/1.1 response (C{Connection: close}) on a connection
+    whose request will not be read, and close it (L{close_lingering}).
     """
+    transport.write(_answer(error))
+    return close_lingering(transport, reactor, linger)
+
+
+def _answer(error: ProxyError) -> bytes:
     body = error.body()
     head = [
-        b"HTTP/1.1 %d %s" % (error.status, http.RESPONSES.get(error.status, b"Error")),
+        b"HTTP/1.1 %d %s" % (error.status, reason(error.status)),
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(body),
         b"Access-Control-Allow-Origin: *",
         b"Connection: close",
     ]
     head.extend(name + b": " + value for name, value in error.headers)
-    transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-    # TCP supports half-closing; TLS (TLSMemoryBIOProtocol) does not: there, the client
-    # closes after reading our complete answer, or the linger timer does.
-    half_close = getattr(transport, "loseWriteConnection", None)
-    if half_close is not None:
-        half_close()
-    return reactor.callLater(linger, transport.abortConnection)  # type: ignore[no-any-return]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 def _head_error(status: int, message: str, code: str) -> ProxyError:
     return ProxyError(status, message, code=code)
 
 
+@implementer(IHalfCloseableProtocol)
 class ProxyChannel(http.HTTPChannel):
     """
     The HTTP/1.1 connection of every listener, with the limits from the configuration:
@@ -96,11 +140,18 @@ class ProxyChannel(http.HTTPChannel):
       - C{max_header_size} (request line and header lines) and C{max_headers}: 431;
       - C{header_timeout}: a request head not complete this long after its first byte (a
         slow-loris client) gets 408;
+      - L{BODY_TIMEOUT}: a request body not complete this long after its head gets 408;
       - a malformed request gets 400 (Twisted's own bare 400, in OpenAI's shape here).
 
     Each of these answers is complete, says C{Connection: close}, and the connection is then
     closed: its request is never processed.  The idle timeout (keep-alive, and silence inside
     a request body) is the site's C{timeOut}, set per connection by L{ProxySite}.
+
+    Head lines may end with a bare LF, as nginx accepts (what a person typing into nc
+    sends); the head is parsed here and never passed on as bytes, so this cannot make a
+    request mean two things.  A client that half-closes still reads the answers already
+    made (a refusal, a finished response); one that half-closes while its request is in
+    flight has left (as nginx sees it), and its request is cancelled.
 
     The channel counts itself among its site's open connections (L{ProxySite.connections})
     and its listener's (L{Listener}) from C{connectionMade} to C{connectionLost}, and knows
@@ -112,16 +163,22 @@ class ProxyChannel(http.HTTPChannel):
     #: (TLS interception serves HTTP inside a CONNECT): such a one counts for the drain, not
     #: for a listener's cap.
     listener: Listener | None = None
+    #: Lines end with LF; a CR before it is removed (L{lineReceived}).
+    delimiter = b"\n"
     _in_head = True
     _head_lines = 0
     _head_size = 0
     _header_count = 0
     _head_timer: IDelayedCall | None = None
+    _body_timer: IDelayedCall | None = None
     _rejected = False
     _discarded = 0
+    _discard_limit: int | None = REJECT_DISCARD_BYTES
     _linger: IDelayedCall | None = None
+    _close_after: http.Request | None = None
     _max_request_line = 8192
     _header_timeout = 30.0
+    _body_timeout = BODY_TIMEOUT
     _handed_to: IProtocol | None = None
     _lost = False
 
@@ -130,10 +187,11 @@ class ProxyChannel(http.HTTPChannel):
         self.maxHeaders = config.max_headers
         self.totalHeadersSize = config.max_header_size
         # No single line may be longer than the whole head (LineReceiver's own limit would
-        # drop the connection without an answer).
-        self.MAX_LENGTH = max(config.max_header_size, config.max_request_line)
+        # drop the connection without an answer); it counts the CR before the LF.
+        self.MAX_LENGTH = max(config.max_header_size, config.max_request_line) + 1
         self._max_request_line = config.max_request_line
         self._header_timeout = config.header_timeout
+        self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
         super().connectionMade()
         self.site.connections.add(self)
         if self.listener is not None:
@@ -173,7 +231,10 @@ class ProxyChannel(http.HTTPChannel):
             had buffered, are passed to C{protocol.dataReceived} before this returns, then
             every byte that arrives;
           - a half-close by a plain TCP client reaches C{protocol.readConnectionLost} if
-            C{protocol} provides C{IHalfCloseableProtocol} (else the connection is lost);
+            C{protocol} provides C{IHalfCloseableProtocol} (else the connection is closed);
+          - a graceful stop (L{close_when_done}) calls C{protocol.close_when_done()} if it
+            has one (a tunnel decides when it is done); else the connection stays open
+            until it ends or the drain deadline cuts it;
           - C{connectionLost} reaches C{protocol} first; then the channel ends the request it
             was handling (its access line, with the status the caller set, is written then)
             and leaves its site's and listener's counts.
@@ -190,6 +251,7 @@ class ProxyChannel(http.HTTPChannel):
         transport = self.transport
         self._handed_to = protocol
         self._end_head()
+        self._end_body()
         self.setTimeout(None)
         pipelined = _twisted.take_pipelined(self) + self.clearLineBuffer()
         # A transport takes one producer: the new protocol may register its own.
@@ -198,26 +260,44 @@ class ProxyChannel(http.HTTPChannel):
         if network is not None:
             # The channel pauses reading while it buffers pipelined bytes.
             network.resumeProducing()
-        if IHalfCloseableProtocol.providedBy(protocol):
-            # The transport asks its protocol (this channel) for the interface on a half-close.
-            alsoProvides(self, IHalfCloseableProtocol)
         protocol.makeConnection(transport)
         if pipelined:
             protocol.dataReceived(pipelined)
 
     def readConnectionLost(self) -> None:
-        """A half-close, passed on (provided once handed to a half-closeable protocol)."""
-        IHalfCloseableProtocol(self._handed_to).readConnectionLost()
+        """
+        The client half-closed (plain TCP): passed on once handed over; else the answers
+        already made are sent and the connection closed, unless a request is in flight (its
+        client has left: it is cancelled, as when the connection is lost).
+        """
+        if self._handed_to is not None:
+            handed = IHalfCloseableProtocol(self._handed_to, None)
+            if handed is not None:
+                handed.readConnectionLost()
+                return
+        elif self._rejected or not self.requests:
+            self.loseConnection()
+            return
+        self.abort()
 
     def writeConnectionLost(self) -> None:
-        """Our half-close completed, passed on (as L{readConnectionLost})."""
-        IHalfCloseableProtocol(self._handed_to).writeConnectionLost()
+        """Our half-close completed: passed on once handed over to a half-closeable protocol."""
+        handed = IHalfCloseableProtocol(self._handed_to, None)
+        if handed is not None:
+            handed.writeConnectionLost()
 
     def close_when_done(self) -> None:
         """
         For a graceful stop: close the connection now if it is idle; else let the request in
-        flight finish, answered with C{Connection: close}, and close it then.
+        flight finish, answered with C{Connection: close}, and close it then.  A connection
+        handed over is asked to close when it is done, if its protocol can tell
+        (L{hand_over}).
         """
+        if self._handed_to is not None:
+            stop = getattr(self._handed_to, "close_when_done", None)
+            if callable(stop):
+                stop()
+            return
         if not self.busy:
             if not self._lost:
                 self.loseConnection()
@@ -226,6 +306,23 @@ class ProxyChannel(http.HTTPChannel):
         for request in list(self.requests):
             if not request.startedWriting:
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def close_after(self, request: http.Request) -> None:
+        """
+        Answer C{request} with C{Connection: close}, and once its response is done close
+        the connection, reading and discarding what the client sends meanwhile (a while, as
+        after a refusal): nothing the client sent after C{request} is parsed.  For a refused
+        CONNECT, whose client may have sent its first tunnel bytes already.
+        """
+        self.persistent = False
+        self._close_after = request
+        if not request.startedWriting:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the client sent bytes after the request being handled (not parsed yet)."""
+        return _twisted.pipelined_length(self) > 0
 
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
@@ -249,6 +346,9 @@ class ProxyChannel(http.HTTPChannel):
         if self._handed_to is not None:  # handed over from inside LineReceiver's loop
             self._handed_to.dataReceived(data)
             return
+        if self._rejected:  # refused from inside LineReceiver's loop
+            self._discard(data)
+            return
         super().rawDataReceived(data)
 
     def _start_head_timer(self) -> None:
@@ -258,6 +358,8 @@ class ProxyChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._rejected:
             return
+        if line.endswith(b"\r"):
+            line = line[:-1]
         if self._in_head:
             # A pipelined request's lines arrive here without a new dataReceived.
             self._start_head_timer()
@@ -296,6 +398,15 @@ class ProxyChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._end_head()
         super().allHeadersReceived()
+        # The body's time starts (the request may have been refused meanwhile).
+        if self.length != 0 and not self._rejected and not self._lost:
+            self._body_timer = self.site.reactor.callLater(self._body_timeout, self._body_timed_out)
+
+    def allContentReceived(self) -> None:
+        self._end_body()
+        if self._rejected:  # the end of a refused body: nothing is processed
+            return
+        super().allContentReceived()
 
     def checkPersistence(self, request: http.Request, version: bytes) -> bool:
         # While draining, a request whose head was still arriving must not make its
@@ -312,6 +423,10 @@ class ProxyChannel(http.HTTPChannel):
             if request in self.requests:
                 self.requests.remove(request)
             return
+        if request is self._close_after:
+            self.requests.remove(request)
+            self._stop_http(REJECT_LINGER_SECONDS, REJECT_DISCARD_BYTES)
+            return
         # The next request's head starts now (its bytes may already be buffered).
         self._in_head = True
         self._head_lines = 0
@@ -326,6 +441,7 @@ class ProxyChannel(http.HTTPChannel):
                 self._handed_to.connectionLost(reason)
         finally:
             self._end_head()
+            self._end_body()
             if self._linger is not None and self._linger.active():
                 self._linger.cancel()
             self._linger = None
@@ -346,6 +462,11 @@ class ProxyChannel(http.HTTPChannel):
             self._head_timer.cancel()
         self._head_timer = None
 
+    def _end_body(self) -> None:
+        if self._body_timer is not None and self._body_timer.active():
+            self._body_timer.cancel()
+        self._body_timer = None
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         self._reject(
@@ -356,25 +477,65 @@ class ProxyChannel(http.HTTPChannel):
             )
         )
 
-    def _reject(self, error: ProxyError) -> None:
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        self._reject(
+            _head_error(
+                408,
+                f"The request body was not received within {self._body_timeout:g}s.",
+                "request_timeout",
+            )
+        )
+
+    def refuse(self, error: ProxyError) -> None:
+        """
+        Answer C{error} now instead of reading the body of the request whose head was just
+        read (413, or what L{aoaiproxy.admission} decided), and close the connection; what
+        the client goes on sending is read and discarded for L{LINGER_SECONDS}, so that a
+        client that sends its whole body before reading reads our answer, not a reset.
+        """
+        self._reject(error, LINGER_SECONDS, None)
+
+    def _reject(
+        self,
+        error: ProxyError,
+        linger: float = REJECT_LINGER_SECONDS,
+        discard_limit: int | None = REJECT_DISCARD_BYTES,
+    ) -> None:
         """Answer C{error} instead of reading the request, and close the connection."""
         if self._rejected or self._lost or self.transport is None:
             return
+        if self.requests and self.requests[-1].startedWriting:  # pragma: no cover - defensive
+            self.abort()  # an answer was begun: another one cannot follow
+            return
+        self.transport.write(_answer(error))
+        self._stop_http(linger, discard_limit)
+        self.site.access_log.refused_head(self, error.status, sent=len(error.body()), error=error.code)
+
+    def _stop_http(self, linger: float, discard_limit: int | None) -> None:
+        """
+        Parse no more HTTP on this connection, whose last answer was written: close it
+        (L{close_lingering}), reading and discarding up to C{discard_limit} bytes meanwhile
+        (more: cut at once).
+        """
         self._rejected = True
+        self._discard_limit = discard_limit
         self._end_head()
+        self._end_body()
         self.setTimeout(None)
         self.clearLineBuffer()
+        _twisted.take_pipelined(self)
         # Read (and discard) until the client closes: reading may have been paused while
         # the channel held pipelined bytes or the client did not read our answers.
         network = IPushProducer(self.transport, None)
         if network is not None:
             network.resumeProducing()
-        self._linger = answer_and_close(self.transport, self.site.reactor, error)
-        self.site.access_log.refused_head(self, error.status)
+        self._linger = close_lingering(self.transport, self.site.reactor, linger)
 
     def _discard(self, data: bytes) -> None:
         self._discarded += len(data)
-        if self._discarded > REJECT_DISCARD_BYTES and self.transport is not None:
+        limit = self._discard_limit
+        if limit is not None and self._discarded > limit and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
@@ -393,10 +554,14 @@ class ProxyRequest(server.Request):
 
     site: ProxySite
     _refused = False
+    #: Whether the body is discarded as it arrives (a route that never reads one).
+    _body_unused = False
     _received = 0
     #: For the access log: when the request started, and whether it has been logged.
     log_started = 0.0
     log_done = False
+    #: Whether this CONNECT was answered 200 and its connection handed over (L{establish}).
+    established = False
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -413,48 +578,62 @@ class ProxyRequest(server.Request):
         super().connectionLost(reason)
         site.access_log.emit(self, aborted=True)
 
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        # The reason phrases of RFC 9110 where Twisted's are obsolete (an upstream's own
+        # phrase, when it is relayed, is passed as it is).
+        super().setResponseCode(code, reason(code) if message is None else message)
+
     @property
     def _site(self) -> ProxySite:
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]
         return site
 
     @property
-    def _transport(self) -> Any:
-        return self.channel.transport
+    def _channel(self) -> ProxyChannel:
+        channel: ProxyChannel = self.channel  # type: ignore[assignment]
+        return channel
 
     def _limit(self) -> int:
         return self._site.live.config.max_body
 
     def gotLength(self, length: int | None) -> None:
+        # Called once the head is read, before any byte of the body (and before Twisted
+        # answers "Expect: 100-continue"): the moment to refuse what the head already says.
+        error = None
         if length is not None and length > self._limit():
-            self._refuse()
-        super().gotLength(0 if self._refused else length)
+            error = errors.too_large(self._limit())
+        elif length != 0:  # a body follows (chunked: None)
+            error, self._body_unused = self._judge_head()
+        if error is not None:
+            self._refuse(error)
+        super().gotLength(0 if self._refused or self._body_unused else length)
+
+    def _judge_head(self) -> tuple[ProxyError | None, bool]:
+        """What the head of a request with a body decides: its refusal, or whether its body is unused."""
+        line = _twisted.request_line(self.channel)
+        if line is None:  # pragma: no cover - the request line is parsed before any header
+            return None, False
+        method, target = line
+        config = self._site.live.config
+        error = admission.refusal(config, method, target, raw_headers(self))
+        return error, error is None and admission.body_unused(method, target)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
         self._received += len(data)
         if self._received > self._limit():
-            self._refuse()
+            self._refuse(errors.too_large(self._limit()))
             return
-        super().handleContentChunk(data)
+        if not self._body_unused:
+            super().handleContentChunk(data)
 
-    def _refuse(self) -> None:
-        """
-        Answer 413 now; the rest of the body is read and discarded (so the client reads our
-        answer, not a reset) until it ends or L{LINGER_SECONDS} pass.
-        """
+    def _refuse(self, error: ProxyError) -> None:
+        """Answer C{error} now, before (the rest of) the body is read (L{ProxyChannel.refuse})."""
         self._refused = True
         # No "100 Continue" after our final answer.
         self.requestHeaders.removeHeader(b"expect")
-        answer_and_close(self._transport, self._site.reactor, errors.too_large(self._limit()), LINGER_SECONDS)
-        self._site.access_log.refused(self)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            self._transport.loseConnection()
-            return
-        super().requestReceived(command, path, version)
+        self._channel.refuse(error)
 
     def process(self) -> None:
         # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
@@ -463,6 +642,18 @@ class ProxyRequest(server.Request):
             return
         super().process()
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether the client sent bytes after this request (a CONNECT's first tunnel bytes)."""
+        return self._channel.pipelined
+
+    def close_connection_after(self) -> None:
+        """
+        Close the connection once this request's response is done, parsing nothing the
+        client sent after it (L{ProxyChannel.close_after}).
+        """
+        self._channel.close_after(self)
+
     def establish(self, protocol: IProtocol) -> None:
         """
         Answer this CONNECT with C{200 Connection Established} and hand the connection to
@@ -470,10 +661,10 @@ class ProxyRequest(server.Request):
         request is never finished: its access line (status 200) is written when the
         connection closes.
         """
-        channel: ProxyChannel = self.channel  # type: ignore[assignment]
         self.setResponseCode(200)
-        self._transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        channel.hand_over(protocol)
+        self.established = True
+        self._channel.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")  # type: ignore[union-attr]
+        self._channel.hand_over(protocol)
 
 
 class ProxySite(server.Site):

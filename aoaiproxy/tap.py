@@ -8,14 +8,17 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from aoaiproxy.config import OPTIONS, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.options import flag_table, given_flags, parameter_table, repeatable_handlers
+from aoaiproxy.service import Reloader
 
 if TYPE_CHECKING:
+    from aoaiproxy.forward.intercept import Interceptor
     from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
 
@@ -75,6 +78,9 @@ def makeService(options: Options) -> service.IService:
         # Several processes (SPEC §15): this one binds and supervises, the workers serve.
         from aoaiproxy.workers import supervisor
 
+        if config.intercept:
+            # The CA made (or checked) once, here: each worker then loads the same one.
+            interceptor(LiveConfig(config), reactor)
         return supervisor(config, options.flags(), options.environ, reactor)
     top, site = proxy_service(config, options.flags(), options.environ, reactor)
     for description in config.listen:
@@ -97,26 +103,54 @@ def proxy_service(
 ) -> tuple[DaemonService, ProxySite]:
     """
     A whole proxy but its listeners: the daemon's top service (C{top}, L{DaemonService} by
-    default) holding the upstream client, and the site every listener serves.  The single
-    process adds its listeners; a worker of several adds the sockets its parent gave it.
+    default) holding the upstream client and the backends, and the site every listener
+    serves.  The single process adds its listeners; a worker of several adds the sockets its
+    parent gave it.
     """
+    from twisted.web.resource import Resource
+
     from aoaiproxy.forward import Forwarder
+    from aoaiproxy.forward.intercept import CARoute
+    from aoaiproxy.gateway import Backends
     from aoaiproxy.resource import ApiResource
-    from aoaiproxy.service import DaemonService, Reloader
+    from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
     from aoaiproxy.upstream import UpstreamClient
 
     live = LiveConfig(config)
-    upstream = UpstreamClient(reactor)
-    resource = ApiResource(live, upstream, reactor)
+    # The same head limits for upstream responses as for clients' requests (as at start-up).
+    upstream = UpstreamClient(reactor, max_headers=config.max_headers, max_head_bytes=config.max_header_size)
+    # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
+    # (Metrics: Backends(..., recorder=) records attempts, availability and rate limits.)
+    backends = Backends(live, reactor)
+    resource: Resource = ApiResource(live, upstream, reactor, backends=backends)
+    intercepting = None
+    if config.intercept:
+        # TLS interception: the CA (loaded, or generated in the state directory), whose
+        # certificate the site serves at /aoaiproxy/ca.pem, and which SIGHUP reloads.
+        intercepting = interceptor(live, reactor)
+        resource = CARoute(intercepting, resource)
     # The tunnel idle timeout is read from the live config per tunnel, so a reload changes it.
-    forwarder = Forwarder(reactor, live, upstream=upstream)
+    forwarder = Forwarder(reactor, live, upstream=upstream, interceptor=intercepting)
     site = ProxySite(resource, live, reactor, forwarder)
     # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
-    reloader = Reloader(flags, environ, live)
+    reloader = _Reloader(flags, environ, live, interceptor=intercepting)
     daemon = (top or DaemonService)(live, site.connections, reactor, reloader)
     _Closing(upstream).setServiceParent(daemon)
+    _Tokens(backends).setServiceParent(daemon)
     return daemon, site
+
+
+def interceptor(live: LiveConfig, reactor: Any) -> Interceptor:
+    """The interception CA the configuration names, loaded or generated; one line if it cannot be."""
+    from aoaiproxy.forward.ca import CAFilesError
+    from aoaiproxy.forward.intercept import Interceptor
+
+    try:
+        return Interceptor.start(live, reactor.seconds)
+    except CAFilesError as e:
+        option = "intercept.ca_cert" if live.config.intercept_ca_cert else "--state-dir"
+        raise SystemExit(f"aoaiproxy: {option}: {e}") from None
 
 
 def open_files(config: Config) -> None:
@@ -138,6 +172,19 @@ def open_files(config: Config) -> None:
     )
 
 
+@attrs.define
+class _Reloader(Reloader):
+    """Reloads the interception CA too, after the configuration (which names its files)."""
+
+    interceptor: Interceptor | None = None
+
+    def reload(self) -> bool:
+        ok = super().reload()
+        if self.interceptor is not None:
+            ok = self.interceptor.reload() and ok
+        return ok
+
+
 class _Closing(service.Service):
     def __init__(self, upstream: Any) -> None:
         self._upstream = upstream
@@ -145,3 +192,22 @@ class _Closing(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         return self._upstream.close()
+
+
+class _Tokens(service.Service):
+    """
+    Starts the Entra ID token sources once the reactor runs (the first token is sought in a
+    thread, for up to 10 s, while the daemon already serves; requests that need it wait for
+    it meanwhile) and stops them after the drain.
+    """
+
+    def __init__(self, backends: Any) -> None:
+        self._backends = backends
+
+    def startService(self) -> None:
+        super().startService()
+        self._backends.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._backends.stop()

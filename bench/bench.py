@@ -1,120 +1,507 @@
 """
-Benchmark: requests per second, latency and memory of a C{twistd -n aoaiproxy} subprocess in
-front of the fake Azure upstream (also a subprocess), over loopback.
+The project's bench, side by side: aoaiproxy (C{twistd -n aoaiproxy} from this checkout) pinned
+to one core, the load generators and a fast upstream pinned to the other, and reference targets
+measured in the same run, each figure printed with its ratio to them.
 
-    .venv/bin/python bench/bench.py [--requests 5000] [--concurrency 32] [--streams 200]
+    python bench/bench.py [SCENARIO ...] [--quick] [--repeat N] [--profile SECONDS]
 
-Every loop is bounded in count and time; only 127.0.0.1 is used.  It prints one line per
-phase: plain chat completions, streamed chat completions (SSE), and RSS before and after.
+Scenarios (all by default):
+  nonstream  POST /v1/chat/completions (575-byte body and answer): wrk -c64 req/s and CPU per
+             request, wrk -c1 latency p50/p99; references: a bare twisted.web resource answering
+             the bytes itself (the floor), nginx proxying to the same upstream.
+  streams    200 concurrent 20-chunk SSE streams: streams/s, time to first chunk; references:
+             nginx, and no proxy (the load side's own ceiling).
+  held       10,000 streams open at once: how many open, RSS per open stream; reference nginx.
+  chunks     2,000 streams x 20 chunks/s: chunks/s delivered during a window, inter-chunk gap
+             p99; references: no proxy, nginx.
+  connect    CONNECT setups/s to a TCP sink, TLS tunnels/s (CONNECT then a TLS handshake with a
+             TLS sink through the tunnel), one tunnel's MB/s; references: tinyproxy, no proxy.
+
+Needs: Go (the upstream, sinks and load generators in loadtool.go, built into ~/.cache), taskset;
+wrk for nonstream; nginx and tinyproxy for those references (skipped when missing).  On Debian:
+C{apt-get install golang-go wrk nginx-light tinyproxy}; py-spy (PyPI) for --profile.
+Only 127.0.0.1 is used; every load is bounded in count and time; every process it starts is
+stopped at the end (and dies with it).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
-from _common import free_port, read_response, rss_kib, wait_for_port
+from _harness import (
+    PROXY,
+    REPO,
+    Figure,
+    Harness,
+    Proc,
+    cpu_seconds,
+    open_fds,
+    parse_collapsed,
+    profile_tables,
+    rss_kib,
+    table,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+SCENARIOS = ("nonstream", "streams", "held", "chunks", "connect")
+FLOOR, NGINX, DIRECT, TINYPROXY = "twisted.web floor", "nginx", "no proxy", "tinyproxy"
 
-
-def request(stream: bool) -> bytes:
-    body = json.dumps(
-        {"model": "gpt-4o", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer k\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-
-
-async def worker(port: int, count: int, payload: bytes, latencies: list[float], deadline: float) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    errors = 0
-    for _ in range(count):
-        if time.monotonic() > deadline:
-            break
-        t = time.perf_counter()
-        writer.write(payload)
-        status, _ = await read_response(reader)
-        if status != 200:
-            errors += 1
-        latencies.append(time.perf_counter() - t)
-    writer.close()
-    return errors
+Target = Callable[[], AbstractContextManager[tuple[int, Proc | None]]]
 
 
-async def phase(port: int, total: int, concurrency: int, stream: bool, limit: float) -> str:
-    latencies: list[float] = []
-    deadline = time.monotonic() + limit
-    per = max(1, total // concurrency)
-    t = time.perf_counter()
-    errors = sum(
-        await asyncio.gather(
-            *(worker(port, per, request(stream), latencies, deadline) for _ in range(concurrency))
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def direct(port: int) -> Iterator[tuple[int, Proc | None]]:
+    """No proxy: the load goes straight to the upstream (or sink)."""
+    yield port, None
+
+
+class Failures:
+    """Failed operations per scenario and target, over all runs (printed under the table)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, float]] = {}
+
+    def add(self, scenario: str, target: str, errors: dict[str, int] | float) -> None:
+        counts = self.counts.setdefault(f"{scenario} / {target}", {})
+        for kind, n in (errors if isinstance(errors, dict) else {"errors": errors}).items():
+            if n:
+                counts[kind] = counts.get(kind, 0) + n
+
+
+class CpuMeter:
+    """CPU seconds a process used while the block ran (None for no process)."""
+
+    def __init__(self, proc: Proc | None) -> None:
+        self.proc = proc
+        self.used: float | None = None
+
+    def __enter__(self) -> CpuMeter:
+        self.start = cpu_seconds(self.proc.pid) if self.proc else 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc:
+            self.used = cpu_seconds(self.proc.pid) - self.start
+
+    def per(self, count: float) -> float | None:
+        return self.used / count * 1e6 if self.used is not None and count else None
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+def nonstream(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
+    if h.wrk is None:
+        note("nonstream: skipped, wrk is missing (apt-get install wrk)")
+        return []
+    s64, s1 = "non-streaming POST, wrk -c64", "non-streaming POST, wrk -c1"
+    rps = Figure(s64, "req/s")
+    cpu = Figure(s64, "CPU µs per request (target's own)")
+    p50 = Figure(s1, "latency p50 ms", "{:.2f}")
+    p99 = Figure(s1, "latency p99 ms", "{:.2f}")
+    with h.upstream() as up:
+        targets: list[tuple[str, Target]] = [(FLOOR, h.floor)]
+        if h.nginx:
+            targets.append((NGINX, lambda: h.nginx_proxy(up)))
+        else:
+            note("nonstream: no nginx reference (apt-get install nginx-light)")
+        targets.append((PROXY, lambda: h.proxy(up, a.proxy_arg)))
+        for run in range(a.repeat):
+            for name, start in targets:
+                with start() as (port, proc):
+                    h.run_wrk(port, 64, 1)  # warm-up
+                    with CpuMeter(proc) as meter:
+                        w = h.run_wrk(port, 64, a.c64_seconds)
+                    one = h.run_wrk(port, 1, a.c1_seconds)
+                rps.add(name, w["rps"])
+                cpu.add(name, meter.per(w["requests"]))
+                p50.add(name, one["p50_us"] / 1000)
+                p99.add(name, one["p99_us"] / 1000)
+                fail.add("nonstream", name, w["errors"] + one["errors"])
+                note(
+                    f"nonstream {run + 1}/{a.repeat} {name}: {w['rps']:,.0f} req/s, "
+                    f"c1 p50 {one['p50_us'] / 1000:.2f} ms, errors {w['errors'] + one['errors']:g}"
+                )
+        if a.profile:
+            profile(h, a, up)
+    return [rps, cpu, p50, p99]
+
+
+def profile(h: Harness, a: argparse.Namespace, up: int) -> None:
+    """py-spy samples of the proxy under the wrk -c64 load, summed by function and by module."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists() and shutil.which(spy) is None:
+        note("profile: skipped, py-spy is missing (pip install py-spy)")
+        return
+    raw = h.workdir / "profile.txt"
+    with h.proxy(up, a.proxy_arg) as (port, proc):
+        assert proc is not None
+        h.run_wrk(port, 64, 1)
+        load = subprocess.Popen(
+            h.wrk_argv(port, 64, a.profile + 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, BENCH_BODY=str(h.files["request"])),
         )
+        try:
+            subprocess.run(
+                h.pinned(
+                    [
+                        spy,
+                        "record",
+                        "--pid",
+                        str(proc.pid),
+                        "--duration",
+                        f"{a.profile:g}",
+                        "--rate",
+                        "250",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(raw),
+                    ]
+                ),
+                check=True,
+                capture_output=True,
+                timeout=a.profile + 60,
+            )
+        finally:
+            load.wait(a.profile + 30)
+    if a.profile_out:
+        shutil.copyfile(raw, a.profile_out)
+    print_profile(raw, a.profile_top)
+
+
+def print_profile(raw: Path, top: int) -> None:
+    """The top functions and modules by CPU time in py-spy's collapsed stacks."""
+    total, functions, modules = profile_tables(parse_collapsed(raw.read_text().splitlines()), top)
+    print(
+        f"\nProfile of aoaiproxy under wrk -c64 (py-spy, {total} samples of CPU time, self %, inclusive %):\n"
     )
-    elapsed = time.perf_counter() - t
-    latencies.sort()
-    n = len(latencies)
+    for title, rows in (("function", functions), ("module", modules)):
+        print(f"| {title} | self % | inclusive % |\n|---|---:|---:|")
+        for name, own, incl in rows:
+            print(f"| `{name}` | {own:.1f} | {incl:.1f} |")
+        print()
+
+
+def streams(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
+    s = f"{a.streams_c} concurrent {a.stream_chunks}-chunk SSE streams"
+    rate = Figure(s, "streams/s")
+    first50 = Figure(s, "first chunk p50 ms", "{:.1f}")
+    first99 = Figure(s, "first chunk p99 ms", "{:.1f}")
+    cpu = Figure(s, "CPU µs per stream (target's own)")
+    with h.upstream() as up:
+        targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(up))]
+        if h.nginx:
+            targets.append((NGINX, lambda: h.nginx_proxy(up)))
+        targets.append((PROXY, lambda: h.proxy(up, a.proxy_arg)))
+        for run in range(a.repeat):
+            for name, start in targets:
+                with start() as (port, proc):
+                    h.load("streams", *h.stream_args(port), "-c", "20", "-d", "1s", timeout=60)  # warm-up
+                    with CpuMeter(proc) as meter:
+                        r = h.load(
+                            "streams",
+                            *h.stream_args(port),
+                            "-c",
+                            str(a.streams_c),
+                            "-d",
+                            f"{a.streams_seconds}s",
+                            "-chunks",
+                            str(a.stream_chunks),
+                            "-interval-ms",
+                            str(a.stream_interval),
+                            timeout=a.streams_seconds + 90,
+                        )
+                rate.add(name, r["rate"])
+                first50.add(name, r["first_chunk"].get("p50_ms"))
+                first99.add(name, r["first_chunk"].get("p99_ms"))
+                cpu.add(name, meter.per(r["ok"]))
+                fail.add("streams", name, r["errors"])
+                note(f"streams {run + 1}/{a.repeat} {name}: {r['rate']:,.0f}/s, errors {r['errors']}")
+    return [rate, first50, first99, cpu]
+
+
+def held(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
+    s = f"{a.held:,} held streams"
+    opened = Figure(s, "streams open")
+    per = Figure(s, "RSS KiB per open stream", "{:.1f}")
+    fds = Figure(s, "descriptors per open stream", "{:.2f}")
+    with h.upstream() as up:
+        targets: list[tuple[str, Target]] = [(PROXY, lambda: h.proxy(up, a.proxy_arg))]
+        if h.nginx:
+            targets.append((NGINX, lambda: h.nginx_proxy(up)))
+        for run in range(a.repeat):
+            for name, start in targets:
+                with start() as (port, proc):
+                    assert proc is not None
+                    h.load("streams", *h.stream_args(port), "-c", "10", "-d", "1s", timeout=60)  # warm-up
+                    idle, idle_fds = rss_kib(proc.pid), open_fds(proc.pid)
+                    args = ["-n", str(a.held), "-ramp-timeout", f"{a.ramp_timeout}s"]
+                    with h.talking("held", *h.stream_args(port), *args) as lines:
+                        r = lines.next(a.ramp_timeout + 60)
+                        rss, nfds = rss_kib(proc.pid), open_fds(proc.pid)
+                        lines.send("close\n")
+                n = r["open"]
+                opened.add(name, n)
+                if n:
+                    per.add(name, (rss - idle) / n)
+                    fds.add(name, (nfds - idle_fds) / n)
+                fail.add("held", name, r["errors"])
+                note(
+                    f"held {run + 1}/{a.repeat} {name}: {n:,} of {a.held:,} open in {r['ramp_s']:.1f}s, "
+                    f"RSS {idle:,} -> {rss:,} KiB, errors {r['errors']}"
+                )
+    return [opened, per, fds]
+
+
+def chunks(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
+    per_s = 1000 / a.chunk_interval
+    s = f"{a.chunk_streams:,} streams x {per_s:g} chunks/s (offered {a.chunk_streams * per_s:,.0f}/s)"
+    opened = Figure(s, "streams open")
+    rate = Figure(s, "chunks/s delivered")
+    gap = Figure(s, "inter-chunk gap p99 ms", "{:.1f}")
+    added = Figure(s, "added gap p99 ms (vs no proxy, same run)", "{:.1f}")
+    late = Figure(s, "chunk lateness p99 ms (upstream write to client read)", "{:.1f}")
+    added_late = Figure(s, "added lateness p99 ms (vs no proxy, same run)", "{:.1f}")
+    cpu = Figure(s, "CPU µs per chunk (target's own)", "{:.1f}")
+    with h.upstream() as up:
+        targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(up))]
+        if h.nginx:
+            targets.append((NGINX, lambda: h.nginx_proxy(up)))
+        targets.append((PROXY, lambda: h.proxy(up, a.proxy_arg)))
+        for run in range(a.repeat):
+            base: tuple[float | None, float | None] | None = None
+            for name, start in targets:
+                with start() as (port, proc):
+                    args = ["-n", str(a.chunk_streams), "-interval-ms", str(a.chunk_interval)]
+                    args += ["-window", f"{a.chunk_window}s", "-ramp-timeout", f"{a.ramp_timeout}s"]
+                    with h.talking("chunks", *h.stream_args(port), *args) as lines:
+                        lines.next(a.ramp_timeout + 60)  # the window opens
+                        with CpuMeter(proc) as meter:
+                            lines.next(a.chunk_window + 60)  # the window closes
+                        r = lines.next(60)
+                p99, late99 = r["gap"].get("p99_ms"), r["late"].get("p99_ms")
+                opened.add(name, r["open"])
+                rate.add(name, r["rate"])
+                cpu.add(name, meter.per(r["delivered"]))
+                gap.add(name, p99)
+                late.add(name, late99)
+                if name == DIRECT:
+                    base = (p99, late99)
+                elif base is not None:
+                    added.add(name, p99 - base[0] if p99 is not None and base[0] is not None else None)
+                    added_late.add(
+                        name, late99 - base[1] if late99 is not None and base[1] is not None else None
+                    )
+                fail.add("chunks", name, r["errors"])
+                note(
+                    f"chunks {run + 1}/{a.repeat} {name}: {r['open']:,} open, {r['rate']:,.0f} chunks/s, "
+                    f"gap p99 {p99} ms, late p99 {late99} ms, errors {r['errors']}"
+                )
+    return [opened, rate, late, added_late, gap, added, cpu]
+
+
+def tunnel_load(h: Harness, port: int, tool: str, sink: int, *more: str, seconds: float) -> dict[str, Any]:
+    """loadtool C{tool} (connect or tunnel) to a sink through the proxy on C{port} (0: none)."""
+    via = ["-proxy", f"127.0.0.1:{port}"] if port else []
+    return h.load(
+        tool, *via, "-target", f"127.0.0.1:{sink}", "-d", f"{seconds}s", *more, timeout=seconds + 90
+    )
+
+
+def connect(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
+    raw_s, tls_s, bulk_s = (
+        "CONNECT, new connection each",
+        "CONNECT + TLS handshake",
+        "one CONNECT tunnel, bulk",
+    )
+    setups = Figure(raw_s, "setups/s")
+    setup_cpu = Figure(raw_s, "CPU µs per setup (target's own)")
+    tunnels = Figure(tls_s, "tunnels/s")
+    mbps = Figure(bulk_s, "MB/s")
+    with h.sinks() as (raw, tls):
+        allow = ["--forward-allow", f"127.0.0.1:{raw}", "--forward-allow", f"127.0.0.1:{tls}"]
+        targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(0))]
+        if h.tinyproxy:
+            targets.append((TINYPROXY, h.tinyproxy_proxy))
+        else:
+            note("connect: no tinyproxy reference (apt-get install tinyproxy)")
+        targets.append((PROXY, lambda: h.proxy(raw, [*allow, *a.proxy_arg])))
+        for run in range(a.repeat):
+            for name, start in targets:
+                with start() as (port, proc):
+
+                    def go(tool: str, sink: int, *more: str, seconds: float = a.connect_seconds) -> Any:
+                        return tunnel_load(h, port, tool, sink, *more, seconds=seconds)
+
+                    go("connect", raw, "-c", "8", seconds=1)  # warm-up
+                    with CpuMeter(proc) as meter:
+                        r = go("connect", raw, "-c", str(a.connect_c))
+                    s = go("connect", tls, "-tls", "-c", str(a.connect_c))
+                    b = go("tunnel", raw, seconds=a.tunnel_seconds)
+                setups.add(name, r["rate"])
+                setup_cpu.add(name, meter.per(r["ok"]))
+                tunnels.add(name, s["rate"])
+                mbps.add(name, b.get("mb_per_s"))
+                if not b.get("counted"):
+                    note(f"tunnel {name}: the sink's count did not come back (no half-close); MB/s as sent")
+                fail.add("connect", name, r["errors"])
+                fail.add("connect tls", name, s["errors"])
+                note(
+                    f"connect {run + 1}/{a.repeat} {name}: {r['rate']:,.0f} setups/s, "
+                    f"{s['rate']:,.0f} TLS/s, {b.get('mb_per_s', 0):,.0f} MB/s, "
+                    f"errors {r['errors']} {s['errors']}"
+                )
+    return [setups, setup_cpu, tunnels, mbps]
+
+
+RUNNERS = {"nonstream": nonstream, "streams": streams, "held": held, "chunks": chunks, "connect": connect}
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return (
-        f"{'stream' if stream else 'plain '}: {n} requests in {elapsed:.2f}s = {n / elapsed:.0f} req/s, "
-        f"p50 {latencies[n // 2] * 1000:.1f} ms, p99 {latencies[int(n * 0.99)] * 1000:.1f} ms, "
-        f"errors {errors}"
+        f"{os.cpu_count()} CPUs ({model}), load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"Python {platform.python_version()}, aoaiproxy at {commit.stdout.strip() or '?'}"
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--time-limit", type=float, default=60.0)
-    args = parser.parse_args()
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)} [all]")
+    p.add_argument("--quick", action="store_true", help="a smoke run of about a minute, once each")
+    p.add_argument("--repeat", type=int, help="runs of each scenario; the table shows medians [2; quick 1]")
+    p.add_argument("--proxy-core", type=int, default=0)
+    p.add_argument("--load-core", type=int, default=1)
+    p.add_argument("--proxy-arg", action="append", default=[], help="extra aoaiproxy option (repeatable)")
+    p.add_argument("--proxy-log", default="-", help="the proxy's log file [- : stdout, to /dev/null]")
+    p.add_argument("--c64-seconds", type=float)
+    p.add_argument("--c1-seconds", type=float)
+    p.add_argument("--streams-c", type=int, default=200)
+    p.add_argument("--streams-seconds", type=float)
+    p.add_argument("--stream-chunks", type=int, default=20)
+    p.add_argument("--stream-interval", type=int, default=0, help="ms between a stream's chunks [0]")
+    p.add_argument("--held", type=int, help="streams to hold open [10000; quick 1000]")
+    p.add_argument("--ramp-timeout", type=float, default=120.0, help="seconds to open streams")
+    p.add_argument("--chunk-streams", type=int, help="[2000; quick 500]")
+    p.add_argument("--chunk-interval", type=int, default=50, help="ms between chunks [50: 20/s]")
+    p.add_argument("--chunk-window", type=float)
+    p.add_argument("--connect-c", type=int, default=64)
+    p.add_argument("--connect-seconds", type=float)
+    p.add_argument("--tunnel-seconds", type=float)
+    p.add_argument("--profile", type=float, default=0, help="py-spy the proxy for this many seconds")
+    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--profile-out", help="keep py-spy's collapsed stacks here")
+    p.add_argument("--profile-from", help="only print the tables of collapsed stacks kept before")
+    p.add_argument("--json", help="write every sample here")
+    a = p.parse_args(argv)
+    quick = {
+        "repeat": 1,
+        "c64_seconds": 3,
+        "c1_seconds": 2,
+        "streams_seconds": 3,
+        "held": 1000,
+        "chunk_streams": 500,
+        "chunk_window": 3,
+        "connect_seconds": 2,
+        "tunnel_seconds": 2,
+    }
+    full = {
+        "repeat": 2,
+        "c64_seconds": 10,
+        "c1_seconds": 5,
+        "streams_seconds": 10,
+        "held": 10000,
+        "chunk_streams": 2000,
+        "chunk_window": 10,
+        "connect_seconds": 10,
+        "tunnel_seconds": 5,
+    }
+    for key, value in (quick if a.quick else full).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    a.scenarios = a.scenarios or list(SCENARIOS)
+    if unknown := set(a.scenarios) - set(SCENARIOS):
+        p.error(f"unknown scenario {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+    if a.proxy_log != "-" and Path(a.proxy_log).exists() and not Path(a.proxy_log).is_file():
+        p.error("--proxy-log must be a regular file (twistd rotates it by renaming it)")
+    return a
 
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    up_port, proxy_port = free_port(), free_port()
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "aoaiproxy.testing", "--port", str(up_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    proxy = subprocess.Popen(
-        [
-            str(BIN / "twistd"),
-            "--nodaemon",
-            "--pidfile=",
-            "aoaiproxy",
-            "--listen",
-            f"tcp:{proxy_port}:interface=127.0.0.1",
-            "--endpoint",
-            f"http://127.0.0.1:{up_port}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(up_port, fake)
-        wait_for_port(proxy_port, proxy)
-        asyncio.run(phase(proxy_port, 200, 4, False, 10))  # warm up
-        start_rss = rss_kib(proxy.pid)
-        print(asyncio.run(phase(proxy_port, args.requests, args.concurrency, False, args.time_limit)))
-        print(asyncio.run(phase(proxy_port, args.streams, args.concurrency, True, args.time_limit)))
-        print(f"proxy RSS: {start_rss} KiB after warm-up, {rss_kib(proxy.pid)} KiB after the run")
-    finally:
-        for p in (proxy, fake):
-            p.terminate()
-            p.wait(30)
+
+def main(argv: list[str] | None = None) -> int:
+    a = arguments(argv)
+    if a.profile_from:
+        print_profile(Path(a.profile_from), a.profile_top)
+        return 0
+    cores = os.sched_getaffinity(0)
+    pin = {a.proxy_core, a.load_core} <= cores and a.proxy_core != a.load_core and shutil.which("taskset")
+    if not pin:
+        note("not pinning: needs taskset and two distinct cores; figures will be mixed")
+        a.proxy_core = a.load_core = None
+    else:
+        os.sched_setaffinity(0, {a.load_core})  # this script stays off the proxy's core
+    began = time.monotonic()
+    header = machine()
+    note(header)
+    figures: list[Figure] = []
+    fail = Failures()
+    with tempfile.TemporaryDirectory(prefix="aoaiproxy-bench-") as tmp:
+        h = Harness(Path(tmp), a.proxy_core, a.load_core, a.proxy_log)
+        if h.loadtool is None:
+            note("needs Go to build bench/loadtool.go (apt-get install golang-go)")
+            return 2
+        try:
+            for scenario in a.scenarios:
+                figures += RUNNERS[scenario](h, a, fail)
+        finally:
+            h.stop_all()
+    took = time.monotonic() - began
+    print(f"\n{header}; {took:.0f} s; medians of {a.repeat} run(s); ratio = aoaiproxy ÷ reference\n")
+    print(table(figures))
+    if any(fail.counts.values()):
+        print("\nFailed operations (all runs):")
+        for where, counts in fail.counts.items():
+            if counts:
+                print(f"- {where}: {counts}")
+    if a.json:
+        Path(a.json).write_text(
+            json.dumps(
+                [{"scenario": f.scenario, "figure": f.name, "samples": f.samples} for f in figures], indent=1
+            )
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

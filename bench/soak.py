@@ -166,11 +166,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds to let it settle")
     parser.add_argument("--phase-timeout", type=float, default=300.0)
-    parser.add_argument("--log", default="/dev/null", help="the daemon's log file")
+    parser.add_argument(
+        "--log", default="-", help="the daemon's log file, a regular file [- : its stdout, to /dev/null]"
+    )
     parser.add_argument(
         "--tolerance-mb", type=float, default=20.0, help="allowed RSS above the start after settling"
     )
     args = parser.parse_args()
+    if args.log != "-" and os.path.exists(args.log) and not os.path.isfile(args.log):
+        # twistd's --logfile rotates at 1 MB by renaming the file: as root, /dev/null too.
+        parser.error("--log must be a regular file (or - for none)")
 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -181,8 +186,9 @@ def main() -> int:
          "--stream-interval", "0.002"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
     )  # fmt: skip
+    logfile = [f"--logfile={args.log}"] if args.log != "-" else []  # twistd -n: else to stdout
     daemon = subprocess.Popen(
-        [str(bindir / "twistd"), "--nodaemon", "--pidfile=", f"--logfile={args.log}", "aoaiproxy",
+        [str(bindir / "twistd"), "--nodaemon", "--pidfile=", *logfile, "aoaiproxy",
          "--listen", f"tcp:{proxy_port}:interface={HOST}", "--endpoint", f"http://{HOST}:{upstream_port}",
          "--max-connections", str(4 * args.concurrency)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,

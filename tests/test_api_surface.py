@@ -345,11 +345,42 @@ async def test_v1_bad_json_and_bad_model(
     assert code == 400 and json.loads(content)["error"]["param"] == "model"
     code, _, content = await send(client, "POST", proxy.url + "/v1/responses", b"{nope")
     assert code == 400 and json.loads(content)["error"]["code"] == "invalid_json"
+    # Whatever its type claims, a body on these routes is a JSON object whose model is checked
+    # (before: a text/plain body skipped the check and reached Azure).
+    code, _, content = await send(
+        client, "POST", proxy.url + "/v1/responses", b'{"model": "a/b"}', "text/plain"
+    )
+    assert code == 400 and json.loads(content)["error"]["param"] == "model"
+    code, _, content = await send(client, "POST", proxy.url + "/v1/batches", b"{nope", "text/plain")
+    assert code == 400 and json.loads(content)["error"]["code"] == "invalid_json"
+    code, _, content = await send(client, "POST", proxy.url + "/v1/responses", b'{"model":"m","model":"m"}')
+    assert code == 400 and json.loads(content)["error"]["code"] == "duplicate_member"
     assert fake.requests == []
-    # A body that is not JSON (by its type) is not looked into.
-    code, _, _ = await send(client, "POST", proxy.url + "/v1/batches", b"{nope", "text/plain")
-    assert code == 400  # Azure's answer, not the proxy's
-    assert len(fake.requests) == 1 and fake.requests[0].body == b"{nope"
+    # ... and one sent as text/plain, curl's form type or none at all is mapped as any other.
+    proxy = make_proxy(model_mapper=["gpt-4o=prod-4o"])
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", None]:
+        code, _, content = await send(
+            client, "POST", proxy.url + "/v1/responses", b'{"model":"gpt-4o","input":"x"}', content_type
+        )
+        assert code == 200, content
+    assert [r.body for r in fake.requests] == [b'{"model":"prod-4o","input":"x"}'] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_v1_mapping_changes_no_other_byte(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], client: HTTPClient
+) -> None:
+    """
+    Before: the body was re-encoded: 1e400 became Infinity (invalid JSON), 1E2 became 100.0,
+    and a lone surrogate (JavaScript's JSON.stringify of a broken emoji) was a 500 HTML page.
+    """
+    proxy = make_proxy(model_mapper=["gpt-4o=prod-4o"])
+    rest = b', "input": "\\\\ud83d \\ud83d \\u00e9", "temperature": 1E2, "seed": 1e400, "top_p": 1.0}'
+    fake.respond_next(200, {"id": "resp_1", "object": "response"})
+    code, _, content = await send(client, "POST", proxy.url + "/v1/responses", b'{"model":"gpt-4o"' + rest)
+    assert code == 200, content
+    [seen] = fake.requests
+    assert seen.body == b'{"model":"prod-4o"' + rest
 
 
 # -- streamed bodies ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.http import Request
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -124,10 +125,10 @@ def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool) -> None
 
 def test_hand_over_passes_half_close_and_loss_then_logs() -> None:
     site, channel, _transport, events = connected(at_once=True)
-    assert not IHalfCloseableProtocol.providedBy(channel)  # an HTTP client's EOF closes
-    channel.dataReceived(CONNECT)
-    # Handed to a half-closeable protocol: the transport now finds a half-closeable one.
+    # The transport finds a half-closeable protocol (HTTP answers what it has on EOF)...
     assert IHalfCloseableProtocol.providedBy(channel)
+    channel.dataReceived(CONNECT)
+    # ...and once handed to a half-closeable protocol, the half-close reaches it.
     channel.readConnectionLost()
     channel.writeConnectionLost()
     with pytest.raises(RuntimeError):
@@ -152,3 +153,42 @@ def test_drain_counts_a_handed_over_connection_busy() -> None:
     assert idle.transport.disconnecting  # type: ignore[union-attr]
     assert not transport.disconnecting  # the tunnel goes on until it ends or is cut
     assert site.connections.cut() == 2
+
+
+# -- bodies: stored only for a route that reads them ------------------------------------------
+
+
+class Hold(Resource):
+    """Answers nothing (the request stays in flight, its body kept as the channel stored it)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int:
+        return server.NOT_DONE_YET
+
+
+def body_channel() -> tuple[ProxyChannel, StringTransport]:
+    live = LiveConfig(load_config({"endpoint": "https://r.openai.azure.com"}, {}))
+    site = ProxySite(Hold(), live, MemoryReactorClock(), Handing([], at_once=True))
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+@pytest.mark.parametrize(
+    ("head", "stored"),
+    [
+        (b"GET /healthz HTTP/1.1", False),
+        (b"OPTIONS /v1/chat/completions HTTP/1.1", False),
+        (b"POST /v1/chat/completions HTTP/1.1\r\napi-key: k", True),
+    ],
+)
+def test_a_body_is_stored_only_for_a_route_that_reads_it(head: bytes, stored: bool) -> None:
+    channel, transport = body_channel()
+    body = b"x" * 300_000  # more than Twisted keeps in memory: a temporary file
+    channel.dataReceived(head + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    [request] = channel.requests
+    assert request.content is not None
+    assert request.content.seek(0, 2) == (len(body) if stored else 0)
+    assert b"HTTP/1.1 4" not in transport.value()

@@ -23,6 +23,8 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -39,6 +41,7 @@ from aoaiproxy.upstream import UpstreamClient
 
 from .conftest import free_port, get_reactor
 from .rawnet import RawClient, Response, assert_openai_error, connect, parse_response, response_done
+from .test_service import wait_until
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
@@ -167,6 +170,7 @@ class FwdProxy:
     forwarder: Forwarder
     upstream: UpstreamClient
     clients: list[RawClient]
+    site: ProxySite
 
     @property
     def port_number(self) -> int:
@@ -205,7 +209,7 @@ async def make_forward(fake: FakeAzure) -> AsyncIterator[Callable[..., FwdProxy]
         forwarder = Forwarder(reactor, live, resolver, connector=connector, upstream=upstream)
         site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        proxy = FwdProxy(port, live, forwarder, upstream, [])
+        proxy = FwdProxy(port, live, forwarder, upstream, [], site)
         started.append(proxy)
         return proxy
 
@@ -300,6 +304,92 @@ async def test_tunnel_idle_timeout(make_forward: Callable[..., FwdProxy], server
     await client.wait_for(b"\r\n\r\n")
     await client.closed  # nothing was sent either way: the proxy closes the tunnel
     assert not proxy.forwarder.tunnels
+
+
+class Quiet(Protocol):
+    """A target that reads and answers only when the test writes to it."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received.append(data)  # type: ignore[attr-defined]
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_closes_tunnels_at_rest_and_lets_one_awaiting_its_answer_finish(
+    make_forward: Callable[..., FwdProxy], servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    On a graceful stop, a client's pooled tunnel (its target answered last) and one nobody
+    used are closed once at rest, not held for the whole drain; one whose client has sent a
+    request and awaits the answer keeps going, and closes once answered and at rest.
+    """
+    monkeypatch.setattr(forward.Tunnel, "rest_seconds", 0.2)
+    echo_port, _ = servers.tcp(Echo)
+    quiet_port, quiet = servers.tcp(Quiet)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{echo_port}", f"127.0.0.1:{quiet_port}"])
+    pooled = await proxy.connect(connect_request(f"127.0.0.1:{echo_port}") + b"ping")
+    await pooled.wait_for(lambda r: r.endswith(b"ping"))
+    unused = await proxy.connect(connect_request(f"127.0.0.1:{echo_port}"))
+    await unused.wait_for(b"\r\n\r\n")
+    waiting = await proxy.connect(connect_request(f"127.0.0.1:{quiet_port}") + b"request")
+    await waiting.wait_for(b"\r\n\r\n")
+    await wait_until(lambda: quiet.received == [b"request"], "the request at its target")
+
+    drained = proxy.site.connections.drain(get_reactor(), 60)
+    for client in (pooled, unused):
+        await client.closed.addTimeout(10, get_reactor())  # well before the drain deadline
+    assert waiting.reason is None and not drained.called
+    [target] = quiet.connections
+    target.transport.write(b"answer")
+    await waiting.wait_for(lambda r: r.endswith(b"answer"))
+    assert await drained.addTimeout(10, get_reactor()) == 0  # nothing cut
+    await waiting.closed
+
+
+class Buffering(StringTransport):
+    """A transport that says it holds C{unsent} bytes not yet taken by the kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataBuffer = b""
+
+
+@pytest.mark.parametrize("case", ["target last", "nobody", "client last", "still flushing"])
+def test_tunnel_at_rest_on_drain(case: str) -> None:
+    """
+    The drain's rule, on a clock: a tunnel is at rest once silent for its rest time with the
+    target having spoken last (or nobody), and nothing left to write either way.
+    """
+    clock = Clock()
+    target = forward.TargetProtocol()
+    target.makeConnection(Buffering())
+    closed: list[forward.Tunnel] = []
+    tunnel = forward.Tunnel(clock, target, 300, closed.append)
+    client = Buffering()
+    tunnel.makeConnection(client)
+    if case != "nobody":
+        tunnel.dataReceived(b"request")
+    if case in ("target last", "still flushing"):
+        target.dataReceived(b"answer")
+    if case == "still flushing":
+        client.dataBuffer = b"answer"  # a slow client has not read it yet
+    clock.advance(tunnel.rest_seconds)
+    tunnel.close_when_done()
+    if case in ("target last", "nobody"):
+        assert closed == [tunnel]  # at once
+        assert client.disconnecting and target.transport.disconnecting  # type: ignore[union-attr]
+        return
+    assert closed == []
+    clock.advance(tunnel.rest_seconds * 10)
+    assert closed == []  # however long it takes, until the drain deadline cuts it
+    if case == "client last":
+        target.dataReceived(b"answer")
+    else:
+        client.dataBuffer = b""
+    clock.advance(tunnel.rest_seconds)
+    assert closed == [tunnel]  # at rest now
 
 
 @pytest_twisted.ensureDeferred
@@ -536,6 +626,79 @@ async def test_connect_malformed_target_400(make_forward: Callable[..., FwdProxy
         assert_openai_error(await proxy.ask(connect_request(target)), 400)
 
 
+@pytest_twisted.ensureDeferred
+async def test_connect_to_a_name_with_an_empty_label_is_400_at_once(
+    make_forward: Callable[..., FwdProxy],
+) -> None:
+    """
+    Allowed by its suffix, but no name: answered at once, not after the connect timeout
+    (the resolver raised, and the failure was logged as an unhandled error).
+    """
+    proxy = make_forward(forward_allow=["*.example.test:443"], connect_timeout="600")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for target in ("a..example.test:443", "x" * 64 + ".example.test:443"):
+            error = assert_openai_error(await proxy.ask(connect_request(target)), 400)
+            assert error["code"] == "invalid_request_target"
+        response = await proxy.ask(b"GET http://a..example.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert_openai_error(response, 400, "invalid_request_target")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [formatEvent(e) for e in events if e.get("log_failure") or e.get("isError")] == []
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    ["403", "400", "502", "407"],
+)
+@pytest_twisted.ensureDeferred
+async def test_refused_connect_closes_and_serves_no_pipelined_bytes(
+    make_forward: Callable[..., FwdProxy], tmp_path: Path, refusal: str
+) -> None:
+    """
+    What a client sent behind a CONNECT is tunnel data: when the CONNECT is refused it is
+    never served as HTTP (an API request behind it got 200); the answer says
+    C{Connection: close} and the connection closes.
+    """
+    closed_port = free_port()
+    flags: dict[str, Any] = {"forward_allow": [f"127.0.0.1:{closed_port}"]}
+    target = {"403": "127.0.0.2:443", "400": "a..b:443"}.get(refusal, f"127.0.0.1:{closed_port}")
+    if refusal == "407":
+        users = tmp_path / "users"
+        users.write_text("alice:secret\n")
+        flags["forward_users"] = str(users)
+    proxy = make_forward(**flags)
+    client = await proxy.connect(connect_request(target) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await client.closed
+    response = parse_response(client.received)
+    assert_openai_error(response, int(refusal))
+    assert response.headers[b"connection"] == b"close"
+    assert client.received.count(b"HTTP/1.1 ") == 1  # the healthz request was not served
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_connect_over_a_slow_answer_closes(make_forward: Callable[..., FwdProxy]) -> None:
+    """Tunnel bytes sent while the CONNECT is still being decided (504) are not HTTP either."""
+    proxy = make_forward(
+        connector=lambda ip, port, timeout: Never(),
+        forward_allow=["127.0.0.1:9"],
+        connect_timeout="0.3",
+    )
+    client = await proxy.connect(connect_request("127.0.0.1:9"))
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await client.closed
+    assert_openai_error(parse_response(client.received), 504)
+    assert client.received.count(b"HTTP/1.1 ") == 1
+
+
+class Never:
+    """An endpoint whose connection attempt never ends (until cancelled)."""
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        return Deferred()
+
+
 # -- absolute-form -------------------------------------------------------------------------------
 
 
@@ -661,7 +824,24 @@ def test_parse_authority(target: bytes, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "target", [b"host", b"host:", b"host:x", b"::1:443", b"[::1]", b"[zz]:1", b"h/x:1", b":443"]
+    "target",
+    [
+        b"host",
+        b"host:",
+        b"host:x",
+        b"::1:443",
+        b"[::1]",
+        b"[zz]:1",
+        b"h/x:1",
+        b":443",
+        # Names no resolver takes: an empty label, a label or a name too long, odd characters.
+        b"a..example.test:443",
+        b".example.test:443",
+        b"a" * 64 + b".example.test:443",
+        b"a." * 127 + b"b:443",
+        b"-a.example.test:443",
+        b"a!.example.test:443",
+    ],
 )
 def test_parse_authority_rejects(target: bytes) -> None:
     with pytest.raises(ValueError):
@@ -703,13 +883,27 @@ def test_destination_allowed() -> None:
         "64:ff9b::a00:1",
         "ff02::1",
         "not-an-ip",
+        # IPv6 forms that lead to an IPv4 address inside: 6to4, IPv4-compatible.
+        "2002:7f00:1::",
+        "2002:a00:1::1",
+        "2002:a9fe:a9fe::1",
+        "::127.0.0.1",
+        "::10.0.0.1",
+        "::169.254.169.254",
+        # Refused whole: local-use NAT64, site-local, Teredo.
+        "64:ff9b:1::a00:1",
+        "64:ff9b:1:808:8:800::",
+        "fec0::1",
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",
     ],
 )
 def test_address_blocked(address: str) -> None:
     assert forward.address_blocked(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1::1", "20.42.73.28"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "2606:2800:220:1::1", "20.42.73.28", "2002:808:808::1", "64:ff9b::808:808"]
+)
 def test_address_public(address: str) -> None:
     assert not forward.address_blocked(address)
 

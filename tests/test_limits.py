@@ -1,7 +1,9 @@
 """
 Limits on what a client may send and how long it may take, each with its exact client-visible
-outcome: 414, 431, 400, 408, 413 (also for chunked bodies), idle close, the per-listener
-connection cap (503), the CONNECT tunnel idle timeout, and the options themselves.
+outcome: 414, 431, 400, 408, 413 (also for chunked bodies), refusals decided from the head
+before the body is read (401, 404, 405, 407, 403), the total time a body may take, idle
+close, half-closing and bare-LF clients, the per-listener connection cap (503), the CONNECT
+tunnel idle timeout, and the options themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 
+from aoaiproxy import site
 from aoaiproxy.capacity import connections_for, open_file_limit
 from aoaiproxy.config import ConfigError, load_config
 from aoaiproxy.site import Listener
@@ -59,9 +62,12 @@ async def test_request_line_over_limit_is_414(make_proxy: Callable[..., Proxy], 
     client.send(ok)
     assert parse_response(await client.wait_for(b"}")).status == 200
 
-    response, _ = await refused(raw_connect, proxy, b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: p\r\n\r\n")
+    response, client = await refused(
+        raw_connect, proxy, b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: p\r\n\r\n"
+    )
     assert_openai_error(response, 414, "request_line_too_long")
     assert response.headers[b"connection"] == b"close"
+    assert client.received.startswith(b"HTTP/1.1 414 URI Too Long\r\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -115,8 +121,9 @@ async def test_header_count_at_limit_passes_and_over_is_431(
     client.send(head(5))
     assert parse_response(await client.wait_for(b"}")).status == 200
 
-    response, _ = await refused(raw_connect, proxy, head(6))
+    response, client = await refused(raw_connect, proxy, head(6))
     assert_openai_error(response, 431, "request_header_fields_too_large")
+    assert client.received.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
 
 
 @pytest.mark.parametrize(
@@ -126,7 +133,9 @@ async def test_header_count_at_limit_passes_and_over_is_431(
         b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 12abc\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        # (with a key: a request without one is refused before its body is read)
+        b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer k\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",  # only one leading empty line is tolerated
     ],
 )
@@ -139,6 +148,152 @@ async def test_malformed_requests_are_400(
     assert_openai_error(response, 400, "bad_request")
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GARBAGE\r\n\r\n",  # as printf 'GARBAGE\r\n\r\n' | nc -N sends it
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_refusal_reaches_a_client_that_half_closes(
+    make_proxy: Callable[..., Proxy], raw_connect: Connect, data: bytes
+) -> None:
+    proxy = make_proxy()
+    client = await raw_connect(port_of(proxy))
+    client.send(data)
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await client.closed
+    response = parse_response(client.received)
+    assert response.status in (400, 414)
+    assert_openai_error(response, response.status)
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_reach_a_client_that_half_closes_after_its_request(
+    make_proxy: Callable[..., Proxy], raw_connect: Connect
+) -> None:
+    proxy = make_proxy()
+    client = await raw_connect(port_of(proxy))
+    client.send(HEALTH + b"GET /nope HTTP/1.1\r\nHost: p\r\n\r\n")
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await client.closed
+    assert client.reason is not None and client.reason.check(ConnectionDone), client.reason
+    first, _, rest = client.received.partition(b"}")
+    assert parse_response(first + b"}").status == 200
+    assert_openai_error(parse_response(rest), 404, "unknown_url")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_lf_heads_are_served(make_proxy: Callable[..., Proxy], raw_connect: Connect) -> None:
+    """As nginx does: what a person typing into nc sends (the head is parsed, never relayed)."""
+    proxy = make_proxy()
+    client = await raw_connect(port_of(proxy))
+    client.send(b"GET /healthz HTTP/1.1\n\n")
+    assert parse_response(await client.wait_for(b"}")).status == 200
+    client.received = b""
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: p\nX-Mixed: yes\r\n\n")  # mixed line ends
+    assert parse_response(await client.wait_for(b"}")).status == 200
+    # A CR anywhere but just before the LF is still no line end: a malformed head.
+    response, _ = await refused(raw_connect, proxy, b"GET /healthz HTTP/1.1\r\nX: a\r\r\n\r\n")
+    assert_openai_error(response, 400, "bad_request")
+
+
+# -- refused from the head, before the body ----------------------------------------------------
+
+#: A body far larger than the test will send: only an answer given from the head can arrive.
+BIG = 64 * 1024 * 1024
+
+
+def body_head(target: bytes, *headers: bytes, method: bytes = b"POST") -> bytes:
+    """The head of a request announcing a BIG body, and asking for 100 Continue."""
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: proxy", b"Content-Type: application/json"]
+    lines += [*headers, b"Content-Length: %d" % BIG, b"Expect: 100-continue"]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "head", "status", "code"),
+    [
+        ({}, body_head(b"/v1/chat/completions"), 401, "missing_api_key"),
+        ({"token": "server"}, body_head(b"/v1/chat/completions", b"api-key: wrong"), 401, "invalid_api_key"),
+        ({}, body_head(b"/v1/nope", b"api-key: k"), 404, "unknown_url"),
+        ({}, body_head(b"/v1/models"), 405, "method_not_allowed"),
+        ({}, body_head(b"/healthz"), 405, "method_not_allowed"),
+        ({"mode": "openai"}, body_head(b"/v1/anything"), 401, "missing_api_key"),
+        # The forward proxy: credentials, then the allowlist; an API request needs a key.
+        ({"forward_users": "users"}, body_head(b"http://example.test/x"), 407, None),
+        ({}, body_head(b"http://example.test/x"), 403, "forward_not_allowed"),
+        ({}, body_head(b"http://api.openai.com/v1/chat/completions"), 401, "missing_api_key"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_refused_before_the_body_is_read(
+    fake: Any,
+    make_proxy: Callable[..., Proxy],
+    raw_connect: Connect,
+    tmp_path: Any,
+    flags: dict[str, Any],
+    head: bytes,
+    status: int,
+    code: str | None,
+) -> None:
+    if "forward_users" in flags:
+        users = tmp_path / "users"
+        users.write_text("alice:secret\n")
+        flags = {**flags, "forward_users": str(users)}
+    if "token" in flags:
+        keys = tmp_path / "keys"
+        keys.write_text("right\n")
+        flags = {**flags, "client_keys": str(keys)}
+    proxy = make_proxy(**flags)
+    client = await raw_connect(port_of(proxy))
+    client.send(head)  # and not one byte of the body
+    response = parse_response(await client.wait_for(lambda r: r.endswith(b"}}")))
+    assert_openai_error(response, status, code)
+    assert response.headers[b"connection"] == b"close"
+    assert b"100 Continue" not in client.received
+    # What the client then sends is read and discarded (so it reads our answer, not a
+    # reset) until it stops; then the connection closes.
+    client.send(b"x" * 100_000)
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await client.closed
+    assert client.reason is not None and client.reason.check(ConnectionDone), client.reason
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_head_gets_100_continue_and_its_body_is_read(
+    fake: Any, make_proxy: Callable[..., Proxy], raw_connect: Connect
+) -> None:
+    proxy = make_proxy()
+    body = b'{"model": "gpt-4o", "messages": []}'
+    client = await raw_connect(port_of(proxy))
+    client.send(body_head(b"/v1/chat/completions", b"api-key: k").replace(b"%d" % BIG, b"%d" % len(body)))
+    await client.wait_for(b"HTTP/1.1 100 Continue\r\n\r\n")
+    client.send(body)
+    await client.wait_for(b"HTTP/1.1 200 ")
+    assert [r.body for r in fake.requests] == [body]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_key_with_a_chunked_body_is_refused_at_its_head(
+    fake: Any, make_proxy: Callable[..., Proxy], raw_connect: Connect, tmp_path: Any
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("right\n")
+    proxy = make_proxy(token="server", client_keys=str(keys))
+    client = await raw_connect(port_of(proxy))
+    client.send(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer wrong\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    response = parse_response(await client.wait_for(lambda r: r.endswith(b"}}")))
+    assert_openai_error(response, 401, "invalid_api_key")
+    assert fake.requests == []
+
+
 # -- time limits -----------------------------------------------------------------------------
 
 
@@ -149,6 +304,7 @@ async def test_slow_request_head_gets_408(make_proxy: Callable[..., Proxy], raw_
     response, client = await refused(raw_connect, proxy, b"GET /healthz HTTP/1.1\r\nHost: p\r\nX-Slow")
     assert_openai_error(response, 408, "request_timeout")
     assert client.received.count(b"HTTP/1.1") == 1
+    assert client.received.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -162,6 +318,39 @@ async def test_head_timer_starts_again_for_each_request(
     first, _, rest = client.received.partition(b"}")
     assert parse_response(first + b"}").status == 200
     assert_openai_error(parse_response(rest), 408, "request_timeout")
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_has_a_total_time_bound(
+    fake: Any, make_proxy: Callable[..., Proxy], raw_connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A body trickling in, one byte well within the idle timeout of the last, still ends at
+    the body's time bound: 408, and the connection is closed.
+    """
+    monkeypatch.setattr(site, "BODY_TIMEOUT", 0.5)
+    proxy = make_proxy(idle_timeout=0.3, header_timeout=600)
+    reactor = get_reactor()
+    client = await raw_connect(port_of(proxy))
+    client.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\napi-key: k\r\nContent-Length: 1000\r\n\r\n"
+    )
+    trickled = [0]
+
+    def trickle() -> None:
+        # Bounded: at most 100 bytes (10 s); stops once the proxy has closed.
+        if client.reason is None and trickled[0] < 100:
+            trickled[0] += 1
+            client.send(b"{")
+            reactor.callLater(0.1, trickle)
+
+    trickle()
+    await client.closed
+    response = parse_response(client.received)
+    assert_openai_error(response, 408, "request_timeout")
+    assert "body" in response.json()["error"]["message"]
+    assert response.headers[b"connection"] == b"close"
+    assert fake.requests == []
 
 
 @pytest_twisted.ensureDeferred
@@ -220,7 +409,10 @@ async def test_chunked_body_over_max_body_is_413_before_the_rest(
 ) -> None:
     proxy = make_proxy(max_body=100)
     client = await raw_connect(port_of(proxy))
-    client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer k\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
     client.send(b"60\r\n" + b"a" * 0x60 + b"\r\n")  # 96 bytes: still under
     client.send(b"5\r\nbbbbb\r\n")  # 101: over, and the body has not ended
     response = parse_response(await client.wait_for(b"}}"))

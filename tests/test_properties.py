@@ -230,6 +230,67 @@ def test_no_model_name_injects_into_the_upstream_url(model: str, route: str, que
     assert url.count("api-version=") == 1
 
 
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+raw_numbers = st.sampled_from([b"1e400", b"1E2", b"-0.0", b"1.000", b"123456789012345678901234567890"])
+
+
+@PROPERTIES
+@given(models, st.dictionaries(st.text(max_size=6), json_values, max_size=4), raw_numbers, st.booleans())
+def test_v1_body_changes_only_in_its_model_value(
+    model: str, rest: dict[str, Any], number: bytes, ascii: bool
+) -> None:
+    """Mapped or not, the upstream body is the client's with at most the model's bytes replaced."""
+    config = azure(model_mapper=["gpt-4o=prod-4o"])
+    rest.pop("model", None)
+    tail = json.dumps(rest, ensure_ascii=ascii)[1:].encode("utf-8", "surrogatepass")
+    before, after = b'{"n": ' + number + b', "model" : ', b" " + (b"," + tail if rest else b"}")
+    body = before + json.dumps(model).encode() + after
+    try:
+        planned = rewrite.plan_upstream(
+            config,
+            rewrite.classify(config, "POST", "/v1/responses"),
+            b"POST",
+            b"",
+            [(b"api-key", b"k")],
+            body,
+        )
+    except ProxyError as e:
+        assert e.status == 400 and e.code == "invalid_model"
+        return
+    deployment = config.models.get(model, model)
+    if deployment == model:
+        assert planned.body is None
+    else:
+        assert planned.body == before + json.dumps(deployment).encode() + after
+
+
+@PROPERTIES
+@given(
+    st.sampled_from(["/v1/chat/completions", "/v1/responses", "/openai/deployments/d/chat/completions"]),
+    st.one_of(
+        st.binary(max_size=200),
+        # Nested deeper than Python's recursion limit, and lone surrogates in a mapped body.
+        st.integers(900, 3000).map(lambda d: b'{"model": "gpt-4o", "a": ' + b"[" * d + b"]" * d + b"}"),
+        st.sampled_from([b'{"model": "gpt-3.5-turbo", "input": "\\ud83d"}', b'{"model": "\\udc00"}']),
+    ),
+)
+def test_any_body_is_planned_or_refused_with_a_400(path: str, body: bytes) -> None:
+    """Never an exception other than a 400 (an unexpected one would be a 500)."""
+    config = azure()
+    try:
+        rewrite.plan_upstream(
+            config, rewrite.classify(config, "POST", path), b"POST", b"", [(b"api-key", b"k")], body
+        )
+    except ProxyError as e:
+        assert e.status == 400
+
+
 # A request's path: no raw '?' or '#' (those end the path), anything else a client can send.
 path_chars = st.sampled_from(
     [*"/ab.%2eEfF\\ \t\r\n\x00\x7f:@;", "..", "%2f", "%2e%2e", "%3f", "%23", "%00", "é"]
@@ -249,7 +310,7 @@ def test_no_path_escapes_its_route(prefix: str, rest: str) -> None:
         return
     if route.kind not in ("v1api", "passthrough"):
         return
-    url = rewrite.plain_url(config, route.target, b"").decode("latin-1")
+    url = rewrite.plain_url(config.endpoint, route.target, b"").decode("latin-1")
     assert url.startswith("https://res.openai.azure.com/openai/")
     target = urlsplit(url).path
     for bad in ("\r", "\n", " ", "\t", "\x00", "#", "?", "//", "\\"):

@@ -9,12 +9,18 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
+from twisted.internet.defer import succeed
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.web.server import Site
 
+from aoaiproxy.resource import ApiResource
 from aoaiproxy.testing import FakeAzure
+from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import Proxy
+from .conftest import Proxy, get_reactor
 
 CHAT = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -222,8 +228,14 @@ async def test_upstream_errors_pass_through(fake: FakeAzure, make_proxy: Callabl
     assert headers.getRawHeaders("retry-after") == ["7"]
     assert headers.getRawHeaders("x-ratelimit-remaining-requests")
     assert b"retry after 7 seconds" in content
+    assert headers.getRawHeaders("x-aoaiproxy-backend") == ["default"]
+    # That deployment now cools down for 7 s (SPEC §11): the proxy answers for it.
+    code, headers, content = await post(proxy.url + "/v1/chat/completions", CHAT)
+    assert code == 429 and json.loads(content)["error"]["code"] == "all_backends_busy"
+    assert headers.getRawHeaders("retry-after") == ["7"]
+    assert len(fake.requests) == 1
     fake.deployment_not_found_next()
-    code, _, content = await post(proxy.url + "/v1/chat/completions", CHAT)
+    code, _, content = await post(proxy.url + "/v1/chat/completions", {**CHAT, "model": "other"})
     assert code == 404
     assert json.loads(content)["error"]["code"] == "DeploymentNotFound"
 
@@ -237,3 +249,87 @@ async def test_body_over_max_body_is_413(fake: FakeAzure, make_proxy: Callable[.
     assert json.loads(content)["error"]["code"] == "request_too_large"
     assert headers.getRawHeaders("access-control-allow-origin") == ["*"]
     assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_valid_json_nested_deep_or_with_lone_surrogates_passes_unchanged(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    """Before: a RecursionError, answered with Twisted's HTML 500 page and a traceback."""
+    proxy = make_proxy()
+    body = (
+        b'{"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "\\ud83d"}], '
+        b'"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    )
+    fake.respond_next(200, {"id": "x", "object": "chat.completion"})
+    code, _, content = await post(proxy.url + "/v1/chat/completions", body)
+    assert code == 200, content
+    [seen] = fake.requests
+    assert seen.path == "/openai/deployments/gpt-35-turbo/chat/completions"
+    assert seen.body == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_model_and_adversarial_structure_are_400_and_not_sent(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    # Before: the first was validated and Python's json kept the last, sent upstream.
+    code, _, content = await post(
+        proxy.url + "/v1/chat/completions", b'{"model": "gpt-4o", "model": "x/../y"}'
+    )
+    assert code == 400
+    assert json.loads(content)["error"]["code"] == "duplicate_member"
+    # Before: parsed whole (millions of objects) and sent.
+    nested = b'{"model": "gpt-4o", "messages": [' + b"{}," * 300_000 + b"{}]}"
+    code, _, content = await post(proxy.url + "/v1/chat/completions", nested)
+    assert code == 400
+    error = json.loads(content)["error"]
+    assert error["code"] == "json_too_complex" and set(error) == {"message", "type", "param", "code"}
+    assert fake.requests == []
+
+
+class Exploding(UpstreamClient):
+    """An upstream client with a bug: it raises, with the client's key in the message."""
+
+    def request(self, method: bytes, url: bytes, headers: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"boom with {dict(headers)[b'api-key']!r}")
+
+
+class Nonsense(UpstreamClient):
+    """An upstream client with a bug: it answers with something that is not a response."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        return succeed(object())
+
+
+@pytest.mark.parametrize("upstream_class", [Exploding, Nonsense])
+@pytest_twisted.ensureDeferred
+async def test_a_bug_is_a_500_in_openai_shape_logged_once_without_the_key(
+    make_proxy: Callable[..., Proxy], upstream_class: type[UpstreamClient]
+) -> None:
+    """Before: Twisted's HTML page with the message logged (or a 502 blaming the upstream)."""
+    reactor = get_reactor()
+    proxy = make_proxy()
+    broken = ApiResource(proxy.live, upstream_class(reactor), reactor)
+    port = reactor.listenTCP(0, Site(broken), interface="127.0.0.1")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}/v1/chat/completions"
+        code, headers, content = await post(url, CHAT, {"Authorization": "Bearer client-key"})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        await port.stopListening()
+    assert code == 500
+    assert headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(content)["error"]["type"] == "server_error"
+    assert b"client-key" not in content
+    logged = [
+        formatEvent(e) + (e["log_failure"].getTraceback() if "log_failure" in e else "")
+        for e in events
+        if e.get("log_level") in (LogLevel.error, LogLevel.critical)
+    ]
+    assert len(logged) == 1, logged
+    assert "unexpected" in logged[0] and "/v1/chat/completions" in logged[0]
+    assert "client-key" not in logged[0]

@@ -29,7 +29,7 @@ from aoaiproxy.site import Connections
 from aoaiproxy.testing import FakeAzure
 
 from .conftest import REPO, Proxy, get_reactor
-from .rawnet import connect, raw_post
+from .rawnet import ScriptedUpstream, connect, raw_post
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-7f3a9c"
 SERVER_KEY = "srv-key-DISTINCTIVE-b81e42"
@@ -165,6 +165,24 @@ async def test_stream_cut_by_the_client_is_logged_once_as_aborted(
     client.transport.abortConnection()
     await events.access(1)
     [line] = access_lines(events)
+    assert line.endswith(" aborted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_abandoned_before_its_answer_is_logged_499(
+    make_proxy: Callable[..., Proxy], events: Events
+) -> None:
+    """A client that leaves before any answer is logged as nginx logs it: 499, aborted (not 200)."""
+    silent = ScriptedUpstream(lambda conn: None)  # takes the request, never answers
+    try:
+        proxy = make_proxy(endpoint=silent.url)
+        client = await connect(proxy, raw_post("/v1/chat/completions", CHAT, key=CLIENT_KEY))
+        await wait_until(lambda: len(silent.connections) == 1, "the upstream request")
+        await client.abort()
+        [line] = await events.access(1)
+    finally:
+        await silent.stop()
+    assert line.startswith('127.0.0.1 "POST /v1/chat/completions" 499 bytes=0 ')
     assert line.endswith(" aborted")
 
 

@@ -2,18 +2,23 @@
 Streaming (SPEC §7) over real sockets: chunks arrive while the upstream still holds the last
 one (no buffering), a client that stops reading pauses the upstream (backpressure), a client
 that disconnects closes the upstream connection (cancellation), Azure's filter-only frames are
-dropped, and every stream ends with a blank line.
+dropped (whatever the stream's line ends, and from clients that accept gzip), an event the
+filter cannot read passes unchanged, and every stream ends with a blank line.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from aoaiproxy.testing import FakeAzure
 
@@ -202,4 +207,82 @@ async def test_backpressure_pause_is_not_upstream_silence(
     client.transport.resumeProducing()  # type: ignore[union-attr]
     raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
     assert dechunk(raw).endswith(b"data: [DONE]\n\n")
+    client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+FILTER_ONLY = (
+    b'data: {"choices":[],"created":0,"id":"","model":"","object":"",'
+    b'"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}'
+)
+CONTENT = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}'
+
+
+class GzipWhenAsked(Resource):
+    """An upstream that, as Azure's front ends do, gzips a stream when the request accepts it."""
+
+    isLeaf = True
+
+    def __init__(self, stream: bytes) -> None:
+        super().__init__()
+        self.stream = stream
+        self.asked: list[bytes | None] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        accepted = request.getHeader(b"accept-encoding")
+        self.asked.append(accepted)
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        if accepted is not None and b"gzip" in accepted:
+            request.setHeader(b"content-encoding", b"gzip")
+            return gzip.compress(self.stream)
+        return self.stream
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_accepting_client_still_gets_filtered_stream(make_proxy: Callable[..., Proxy]) -> None:
+    """
+    httpx-based SDKs send Accept-Encoding: gzip; passed on, Azure's answer would be gzip and
+    the filter could not read it.  Streams are asked for unencoded instead.
+    """
+    stream = FILTER_ONLY + b"\n\n" + CONTENT + b"\n\ndata: [DONE]\n\n"
+    upstream = GzipWhenAsked(stream)
+    port = get_reactor().listenTCP(0, Site(upstream), interface="127.0.0.1")
+    try:
+        proxy = make_proxy(endpoint=f"http://127.0.0.1:{port.getHost().port}")
+        request = raw_post("/v1/chat/completions", STREAM, extra=b"Accept-Encoding: gzip, deflate\r\n")
+        client = await connect(proxy, request)
+        raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+        head = raw.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"content-encoding" not in head
+        assert dechunk(raw) == CONTENT + b"\n\ndata: [DONE]\n\n"
+        assert upstream.asked == [b"identity"]
+        client.transport.loseConnection()  # type: ignore[union-attr]
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_filter_frames_dropped_whatever_the_line_ends(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    body = FILTER_ONLY + b"\n\r\n" + CONTENT + b"\r\n\n" + FILTER_ONLY + b"\r\r\n" + b"data: [DONE]\n\r\n"
+    fake.respond_next(200, body, {"content-type": "text/event-stream"})
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    assert dechunk(raw) == CONTENT + b"\r\n\n" + b"data: [DONE]\n\r\n"
+    client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_too_deep_to_read_passes_unchanged(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    """Before: RecursionError inside the relay, and the client's stream was reset."""
+    proxy = make_proxy()
+    deep = b'data: {"choices":[{"delta":{}}],"prompt_filter_results":' + b"[" * 5000 + b"]" * 5000 + b"}\n\n"
+    body = CONTENT + b"\n\n" + deep + b"data: [DONE]\n\n"
+    fake.respond_next(200, body, {"content-type": "text/event-stream"})
+    client = await connect(proxy, raw_post("/v1/chat/completions", STREAM))
+    raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    assert dechunk(raw) == body
     client.transport.loseConnection()  # type: ignore[union-attr]

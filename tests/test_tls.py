@@ -10,6 +10,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -21,6 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.http import Request
 
@@ -448,3 +450,48 @@ async def test_tls_listener_bind_failure_raises_at_start(tmp_path: Path) -> None
         assert await deferToThread(peer_serial, free, cafile) == 6
     finally:
         await svc.stopService()
+
+
+def _refused_over_tls(port: int, cafile: Path, data: bytes) -> bytes:
+    """Send C{data} over TLS and read until the proxy closes (its answer, then the end)."""
+    with _tls_socket(port, cafile) as sock:
+        sock.sendall(data)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ssl.SSLError, OSError):
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: p\r\n\r\n",  # 414, refused in the head
+        b"GARBAGE\r\n\r\n",  # 400
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: 100000000\r\n\r\n",  # 413
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_refusals_over_tls_log_no_error(tls_proxy: TLSProxy, data: bytes) -> None:
+    """
+    A refused request on a TLS listener is answered and closed like one on TCP, and logs its
+    access line only: no "Unhandled Error" (anyone could flood the log with them).
+    """
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        received = await deferToThread(_refused_over_tls, tls_proxy.number, tls_proxy.cafile, data)
+        assert received.startswith(b"HTTP/1.1 4")
+        assert b"\r\nConnection: close\r\n" in received
+        # Every connection is gone (its linger timer included) before the log is read.
+        await tls_proxy.site.connections.wait_closed().addTimeout(10, get_reactor())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [formatEvent(e) for e in events if e.get("log_failure") is not None or e.get("isError")]
+    assert failures == []
+    assert [e["access"]["status"] for e in events if "access" in e] == [int(received[9:12])]

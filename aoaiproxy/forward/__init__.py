@@ -3,10 +3,13 @@ The forward proxy: C{CONNECT host:port} tunnels and absolute-form requests
 (C{GET http://host/path}), for an allowlist of destinations.
 
 L{Forwarder.handle} is called by L{aoaiproxy.site.ProxyRequest.process} for every proxy
-request.  In order it checks:
+request.  In order it checks (steps 1-4 are L{policy.admit}, which the site also asks at the
+end of the head of a request with a body, to refuse it before reading the body):
 
  1. the request-target (a malformed one gets 400);
  2. proxy authentication, when C{forward_users} is set (407 with C{Proxy-Authenticate});
+    then, with C{--intercept}, a CONNECT to an intercepted host is answered and served over
+    TLS by the API itself, never dialled (L{intercept}, its CA in L{ca});
  3. C{http://api.openai.com/...}: rewritten to origin-form and handed back (C{False}) so the
     reverse API serves it (and azure mode converts it);
  4. the allowlist (403);
@@ -23,6 +26,10 @@ failure classification, L{refusal}), L{tunnel} (the byte relay), L{handlers} (th
 Secrets are compared with L{aoaiproxy.compare.equal_to_any}.  Timeouts use Twisted's own
 idioms and no hand-made timer: C{Deferred.addTimeout} bounds a wait (resolving and
 connecting), C{TimeoutMixin} ends an idle tunnel (as it ends an idle HTTP channel).
+
+A refused C{CONNECT} is answered with C{Connection: close} and its connection closed: what
+the client sent behind it is tunnel data, never parsed as HTTP (but for a 407 with nothing
+behind it, so that the client may retry with credentials on the same connection).
 """
 
 from aoaiproxy._twisted import pending_write_bytes
@@ -31,8 +38,10 @@ from aoaiproxy.forward.handlers import Forwarder
 from aoaiproxy.forward.policy import (
     OPENAI_API_HOST,
     AbsoluteTarget,
+    Admitted,
     Refused,
     address_blocked,
+    admit,
     checked_addresses,
     destination_allowed,
     parse_absolute,
@@ -45,6 +54,7 @@ from aoaiproxy.forward.tunnel import TargetFactory, TargetProtocol, Tunnel
 __all__ = [
     "OPENAI_API_HOST",
     "AbsoluteTarget",
+    "Admitted",
     "Connector",
     "Dialer",
     "Forwarder",
@@ -54,6 +64,7 @@ __all__ = [
     "TargetProtocol",
     "Tunnel",
     "address_blocked",
+    "admit",
     "checked_addresses",
     "destination_allowed",
     "parse_absolute",

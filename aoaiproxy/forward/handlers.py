@@ -1,6 +1,7 @@
 """
-The forward proxy's request handling: L{Forwarder.handle} serves C{CONNECT} (a tunnel) and
-absolute-form requests (relayed, or handed back to the API as origin-form).
+The forward proxy's request handling: L{Forwarder.handle} serves C{CONNECT} (a tunnel, or
+TLS interception) and absolute-form requests (relayed, or handed back to the API as
+origin-form).
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.ssl import CertificateOptions
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
@@ -16,24 +20,14 @@ from twisted.web.iweb import IResponse
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.dial import Connector, Dialer, Resolver, refusal
-from aoaiproxy.forward.policy import (
-    OPENAI_API_HOST,
-    Refused,
-    bad_target,
-    destination_allowed,
-    forbidden,
-    parse_absolute,
-    parse_authority,
-    proxy_auth_required,
-    proxy_authorized,
-    relayed_request_headers,
-)
+from aoaiproxy.forward.intercept import Interceptor
+from aoaiproxy.forward.policy import Admitted, Refused, admit, forbidden, relayed_request_headers
 from aoaiproxy.forward.tunnel import TargetFactory, TargetProtocol, Tunnel
 from aoaiproxy.resource import nonempty_body, note, raw_headers, relay_response, write_error
 from aoaiproxy.upstream import UpstreamClient
 
 if TYPE_CHECKING:
-    from aoaiproxy.site import ProxyRequest
+    from aoaiproxy.site import ProxyChannel, ProxyRequest
 
 
 class Forwarder:
@@ -44,6 +38,8 @@ class Forwarder:
     @param connector: builds the endpoint to a checked address (default: TCP).
     @param upstream: the HTTP client for relayed absolute-form requests (default: a new one,
         closed by L{close}).
+    @param interceptor: with C{--intercept}, the CA that makes the certificates of intercepted
+        hosts (L{aoaiproxy.forward.intercept}); None when interception is off.
     """
 
     def __init__(
@@ -54,12 +50,14 @@ class Forwarder:
         *,
         connector: Connector | None = None,
         upstream: UpstreamClient | None = None,
+        interceptor: Interceptor | None = None,
     ) -> None:
         self._reactor = reactor
         self._live = live
         self._dialer = Dialer(reactor, resolver, connector)
         self._own_upstream = upstream is None
         self._upstream = upstream or UpstreamClient(reactor)
+        self._interceptor = interceptor
         #: Open tunnels.
         self.tunnels: set[Tunnel] = set()
 
@@ -69,15 +67,26 @@ class Forwarder:
         an absolute-form API request (C{http://api.openai.com/...}) to origin-form.
         """
         config = self._live.config
+        proxy_request = cast("ProxyRequest", request)
         try:
-            if request.method == b"CONNECT":
-                self._connect(config, cast("ProxyRequest", request))
-                return True
-            return self._absolute(config, request)
+            admitted = self._admit(config, request)
         except Refused as e:
-            close = request.method == b"CONNECT" and e.error.status != 407
+            # Bytes a client sent behind a refused CONNECT are tunnel data, not HTTP: the
+            # connection closes after the answer.  A 407 with nothing behind it keeps the
+            # connection, so that the client may retry with credentials (as curl does).
+            close = request.method == b"CONNECT" and (e.error.status != 407 or proxy_request.pipelined)
             self._answer_error(request, e.error, close=close)
             return True
+        if admitted.absolute is None:
+            self._connect(config, proxy_request, admitted)
+            return True
+        if admitted.api:
+            # As if it had been sent in origin-form.
+            request.uri = admitted.absolute.origin
+            request.path = admitted.absolute.path
+            return False
+        self._relay(config, request, admitted)
+        return True
 
     def close(self) -> Deferred[None] | None:
         """Close every tunnel (and the HTTP client, if this forwarder made it)."""
@@ -89,19 +98,17 @@ class Forwarder:
 
     # -- shared steps
 
-    def _check_auth(self, config: Config, request: Request) -> None:
+    def _admit(self, config: Config, request: Request) -> Admitted:
         header = request.getHeader(b"proxy-authorization")
-        request.requestHeaders.removeHeader(b"proxy-authorization")
-        if not proxy_authorized(config, header):
-            raise Refused(proxy_auth_required())
+        request.requestHeaders.removeHeader(b"proxy-authorization")  # never relayed
+        return admit(config, request.method, request.uri, header)
 
     def _answer_error(self, request: Request, error: ProxyError, close: bool = False) -> None:
         if request.finished or request.channel is None:  # answered, or the client is gone
             return
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         if close:
-            # Bytes a client pipelined after a refused CONNECT are not HTTP: don't parse them.
-            request.requestHeaders.setRawHeaders(b"connection", [b"close"])
+            cast("ProxyRequest", request).close_connection_after()
         write_error(request, error)
 
     def _failed(self, request: Request, close: bool = False) -> Callable[[Failure], None]:
@@ -115,14 +122,14 @@ class Forwarder:
 
     # -- CONNECT
 
-    def _connect(self, config: Config, request: ProxyRequest) -> None:
-        try:
-            host, port = parse_authority(request.uri)
-        except (ValueError, UnicodeDecodeError):
-            raise Refused(bad_target()) from None
-        self._check_auth(config, request)
-        if not destination_allowed(config, host, port):
-            raise Refused(forbidden(f"{host}:{port}"))
+    def _connect(self, config: Config, request: ProxyRequest, admitted: Admitted) -> None:
+        host, port = admitted.host, admitted.port
+        if admitted.intercept:
+            if self._interceptor is None:  # interception configured but not set up: never dial
+                self._answer_error(request, forbidden(f"{host}:{port}"), close=True)
+                return
+            self._intercept(config, request, self._interceptor.creator(host))
+            return
         d = self._dialer.connect(config, host, port, TargetFactory())
         request.notifyFinish().addErrback(lambda _: d.cancel())
 
@@ -137,6 +144,32 @@ class Forwarder:
 
         d.addCallbacks(connected, self._failed(request, close=True))
 
+    def _intercept(self, config: Config, request: ProxyRequest, creator: CertificateOptions) -> None:
+        """
+        Answer 200 and serve the connection with TLS (C{creator}: the host's certificate),
+        requests inside going to this same site as origin-form API requests.  The host is never
+        dialled (so it need not be on the allowlist).  The HTTP connection inside counts among
+        the site's connections (so the drain closes it when idle); its client sees a tunnel, so
+        it may be idle (the TLS handshake included) as long as a tunnel may.
+        """
+        site = cast("ProxyChannel", request.channel).site
+        tls = TLSMemoryBIOFactory(creator, False, site, clock=self._reactor)
+        protocol = tls.buildProtocol(request.getClientAddress())
+        inside = cast("ProxyChannel", protocol.wrappedProtocol)
+        # Before makeConnection, which starts the timer.  (Twisted's hint says int; its own
+        # HTTPFactory.timeOut takes a float.)
+        inside.timeOut = config.tunnel_idle_timeout  # type: ignore[assignment]
+        request.establish(protocol)
+        connection: SSL.Connection = protocol.getHandle()
+
+        def ended(_: object) -> None:
+            # A client that does not trust the CA ends TLS in the handshake, without its
+            # Finished message: the CONNECT's access line says so.
+            if connection.get_peer_finished() is None:
+                note(request, error="tls_handshake_failed")
+
+        request.notifyFinish().addBoth(ended)
+
     def _tunnel_closed(self, request: Request) -> Callable[[Tunnel], None]:
         def closed(tunnel: Tunnel) -> None:
             self.tunnels.discard(tunnel)
@@ -147,19 +180,9 @@ class Forwarder:
 
     # -- absolute-form
 
-    def _absolute(self, config: Config, request: Request) -> bool:
-        try:
-            target = parse_absolute(request.uri)
-        except (ValueError, UnicodeDecodeError):
-            raise Refused(bad_target()) from None
-        self._check_auth(config, request)
-        if target.host == OPENAI_API_HOST:
-            # As if it had been sent in origin-form.
-            request.uri = target.origin
-            request.path = target.path
-            return False
-        if not destination_allowed(config, target.host, target.port):
-            raise Refused(forbidden(f"{target.host}:{target.port}"))
+    def _relay(self, config: Config, request: Request, admitted: Admitted) -> None:
+        target = admitted.absolute
+        assert target is not None
         # RFC 9112 §3.2.2: the request-target's authority, not the client's Host header.
         headers = relayed_request_headers(raw_headers(request), target.authority)
         d = self._dialer.addresses(config, target.host, target.port)
@@ -180,4 +203,3 @@ class Forwarder:
         relayed = d.addCallback(send)
         relayed.addCallback(relay_response, request, self._reactor, config.upstream_timeout)
         relayed.addErrback(self._failed(request))
-        return True

@@ -10,6 +10,7 @@ import base64
 import binascii
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -26,6 +27,17 @@ OPENAI_API_HOST = "api.openai.com"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+#: IPv6 ranges never reached through a name, whatever Python's C{is_global} says of them:
+#: local-use NAT64 (RFC 8215: its translation is the local network's), site-local (deprecated
+#: by RFC 3879, still routed inside some sites), Teredo (its IPv4 part is obfuscated).
+_BLOCKED_V6 = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("fec0::/10"),
+    ipaddress.IPv6Network("2001::/32"),
+)
+#: A host name's labels (RFC 1123, and the underscores some real names carry).
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 
 
@@ -115,7 +127,12 @@ def _normal_host(host: str) -> str:
     if not host or any(c in host for c in "/\\@ ?#*%") or not host.isascii():
         raise ValueError("bad host")
     ip = ip_literal(host)
-    return ip.compressed if ip is not None else host
+    if ip is not None:
+        return ip.compressed
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
+        # An empty label (a..example.test) or one too long is no name a resolver takes.
+        raise ValueError("bad host name")
+    return host
 
 
 def ip_literal(host: str) -> IPAddress | None:
@@ -163,18 +180,32 @@ def destination_allowed(config: Config, host: str, port: int) -> bool:
 def address_blocked(address: str) -> bool:
     """
     Whether an address is one a name may not lead to: anything not globally routable
-    (loopback, RFC 1918, ULA, link-local, CGNAT, unspecified, documentation...), multicast,
-    and cloud metadata addresses, also when embedded in IPv4-mapped or NAT64 addresses.
+    (loopback, RFC 1918, ULA, site-local, link-local, CGNAT, unspecified, documentation...),
+    multicast, and cloud metadata addresses, also when embedded in an IPv6 address that
+    carries an IPv4 one (IPv4-mapped, IPv4-compatible, NAT64, 6to4); local-use NAT64 and
+    Teredo addresses are refused whole.
     """
     ip = ip_literal(address.split("%", 1)[0])
     if ip is None:
         return True
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        elif ip in _NAT64:
-            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if any(ip in network for network in _BLOCKED_V6):
+            return True
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
     return ip in _METADATA or not ip.is_global or ip.is_multicast or ip.is_unspecified
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one leads to, when it embeds one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64 or (ip in _V4_COMPATIBLE and int(ip) > 1):  # not :: and ::1 themselves
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def checked_addresses(config: Config, host: str, port: int, addresses: Sequence[str]) -> list[str]:
@@ -222,6 +253,64 @@ def proxy_authorized(config: Config, header: bytes | None) -> bool:
     # without a colon (one with a colon can never match; the users file makes none).
     known = (f"{name}:{secret}".encode() for name, secret in users.items() if ":" not in name)
     return equal_to_any(decoded, known)
+
+
+# -- a proxy request's head ------------------------------------------------------------------
+
+
+@attrs.frozen
+class Admitted:
+    """A proxy request its head does not refuse: where it goes."""
+
+    host: str
+    port: int
+    #: The absolute-form request-target; None for C{CONNECT}.
+    absolute: AbsoluteTarget | None = None
+    #: A C{CONNECT} the proxy answers itself (TLS interception, SPEC §13): never dialled.
+    intercept: bool = False
+
+    @property
+    def api(self) -> bool:
+        """Whether it is an API request (C{http://api.openai.com/...}), served as origin-form."""
+        return self.absolute is not None and self.host == OPENAI_API_HOST
+
+
+def admit(config: Config, method: bytes, target: bytes, proxy_authorization: bytes | None) -> Admitted:
+    """
+    The forward proxy's decisions from a request's head alone, in order: a malformed
+    request-target (400), proxy authentication (407), then the allowlist (403), which an
+    absolute-form API request (L{Admitted.api}) and an intercepted C{CONNECT}
+    (L{Admitted.intercept}) do not need.  Raises L{Refused}.
+    """
+    absolute = None
+    try:
+        if method == b"CONNECT":
+            host, port = parse_authority(target)
+        else:
+            absolute = parse_absolute(target)
+            host, port = absolute.host, absolute.port
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(bad_target()) from None
+    if not proxy_authorized(config, proxy_authorization):
+        raise Refused(proxy_auth_required())
+    if absolute is None and intercepted(config, host, port):
+        return Admitted(host, port, None, intercept=True)
+    admitted = Admitted(host, port, absolute)
+    if not admitted.api and not destination_allowed(config, host, port):
+        raise Refused(forbidden(f"{host}:{port}"))
+    return admitted
+
+
+@functools.lru_cache(maxsize=32)
+def _intercepted_hosts(entries: tuple[str, ...]) -> frozenset[tuple[str, int]]:
+    # Normalised as CONNECT targets are (parse_authority), so [0::1]:443 matches [::1]:443.
+    # The configuration accepts only entries that parse (intercept.hosts).
+    return frozenset(parse_authority(entry.encode("ascii")) for entry in entries)
+
+
+def intercepted(config: Config, host: str, port: int) -> bool:
+    """Whether a CONNECT to C{host:port} (as L{parse_authority} returns it) is intercepted."""
+    return config.intercept and (host, port) in _intercepted_hosts(config.intercept_hosts)
 
 
 # -- relayed requests -----------------------------------------------------------------------

@@ -5,6 +5,14 @@ backpressure both ways, half-close (plain TCP), and an idle timeout.
 The client's side is a L{Tunnel}, the protocol the client's connection is handed to
 (L{aoaiproxy.site.ProxyRequest.establish}); the target's side is a L{TargetProtocol}, built
 by L{TargetFactory} when the target connects.
+
+On a graceful stop (L{Tunnel.close_when_done}), a tunnel at rest is closed at once and a busy
+one when it comes to rest (or at the drain deadline).  A tunnel is opaque (TLS, mostly), so
+"at rest" is read from its traffic: nothing relayed for L{REST_SECONDS}, nothing waiting in
+either side's buffers, and the last bytes came from the target, or none came at all.  That
+is a client's pooled connection after its last response; a request sent and still awaiting
+its answer (the client spoke last) keeps the drain window, however long its upstream takes,
+and so does an answer a slow client is still reading.
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from aoaiproxy._twisted import pending_write_bytes
+
+#: On a graceful stop: how long a tunnel must have been silent, its target having spoken
+#: last (or nobody), to count as at rest and be closed.
+REST_SECONDS = 5.0
 
 
 def half_closeable(transport: Any) -> bool:
@@ -82,6 +96,9 @@ class Tunnel(Protocol, TimeoutMixin):
     tunnel closes (both connections are then closing).
     """
 
+    #: See L{REST_SECONDS} (a test may shorten it).
+    rest_seconds = REST_SECONDS
+
     def __init__(
         self,
         reactor: Any,
@@ -97,6 +114,10 @@ class Tunnel(Protocol, TimeoutMixin):
         self._client_eof = False
         self._target_eof = False
         self._closed = False
+        self._draining = False
+        #: When bytes were last relayed either way, and whether the client sent them.
+        self._last_relay = reactor.seconds()
+        self._client_spoke_last = False
         #: Bytes relayed to the client (for the access log).
         self.bytes_down = 0
 
@@ -122,30 +143,58 @@ class Tunnel(Protocol, TimeoutMixin):
             self.to_client(early)
 
     def timeoutConnection(self) -> None:
-        self.abort()
+        if not self._draining:
+            self.abort()  # idle for the tunnel idle timeout
+        elif self._at_rest(quiet=self.rest_seconds):
+            self._close()
+        else:
+            self.setTimeout(self.rest_seconds)  # still busy: the drain deadline bounds it
+
+    def _at_rest(self, quiet: float) -> bool:
+        """Whether the tunnel is at rest (the module's docstring), silent for C{quiet} seconds."""
+        if self._client_spoke_last or quiet < self.rest_seconds:
+            return False
+        return pending_write_bytes(self.client) == 0 and pending_write_bytes(self.target) == 0
+
+    def close_when_done(self) -> None:
+        """
+        For a graceful stop: close the tunnel now if it is at rest, else once it comes to
+        rest (see the module's docstring); the drain deadline cuts it otherwise.
+        """
+        if self._closed:
+            return
+        self._draining = True
+        if self._at_rest(quiet=self._reactor.seconds() - self._last_relay):
+            self._close()
+        else:
+            # The idle timer now measures rest (the tunnel idle timeout no longer matters).
+            self.setTimeout(self.rest_seconds)
 
     # -- bytes
 
     def dataReceived(self, data: bytes) -> None:
         """From the client, to the target."""
-        self._relay(data, self.target)
+        self._relay(data, self.target, from_client=True)
 
     def to_client(self, data: bytes) -> None:
         """From the target, to the client."""
         self.bytes_down += len(data)
-        self._relay(data, self.client)
+        self._relay(data, self.client, from_client=False)
 
-    def _relay(self, data: bytes, out: Any) -> None:
+    def _relay(self, data: bytes, out: Any, from_client: bool) -> None:
         if self._closed:
             return
         self.resetTimeout()
+        self._last_relay = self._reactor.seconds()
+        self._client_spoke_last = from_client
         out.write(data)
 
     # -- ends
 
     def readConnectionLost(self) -> None:
-        """The client half-closed."""
+        """The client half-closed (and awaits the rest of the target's answer)."""
         self._client_eof = True
+        self._client_spoke_last = True
         self._pass_eof(self._target_eof, self.target)
 
     def writeConnectionLost(self) -> None:
@@ -153,6 +202,7 @@ class Tunnel(Protocol, TimeoutMixin):
 
     def target_eof(self) -> None:
         self._target_eof = True
+        self._client_spoke_last = False
         self._pass_eof(self._client_eof, self.client)
 
     def _pass_eof(self, ended: bool, other: Any) -> None:

@@ -22,13 +22,16 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseFailed
 
 from aoaiproxy.testing import FakeAzure
 
 from ..certs import CA, make_ca
-from ..conftest import Daemon, free_port, spawned, twistd_command, twistd_env
+from ..conftest import Daemon, free_port, get_reactor, spawned, twistd_command, twistd_env
+from ..rawnet import connect
 from ..test_service import wait_until
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-e2e-41c7"
@@ -145,6 +148,43 @@ async def test_sigterm_cuts_a_stream_still_open_at_the_deadline(
     assert "drain timeout (1s): cut 1 connection(s) still open" in log
     assert '"POST /v1/chat/completions" 200 ' in log and " aborted" in log
     fake.release()
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_does_not_wait_for_a_pooled_tunnel(start_daemon: Callable[..., Daemon]) -> None:
+    """
+    A client's pooled CONNECT tunnel (its last response in, nothing since) does not hold
+    the daemon for the drain timeout: it is closed once at rest, and the daemon exits.
+    """
+    reactor = get_reactor()
+    target = reactor.listenTCP(0, Factory.forProtocol(_Echo), interface="127.0.0.1")
+    try:
+        port = target.getHost().port
+        daemon = start_daemon(
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--forward-allow",
+            f"127.0.0.1:{port}",
+            "--drain-timeout",
+            "120",
+        )
+        tunnel = await connect(daemon.port, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\nping" % port)
+        await tunnel.wait_for(lambda received: received.endswith(b"ping"))
+
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(daemon, timeout=60) == 0  # not after the 120 s drain
+        await tunnel.closed
+        assert tunnel.reason is not None and tunnel.reason.check(ConnectionDone)  # closed, not cut
+        log = daemon.log()
+        assert "draining: 1 connection(s) with a request in flight" in log
+        assert "drained: every request in flight has finished" in log
+    finally:
+        await target.stopListening()
 
 
 # -- SIGHUP -----------------------------------------------------------------------------------

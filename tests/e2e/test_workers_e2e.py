@@ -336,6 +336,33 @@ async def test_workers_serve_tls_reload_certificates_and_the_parent_serves_metri
     assert sorted(reloaded) == sorted(workers)
 
 
+# -- interception ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_intercept_with_the_one_ca_the_parent_made(
+    fake: FakeAzure,
+    client: HTTPClient,
+    start_workers: Callable[..., Daemon],
+    notify_socket: socket.socket,
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    daemon = start_workers("--endpoint", fake.url, "--intercept", "--state-dir", str(state))
+    assert await notified(notify_socket) == b"READY=1\nSTATUS=serving"
+    log = daemon.log()
+    assert log.count("interception CA generated in") == 1  # by the parent, before the workers
+    assert log.count("interception CA from") == 2  # each worker loads it
+    workers = list(worker_pids(daemon).values())
+    for pid in workers:
+        with only(pid, workers):
+            response = await client.get(daemon.url + "/aoaiproxy/ca.pem", timeout=30)
+            assert response.code == 200
+            assert await response.content() == (state / "ca.pem").read_bytes()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert await wait_exit(daemon) == 0
+
+
 # -- the parent gone ---------------------------------------------------------------------------
 
 

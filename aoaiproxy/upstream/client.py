@@ -1,0 +1,456 @@
+"""
+The relay's upstream HTTP client: one request in, one response (or a L{ProxyError}) out.
+
+A proxy's client must change nothing: no cookie jar (cookies would leak between clients), no
+redirect followed (it must reach the client), no C{Accept-Encoding} added and no body decoded.
+So it is neither treq (which adds all of these) nor C{twisted.web.client.Agent} (correct, but
+about 40% of the proxy's CPU per request went into it): it is L{HTTP11Connection} on the
+C{httptools} parser, with what a relay needs around it:
+
+  - one pool of persistent connections per (scheme, host, port) (L{Pool});
+  - a connect timeout, and a timeout for the response head (504 either way);
+  - one retry on a fresh connection when a reused one closes before any byte of a response
+    (it had gone stale in the pool), and only then;
+  - every failure before the response head turned into a 502 or 504 (L{classify}).
+
+The upstream URL's scheme and authority are parsed once per distinct upstream, and the
+connections are made by an I{endpoints} callable, by default TCP (and TLS for https, verified
+with C{tls_policy}) on the given reactor: a test can pass one that connects in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import error as ierror
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+
+from aoaiproxy import errors
+from aoaiproxy.errors import ProxyError
+from aoaiproxy.upstream.pool import Key, Pool
+from aoaiproxy.upstream.protocol import (
+    FILE_CHUNK,
+    HeadTooLarge,
+    HTTP11Connection,
+    MalformedResponse,
+    UpstreamClosed,
+    UpstreamResponse,
+)
+
+try:
+    from OpenSSL.SSL import Error as _SSLError
+
+    _TLS_ERRORS: tuple[type[BaseException], ...] = (_SSLError,)
+except ImportError:  # pragma: no cover - no TLS support installed
+    _TLS_ERRORS = ()
+
+#: Idle pooled connections are closed after this many seconds: below the idle timeout of
+#: Azure's front ends, so that a reused connection is rarely stale.
+CACHED_CONNECTION_TIMEOUT = 50.0
+#: Idle connections kept per upstream (not a limit on connections in use).
+MAX_PERSISTENT_PER_HOST = 32
+#: Limits on a response head, the same as the daemon's defaults for request heads
+#: (C{--max-headers}, C{--max-header-size}): beyond them the request fails with a 502.
+MAX_RESPONSE_HEADERS = 100
+MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+#: A request body file up to this size is read at once and sent with the head (one write).
+SMALL_BODY = FILE_CHUNK
+#: Parsed upstreams remembered (the forward proxy relays to arbitrary ones).
+_TARGETS_CACHED = 512
+
+#: C{endpoints(scheme, host, port, connect_timeout)}: where to connect for a new connection.
+Endpoints = Callable[[str, str, int, float], IStreamClientEndpoint]
+
+
+@attrs.frozen
+class Target:
+    """An upstream's scheme and authority, parsed once."""
+
+    scheme: str
+    #: Host name or address (no brackets), as the endpoint wants it.
+    host: str
+    port: int
+    #: The C{Host} header line sent unless the request has one.
+    host_line: bytes
+
+    @property
+    def key(self) -> Key:
+        return (self.scheme, self.host, self.port)
+
+
+def parse_target(prefix: bytes) -> Target:
+    """C{scheme://authority} of an upstream URL; raises L{ProxyError} if it is not one."""
+    try:
+        parts = urlsplit(prefix.decode("ascii"))
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        port = parts.port
+    except (UnicodeDecodeError, ValueError):
+        raise errors.upstream_unreachable("invalid upstream URL") from None
+    if (
+        scheme not in ("http", "https")
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+    ):
+        raise errors.upstream_unreachable("invalid upstream URL")
+    default = 80 if scheme == "http" else 443
+    port = default if port is None else port
+    authority = f"[{host}]" if isIPv6Address(host) else host
+    if port != default:
+        authority = f"{authority}:{port}"
+    return Target(scheme, host, port, b"Host: " + authority.encode("ascii") + b"\r\n")
+
+
+class _OneConnection(Factory):
+    """Builds the one connection it was made for; no log line per connection."""
+
+    noisy = False
+
+    def __init__(self, conn: HTTP11Connection) -> None:
+        self._conn = conn
+
+    def buildProtocol(self, addr: Any) -> HTTP11Connection:
+        return self._conn
+
+
+class UpstreamClient:
+    """
+    Sends requests upstream.  One instance serves the whole daemon; L{close} when stopping.
+
+    @param tls_policy: verifies https upstreams (default: the system's trust roots, as a
+        browser does).
+    @param endpoints: makes the endpoint for each new connection (default: a
+        L{HostnameEndpoint} on C{reactor}, wrapped in TLS for https).
+    @param max_headers: most headers in a response head (each 1xx head counted alone).
+    @param max_head_bytes: longest response head, 1xx heads included.
+    @param max_idle_per_host: idle connections kept per upstream.
+    @param idle_timeout: seconds an idle connection is kept.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        tls_policy: IPolicyForHTTPS | None = None,
+        *,
+        endpoints: Endpoints | None = None,
+        max_headers: int = MAX_RESPONSE_HEADERS,
+        max_head_bytes: int = MAX_RESPONSE_HEAD_BYTES,
+        max_idle_per_host: int = MAX_PERSISTENT_PER_HOST,
+        idle_timeout: float = CACHED_CONNECTION_TIMEOUT,
+    ) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
+        self._endpoints = endpoints or self._tcp_endpoint
+        self._max_headers = max_headers
+        self._max_head_bytes = max_head_bytes
+        self._pool = Pool(reactor, max_idle_per_host, idle_timeout)
+        self._targets: dict[bytes, Target] = {}
+        self._creators: dict[tuple[str, int], IOpenSSLClientConnectionCreator] = {}
+
+    def request(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | IO[bytes] | None,
+        *,
+        connect_timeout: float,
+        header_timeout: float,
+    ) -> Deferred[IResponse]:
+        """
+        Send one request.  The Deferred fires with the response once its head arrived, or
+        fails with a L{ProxyError} (502 or 504).  Cancelling it cancels the request (it then
+        fails with C{CancelledError}); once it has fired, the body's transport's
+        C{stopProducing} does.
+
+        @param headers: sent as they are, but for C{Content-Length} (set from C{body}) and
+            C{Host} (added from C{url} unless there).
+        @param body: bytes, a seekable file positioned at the body's start (it is re-read on
+            a retry and never closed here), or None for no body.
+        """
+        length: int | None = None
+        if body is not None:
+            if isinstance(body, bytes):
+                length = len(body)
+            else:
+                start = body.tell()
+                length = body.seek(0, 2) - start
+                body.seek(start)
+                if length <= SMALL_BODY:
+                    # Sent with the head in one write, and kept for a retry.
+                    body = body.read(length)
+        try:
+            target, path = self._target(url)
+            head = _head(method, path, target, headers, length)
+        except ProxyError as e:
+            return fail(e)
+        exchange = _Exchange(self, target, method, head, body, length or 0, connect_timeout, header_timeout)
+        return exchange.start()
+
+    def close(self) -> Deferred[None]:
+        """Close every idle pooled connection (and those that become idle later)."""
+        return self._pool.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _target(self, url: bytes) -> tuple[Target, bytes]:
+        """The parsed upstream of C{url}, and the request target (path and query)."""
+        cut = url.find(b"/", url.find(b"//") + 2)
+        prefix, path = (url, b"/") if cut < 0 else (url[:cut], url[cut:])
+        target = self._targets.get(prefix)
+        if target is None:
+            if b"?" in prefix:  # no path, but a query: rare, not cached
+                prefix, _, query = prefix.partition(b"?")
+                return parse_target(prefix), b"/?" + query
+            target = parse_target(prefix)
+            if len(self._targets) >= _TARGETS_CACHED:
+                self._targets.clear()
+            self._targets[prefix] = target
+        return target, path
+
+    def _tcp_endpoint(self, scheme: str, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        if scheme == "https":
+            creator = self._creators.get((host, port))
+            if creator is None:
+                if len(self._creators) >= _TARGETS_CACHED:
+                    self._creators.clear()
+                creator = self._creators[(host, port)] = self._tls_policy.creatorForNetloc(
+                    host.encode("idna"), port
+                )
+            endpoint = wrapClientTLS(creator, endpoint)
+        return endpoint
+
+    def _connection(self, key: Key) -> HTTP11Connection:
+        conn = HTTP11Connection(self._max_headers, self._max_head_bytes)
+        pool = self._pool
+        conn.on_idle = lambda c: pool.put(key, c)
+        conn.on_lost = lambda c: pool.lost(key, c)
+        return conn
+
+
+def _head(
+    method: bytes,
+    path: bytes,
+    target: Target,
+    headers: Sequence[tuple[bytes, bytes]],
+    length: int | None,
+) -> bytes:
+    """The request head, for a body of C{length} bytes (None: no body)."""
+    parts = [method, b" ", path, b" HTTP/1.1\r\n"]
+    lines = 2  # the request line and the blank line
+    host = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            continue
+        if lower == b"host":
+            host = True
+        parts += (name, b": ", value, b"\r\n")
+        lines += 1
+    if not host:
+        parts.append(target.host_line)
+        lines += 1
+    if length is not None:
+        parts.append(b"Content-Length: %d\r\n" % length)
+        lines += 1
+    elif method in (b"POST", b"PUT"):
+        parts.append(b"Content-Length: 0\r\n")
+        lines += 1
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # No header may add a line (a CR or LF in a name or value), nor the path a word.
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b" " in path:
+        raise errors.upstream_unreachable("invalid character in the upstream request")
+    return head
+
+
+class _Exchange:
+    """One request: its connection attempts (two at most), its head timer, its Deferred."""
+
+    __slots__ = (
+        "_body",
+        "_client",
+        "_conn",
+        "_connect_timeout",
+        "_connecting",
+        "_deferred",
+        "_done",
+        "_head",
+        "_header_timeout",
+        "_length",
+        "_method",
+        "_retried",
+        "_reused",
+        "_start",
+        "_target",
+        "_timed_out",
+        "_timer",
+    )
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        target: Target,
+        method: bytes,
+        head: bytes,
+        body: bytes | IO[bytes] | None,
+        length: int,
+        connect_timeout: float,
+        header_timeout: float,
+    ) -> None:
+        self._client = client
+        self._target = target
+        self._method = method
+        self._head = head
+        self._body = body
+        self._start = body.tell() if body is not None and not isinstance(body, bytes) else 0
+        self._length = length
+        self._connect_timeout = connect_timeout
+        self._header_timeout = header_timeout
+        self._deferred: Deferred[IResponse] = Deferred(self._cancel)
+        self._timer: IDelayedCall | None = None
+        self._conn: HTTP11Connection | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._done = False
+        self._timed_out = False
+        self._retried = False
+        self._reused = False
+
+    def start(self) -> Deferred[IResponse]:
+        self._timer = self._client._reactor.callLater(self._header_timeout, self._timeout)
+        self._attempt(True)
+        return self._deferred
+
+    def _attempt(self, reuse: bool) -> None:
+        client = self._client
+        conn = client._pool.take(self._target.key) if reuse else None
+        if conn is not None:
+            self._reused = True
+            self._send(conn)
+            return
+        self._reused = False
+        target = self._target
+        conn = client._connection(target.key)
+        endpoint = client._endpoints(target.scheme, target.host, target.port, self._connect_timeout)
+        self._connecting = endpoint.connect(_OneConnection(conn))
+        self._connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _send(self, conn: HTTP11Connection) -> None:
+        self._conn = conn
+        body = self._body
+        if body is not None and not isinstance(body, bytes):
+            body.seek(self._start)
+        conn.send(self._head, body, self._length, self._method, self)
+
+    def _connected(self, conn: HTTP11Connection) -> None:
+        self._connecting = None
+        if self._done:
+            # Too late for this request (it was cancelled as the connection came up).
+            conn.close()
+            return
+        self._send(conn)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if not self._done:
+            self._fail(failure.value or Exception("connect failed"))
+
+    # -- from the connection ---------------------------------------------------------------
+
+    def head_received(self, response: UpstreamResponse) -> None:
+        self._finish()
+        self._deferred.callback(response)
+
+    def failed(self, error: Exception) -> None:
+        if self._done:
+            return
+        if (
+            self._reused
+            and not self._retried
+            and isinstance(error, UpstreamClosed)
+            and not error.received
+            and not _is_tls_failure(error.reason)
+        ):
+            # A pooled connection had gone stale: once more, on a new one.
+            self._retried = True
+            self._conn = None
+            self._attempt(False)
+            return
+        self._fail(error)
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self._done = True
+        self._conn = None
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _fail(self, error: BaseException) -> None:
+        self._finish()
+        proxy_error = classify(error, self._connect_timeout)
+        self._deferred.errback(Failure(proxy_error))
+
+    def _timeout(self) -> None:
+        self._timed_out = True
+        self._deferred.cancel()
+
+    def _cancel(self, d: Deferred[IResponse]) -> None:
+        if self._done:
+            return
+        conn, connecting = self._conn, self._connecting
+        self._finish()
+        if connecting is not None:
+            connecting.cancel()
+        if conn is not None:
+            conn.abort()
+        if self._timed_out:
+            d.errback(
+                Failure(errors.upstream_timeout(f"no response headers within {self._header_timeout:g}s"))
+            )
+        # Otherwise the Deferred fails with CancelledError.
+
+
+def classify(error: BaseException, connect_timeout: float) -> ProxyError:
+    """Turn an upstream failure into the client-visible error.  Never includes a key."""
+    if isinstance(error, ProxyError):
+        return error
+    if isinstance(error, ierror.TimeoutError):
+        return errors.upstream_timeout(f"could not connect within {connect_timeout:g}s")
+    if isinstance(error, ierror.ConnectionRefusedError):
+        return errors.upstream_unreachable("connection refused")
+    if isinstance(error, ierror.DNSLookupError):
+        return errors.upstream_unreachable("host name lookup failed")
+    if isinstance(error, UpstreamClosed):
+        if _is_tls_failure(error.reason):
+            return errors.upstream_unreachable("TLS handshake or certificate failed")
+        if error.received:
+            return errors.upstream_unreachable("malformed or incomplete response")
+        return errors.upstream_unreachable("connection closed before a response")
+    if isinstance(error, HeadTooLarge):
+        return errors.upstream_unreachable(f"response head too large ({error})")
+    if isinstance(error, MalformedResponse):
+        return errors.upstream_unreachable("malformed or incomplete response")
+    if isinstance(error, ierror.ConnectError):
+        return errors.upstream_unreachable(type(error).__name__)
+    return errors.upstream_unreachable(f"failed ({type(error).__name__})")
+
+
+def _is_tls_failure(reason: Failure) -> bool:
+    """Whether C{reason} is a TLS handshake or certificate verification failure."""
+    if _TLS_ERRORS and reason.check(*_TLS_ERRORS):
+        return True
+    return type(reason.value).__name__ == "VerificationError"  # service_identity's
