@@ -4,8 +4,9 @@ to (L{aoaiproxy.forward.policy.checked_addresses}), and connect to a checked add
 to the name again (no DNS rebinding).
 
 Every failure here is a L{Refused} carrying the answer for the client (L{refusal}: 403, 502
-or 504); a wait is bounded with C{Deferred.addTimeout}, the forward proxy's one way to time
-out an operation (a tunnel's idleness uses C{TimeoutMixin}, as the HTTP channel does).
+or 504).  Reaching a destination is one small state machine (L{_Dial}) with one timer for the
+whole of it (the connect timeout): an IP literal is never resolved, and the default
+connector (L{tcp_connector}) connects without wrapping the target's protocol.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
+    IConnector,
+    IDelayedCall,
     IProtocol,
     IProtocolFactory,
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -77,13 +81,68 @@ def reactor_resolver(reactor: Any) -> Resolver:
     return resolve
 
 
+class ConnectingFactory(ClientFactory):
+    """
+    A client factory whose protocols say when their connection is made (L{connected}, from
+    their C{connectionMade}), so that L{tcp_connector}'s endpoints fire without wrapping each
+    protocol in another, as Twisted's endpoints do (a wrapper costs a call per chunk and
+    Deferreds per connection).  Quiet: no "Starting factory" log lines.
+    """
+
+    noisy = False
+    _waiting: Deferred[IProtocol] | None = None
+
+    def connected(self, protocol: IProtocol) -> None:
+        """Called by each protocol's C{connectionMade}."""
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(protocol)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.errback(reason)
+
+
+@implementer(IStreamClientEndpoint)
+class _TCPEndpoint:
+    """
+    A plain TCP connection to an IP address (no name resolution), for a L{ConnectingFactory}:
+    not bounded in time itself (the L{Dialer} bounds the whole attempt), so no timer of its
+    own.  Any other factory goes through Twisted's own endpoint (with the C{timeout}).
+    """
+
+    __slots__ = ("_ip", "_port", "_reactor", "_timeout")
+
+    def __init__(self, reactor: Any, ip: str, port: int, timeout: float) -> None:
+        self._reactor = reactor
+        self._ip = ip
+        self._port = port
+        self._timeout = timeout
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        if not isinstance(factory, ConnectingFactory):
+            endpoint = TCP6ClientEndpoint if ":" in self._ip else TCP4ClientEndpoint
+            return endpoint(self._reactor, self._ip, self._port, self._timeout).connect(factory)
+        connector: IConnector | None = None
+
+        def cancel(d: Deferred[IProtocol]) -> None:
+            factory._waiting = None
+            d.errback(ierror.ConnectingCancelledError(connector.getDestination()))  # type: ignore[union-attr]
+            connector.stopConnecting()  # type: ignore[union-attr]
+
+        d: Deferred[IProtocol] = Deferred(cancel)
+        factory._waiting = d
+        # No timeout of its own (Twisted's connector tests None): the Dialer's bounds it.
+        connector = self._reactor.connectTCP(self._ip, self._port, factory, timeout=None)
+        return d
+
+
 def tcp_connector(reactor: Any) -> Connector:
     """A L{Connector} making plain TCP connections."""
 
     def connect(ip: str, port: int, timeout: float) -> IStreamClientEndpoint:
-        if ":" in ip:
-            return TCP6ClientEndpoint(reactor, ip, port, timeout=timeout)
-        return TCP4ClientEndpoint(reactor, ip, port, timeout=timeout)
+        return _TCPEndpoint(reactor, ip, port, timeout)
 
     return connect
 
@@ -133,66 +192,132 @@ class Dialer:
         connect timeout; fails with L{Refused} (403 when a name leads to a non-public address,
         502, 504).
         """
-        return self._bounded(self._checked(config, host, port), config.connect_timeout)
+        return _Dial(self, config, host, port, None).result
 
     def connect(self, config: Config, host: str, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """
         Resolve and check C{host} (L{addresses}), then connect to the first address that
         accepts, all within the connect timeout; fires with the connected protocol C{factory}
-        built, or fails with L{Refused} (403, 502, 504).
+        built, or fails with L{Refused} (403, 502, 504).  Cancelling it stops the attempt.
         """
-        d = self._checked(config, host, port)
-        d.addCallback(self._first_accepting, port, config.connect_timeout, factory)
-        return self._bounded(d, config.connect_timeout)
+        return _Dial(self, config, host, port, factory).result
 
-    def _checked(self, config: Config, host: str, port: int) -> Deferred[list[str]]:
+
+class _Dial:
+    """
+    One destination being reached, in steps: resolve (a name; an IP literal is not resolved),
+    check, then connect to each checked address in turn until one accepts (when there is a
+    C{factory}), all bounded by one timer of the connect timeout.  C{result} fires with the
+    connected protocol (or, without a factory, the checked addresses), or fails with
+    L{Refused}; cancelling it stops the step in progress.
+    """
+
+    __slots__ = (
+        "_config",
+        "_dialer",
+        "_done",
+        "_factory",
+        "_host",
+        "_port",
+        "_remaining",
+        "_step",
+        "_timeout",
+        "_timer",
+        "result",
+    )
+
+    def __init__(
+        self, dialer: Dialer, config: Config, host: str, port: int, factory: IProtocolFactory | None
+    ) -> None:
+        self.result: Deferred[Any] = Deferred(self._cancel)
+        self._dialer = dialer
+        self._config = config
+        self._host = host
+        self._port = port
+        self._factory = factory
+        self._timeout = config.connect_timeout
+        self._step: Deferred[Any] | None = None
+        self._remaining: list[str] = []
+        self._done = False
+        self._timer: IDelayedCall | None = dialer._reactor.callLater(self._timeout, self._timed_out)
         if ip_literal(host) is not None:
-            return defer.succeed([host])
+            self._checked([host])
+        else:
+            self._wait(defer.maybeDeferred(dialer._resolve, host), self._resolved)
 
-        def check(addresses: list[str]) -> list[str]:
-            good = checked_addresses(config, host, port, addresses)
-            if not good:
-                raise Refused(forbidden(f"{host}:{port} (it resolves to a non-public address)"))
-            return good
+    def _wait(self, step: Deferred[Any], then: Callable[[Any], None]) -> None:
+        self._step = step
+        step.addCallbacks(then, self._step_failed)
 
-        return self._resolve(host).addCallback(check)
+    def _resolved(self, addresses: list[str]) -> None:
+        self._step = None
+        if self._done:
+            return
+        good = checked_addresses(self._config, self._host, self._port, addresses)
+        if not good:
+            self._finish(
+                Failure(
+                    Refused(forbidden(f"{self._host}:{self._port} (it resolves to a non-public address)"))
+                )
+            )
+        else:
+            self._checked(good)
 
-    def _bounded(self, d: Deferred[Any], timeout: float) -> Deferred[Any]:
-        d.addTimeout(timeout, self._reactor)
+    def _checked(self, addresses: list[str]) -> None:
+        if self._factory is None:
+            self._finish(addresses)
+            return
+        self._remaining = addresses
+        self._next_address()
 
-        def refuse(failure: Failure) -> None:
-            raise Refused(refusal(failure, timeout))
+    def _next_address(self) -> None:
+        assert self._factory is not None
+        endpoint = self._dialer._connector(self._remaining.pop(0), self._port, self._timeout)
+        self._wait(endpoint.connect(self._factory), self._connected)
 
-        return d.addErrback(refuse)
+    def _connected(self, protocol: IProtocol) -> None:
+        self._step = None
+        if self._done:  # cancelled or timed out meanwhile: a late connection is not used
+            transport: Any = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return
+        self._finish(protocol)
 
-    def _first_accepting(
-        self, addresses: list[str], port: int, timeout: float, factory: IProtocolFactory
-    ) -> Deferred[IProtocol]:
-        """Connect to each address in turn until one accepts; cancelling stops the attempt."""
-        remaining = list(addresses)
-        attempt: Deferred[IProtocol] = Deferred()
-        result: Deferred[IProtocol] = Deferred(lambda _: attempt.cancel())
+    def _step_failed(self, failure: Failure) -> None:
+        self._step = None
+        if self._done:
+            return
+        if self._remaining and not failure.check(CancelledError, ierror.ConnectingCancelledError):
+            self._next_address()
+        else:
+            self._finish(failure)
 
-        def next_address() -> None:
-            nonlocal attempt
-            attempt = self._connector(remaining.pop(0), port, timeout).connect(factory)
-            attempt.addCallbacks(done, retry)
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._finish(Failure(defer.TimeoutError()))
+        self._stop_step()
 
-        def retry(failure: Failure) -> None:
-            if failure.check(CancelledError, ierror.ConnectingCancelledError) or not remaining:
-                done(failure)
-            else:
-                next_address()
+    def _cancel(self, result: Deferred[Any]) -> None:
+        # The caller gave up (its client left): Deferred.cancel fails the result.
+        self._done = True
+        self._stop_timer()
+        self._stop_step()
 
-        def done(outcome: IProtocol | Failure) -> None:
-            if result.called:  # cancelled meanwhile: a late connection is not used
-                if not isinstance(outcome, Failure) and outcome.transport is not None:  # type: ignore[attr-defined]
-                    outcome.transport.abortConnection()  # type: ignore[attr-defined]
-                return
-            if isinstance(outcome, Failure):
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
+    def _finish(self, outcome: Any) -> None:
+        self._done = True
+        self._stop_timer()
+        if isinstance(outcome, Failure):
+            self.result.errback(Failure(Refused(refusal(outcome, self._timeout))))
+        else:
+            self.result.callback(outcome)
 
-        next_address()
-        return result
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _stop_step(self) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            step.cancel()

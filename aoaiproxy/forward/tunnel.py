@@ -26,12 +26,13 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aoaiproxy._twisted import pending_write_bytes
+from aoaiproxy.forward.dial import ConnectingFactory
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken
 #: last (or nobody), to count as at rest and be closed.
@@ -53,11 +54,17 @@ class TargetProtocol(Protocol):
     tunnel: Tunnel | None = None
     _early: bytes = b""
 
+    def connectionMade(self) -> None:
+        factory = getattr(self, "factory", None)
+        if isinstance(factory, ConnectingFactory):
+            factory.connected(self)
+
     def dataReceived(self, data: bytes) -> None:
-        if self.tunnel is None:  # pragma: no cover - targets speak after the tunnel starts
+        tunnel = self.tunnel
+        if tunnel is None:  # pragma: no cover - targets speak after the tunnel starts
             self._early += data
         else:
-            self.tunnel.to_client(data)
+            tunnel.to_client(data)
 
     def take_early(self) -> bytes:
         """What the target sent before its tunnel started."""
@@ -76,20 +83,24 @@ class TargetProtocol(Protocol):
             self.tunnel.target_lost()
 
 
-class TargetFactory(Factory):
+class TargetFactory(ConnectingFactory):
     """Builds the L{TargetProtocol} of one CONNECT, quietly (no "Starting factory" lines)."""
 
     protocol = TargetProtocol
-    noisy = False
 
 
 @implementer(IHalfCloseableProtocol)
-class Tunnel(Protocol, TimeoutMixin):
+class Tunnel(Protocol):
     """
     Relays bytes between a client connection that sent CONNECT and its target, with
     backpressure both ways (a slow side pauses reading from the other, as
     C{twisted.protocols.portforward} does), half-close (plain TCP), and an idle timeout
     (C{idle_timeout} seconds with no byte either way: both are cut).
+
+    Each chunk is written on as it was read (no copy, no join) and only stamped with the
+    time; the idle timeout and the drain's rest are one timer that, when it fires, compares
+    that stamp with the clock and sets itself again for what is left (a timer reset per
+    chunk, as C{TimeoutMixin} does, costs more than the relay itself).
 
     This is the client's side: the client's channel is handed to it, and the bytes the
     client sent after the CONNECT head arrive first.  C{on_close} is called once, when the
@@ -115,8 +126,10 @@ class Tunnel(Protocol, TimeoutMixin):
         self._target_eof = False
         self._closed = False
         self._draining = False
+        self._seconds: Callable[[], float] = reactor.seconds
+        self._timer: IDelayedCall | None = None
         #: When bytes were last relayed either way, and whether the client sent them.
-        self._last_relay = reactor.seconds()
+        self._last_relay = self._seconds()
         self._client_spoke_last = False
         #: Bytes relayed to the client (for the access log).
         self.bytes_down = 0
@@ -126,10 +139,6 @@ class Tunnel(Protocol, TimeoutMixin):
         """The client's transport."""
         return self.transport
 
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # TimeoutMixin's clock
-        call: IDelayedCall = self._reactor.callLater(period, func)
-        return call
-
     def connectionMade(self) -> None:
         client = self.client
         self._target_protocol.tunnel = self
@@ -137,18 +146,27 @@ class Tunnel(Protocol, TimeoutMixin):
         producer = IPushProducer(client, None)
         if producer is not None:
             self.target.registerProducer(producer, True)
-        self.setTimeout(self._idle_timeout)
+        self._set_timer(self._idle_timeout)
         early = self._target_protocol.take_early()
         if early:
             self.to_client(early)
 
-    def timeoutConnection(self) -> None:
+    def _set_timer(self, delay: float | None) -> None:
+        """Check the tunnel's silence in C{delay} seconds (None: never)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None if delay is None else self._reactor.callLater(delay, self._silence_check)
+
+    def _silence_check(self) -> None:
+        self._timer = None
+        quiet = self._seconds() - self._last_relay
         if not self._draining:
-            self.abort()  # idle for the tunnel idle timeout
-        elif self._at_rest(quiet=self.rest_seconds):
-            self._close()
+            if quiet >= self._idle_timeout:
+                self.abort()  # idle for the tunnel idle timeout
+            else:
+                self._set_timer(self._idle_timeout - quiet)
         else:
-            self.setTimeout(self.rest_seconds)  # still busy: the drain deadline bounds it
+            self._close_if_at_rest(quiet)
 
     def _at_rest(self, quiet: float) -> bool:
         """Whether the tunnel is at rest (the module's docstring), silent for C{quiet} seconds."""
@@ -164,11 +182,16 @@ class Tunnel(Protocol, TimeoutMixin):
         if self._closed:
             return
         self._draining = True
-        if self._at_rest(quiet=self._reactor.seconds() - self._last_relay):
+        # The timer now measures rest (the tunnel idle timeout no longer matters).
+        self._close_if_at_rest(self._seconds() - self._last_relay)
+
+    def _close_if_at_rest(self, quiet: float) -> None:
+        """Draining: close the tunnel if at rest, else look again once it may be."""
+        if self._at_rest(quiet):
             self._close()
         else:
-            # The idle timer now measures rest (the tunnel idle timeout no longer matters).
-            self.setTimeout(self.rest_seconds)
+            # Not silent for long enough yet, or busy (the drain deadline bounds it).
+            self._set_timer(self.rest_seconds - quiet if quiet < self.rest_seconds else self.rest_seconds)
 
     # -- bytes
 
@@ -184,8 +207,7 @@ class Tunnel(Protocol, TimeoutMixin):
     def _relay(self, data: bytes, out: Any, from_client: bool) -> None:
         if self._closed:
             return
-        self.resetTimeout()
-        self._last_relay = self._reactor.seconds()
+        self._last_relay = self._seconds()
         self._client_spoke_last = from_client
         out.write(data)
 
@@ -232,7 +254,7 @@ class Tunnel(Protocol, TimeoutMixin):
         if self._closed:
             return
         self._closed = True
-        self.setTimeout(None)
+        self._set_timer(None)
         for transport in (self.client, self.target):
             transport.unregisterProducer()
             if abort:
