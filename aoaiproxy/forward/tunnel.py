@@ -79,8 +79,11 @@ class TargetProtocol(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.tunnel is not None:
-            self.tunnel.target_lost()
+        # Unlinked from its tunnel (which links back), so that both are freed by reference
+        # counting, not left for the cyclic garbage collector.
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.target_lost()
 
 
 class TargetFactory(ConnectingFactory):
