@@ -31,7 +31,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aoaiproxy._twisted import pending_write_bytes
+from aoaiproxy._twisted import pending_write_bytes, write_through
 from aoaiproxy.forward.dial import ConnectingFactory
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken
@@ -212,7 +212,7 @@ class Tunnel(Protocol):
             return
         self._last_relay = self._seconds()
         self._client_spoke_last = from_client
-        out.write(data)
+        write_through(out, data)
 
     # -- ends
 
