@@ -8,10 +8,12 @@ rule that an allowlisted name never leads to a loopback or private address.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import json
 import select
 import socket
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -390,6 +392,112 @@ def test_tunnel_at_rest_on_drain(case: str) -> None:
         client.dataBuffer = b""
     clock.advance(tunnel.rest_seconds)
     assert closed == [tunnel]  # at rest now
+
+
+def test_tunnel_idle_timeout_counts_from_the_last_byte() -> None:
+    """
+    The idle timeout is silence both ways: bytes either way postpone the cut, which comes
+    once the tunnel has been silent for the whole timeout (not a fixed time after its start).
+    """
+    clock = Clock()
+    target = forward.TargetProtocol()
+    target.makeConnection(StringTransport())
+    closed: list[forward.Tunnel] = []
+    tunnel = forward.Tunnel(clock, target, 10, closed.append)
+    client = StringTransport()
+    tunnel.makeConnection(client)
+    clock.advance(6)
+    tunnel.dataReceived(b"request")
+    clock.advance(6)
+    target.dataReceived(b"answer")
+    clock.advance(9.5)
+    assert closed == [] and not client.disconnecting  # silent for 9.5 s of 10
+    clock.advance(0.5)
+    assert closed == [tunnel]
+    assert client.disconnecting and target.transport.disconnecting  # type: ignore[union-attr]
+    assert clock.getDelayedCalls() == []  # no timer left behind
+
+
+def test_a_closed_tunnel_is_freed_without_the_garbage_collector() -> None:
+    """
+    A tunnel and its target protocol link to each other while open; once both connections
+    are gone nothing keeps them, not even a reference cycle (left to the cyclic collector,
+    each CONNECT's objects would pile up between its passes).
+    """
+    clock = Clock()
+    target = forward.TargetProtocol()
+    target.makeConnection(StringTransport())
+    tunnel = forward.Tunnel(clock, target, 10, lambda _: None)
+    tunnel.makeConnection(StringTransport())
+    tunnel.dataReceived(b"request")
+    target.dataReceived(b"answer")
+    tunnel.connectionLost(Failure(ierror.ConnectionDone()))
+    target.connectionLost(Failure(ierror.ConnectionDone()))
+    freed = [weakref.ref(tunnel), weakref.ref(target)]
+    gc.disable()
+    try:
+        del tunnel, target
+        assert [ref() for ref in freed] == [None, None]
+    finally:
+        gc.enable()
+
+
+class Connects:
+    """An endpoint that connects at once, recording where it was asked to go."""
+
+    def __init__(self, dialled: list[str], ip: str) -> None:
+        self.dialled = dialled
+        self.ip = ip
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.dialled.append(self.ip)
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        return succeed(protocol)
+
+
+def test_dialing_an_ip_literal_resolves_nothing_and_leaves_no_timer() -> None:
+    clock = Clock()
+    asked: list[str] = []
+    dialled: list[str] = []
+
+    def resolver(name: str) -> Deferred[list[str]]:
+        asked.append(name)
+        return succeed(["93.184.216.34"])
+
+    dialer = forward.Dialer(clock, resolver, lambda ip, port, timeout: Connects(dialled, ip))
+    config = Config(forward_allow=("192.0.2.7:443", "svc.example:443"))
+    for host in ("192.0.2.7", "svc.example"):
+        connected = dialer.connect(config, host, 443, forward.TargetFactory())
+        assert isinstance(connected.result, forward.TargetProtocol)  # type: ignore[attr-defined]
+        assert clock.getDelayedCalls() == []  # the connect timeout's timer is gone
+    assert asked == ["svc.example"]  # the IP literal was never resolved
+    assert dialled == ["192.0.2.7", "93.184.216.34"]
+
+
+def test_dialing_times_out_as_a_whole() -> None:
+    """One connect timeout bounds resolving and connecting: 504, and the attempt is cancelled."""
+    clock = Clock()
+    cancelled: list[str] = []
+    resolving: Deferred[list[str]] = Deferred()
+
+    class Hangs:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            return Deferred(lambda _: cancelled.append("connect"))
+
+    dialer = forward.Dialer(clock, lambda name: resolving, lambda ip, port, timeout: Hangs())
+    config = Config(forward_allow=("svc.example:443",), connect_timeout=10)
+    outcome: list[Any] = []
+    dialer.connect(config, "svc.example", 443, forward.TargetFactory()).addBoth(outcome.append)
+    clock.advance(4)
+    resolving.callback(["93.184.216.34"])  # 4 s to resolve: 6 s are left to connect
+    clock.advance(5.9)
+    assert outcome == [] and cancelled == []
+    clock.advance(0.1)
+    [failure] = outcome
+    assert forward.refusal(failure, 10).status == 504
+    assert cancelled == ["connect"]
+    assert clock.getDelayedCalls() == []
 
 
 @pytest_twisted.ensureDeferred
