@@ -135,8 +135,12 @@ def _normal_host(host: str) -> str:
     return host
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(host: str) -> IPAddress | None:
-    """C{host} as an IP address, or None for a name."""
+    """
+    C{host} as an IP address, or None for a name.  Cached: each CONNECT asks it more than
+    once of the same few hosts, and C{ipaddress} parses slowly (a name raises twice).
+    """
     try:
         return ipaddress.ip_address(host)
     except ValueError:
