@@ -123,8 +123,9 @@ def write_through(transport: Any, data: bytes) -> None:
     C{_writeDisconnecting}), and only a C{tcp.Connection} that has not started TLS writes
     what it is given to its socket (C{getHandle()}).  Checked against Twisted 26.10
     (C{FileDescriptor.write}, C{doWrite}, C{loseWriteConnection}, C{tcp.Connection.writeSomeData}).
-    Used by L{aoaiproxy.forward.tunnel}; tested by tests/test_forward.py (the relays, the
-    stalled reader) and tests/test_twisted_private.py.
+    Used by L{aoaiproxy.forward.tunnel} (every chunk) and L{aoaiproxy.site.ProxyRequest.establish}
+    (the C{200} of a CONNECT); tested by tests/test_write_through.py and tests/test_forward.py
+    (the relays, the stalled reader).
     """
     if (
         isinstance(transport, Connection)

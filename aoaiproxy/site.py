@@ -663,7 +663,8 @@ class ProxyRequest(server.Request):
         """
         self.setResponseCode(200)
         self.established = True
-        self._channel.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")  # type: ignore[union-attr]
+        # Sent now when nothing is buffered (not on the reactor's next turn): the client waits for it.
+        _twisted.write_through(self._channel.transport, b"HTTP/1.1 200 Connection Established\r\n\r\n")
         self._channel.hand_over(protocol)
 
 
