@@ -36,6 +36,7 @@ from zope.interface import implementer
 from aoaiproxy import forward
 from aoaiproxy.config import Config, LiveConfig, load_config
 from aoaiproxy.forward import Forwarder, handlers, pending_write_bytes
+from aoaiproxy.forward import tunnel as tunnel_module
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
@@ -348,6 +349,31 @@ async def test_drain_closes_tunnels_at_rest_and_lets_one_awaiting_its_answer_fin
     await waiting.wait_for(lambda r: r.endswith(b"answer"))
     assert await drained.addTimeout(10, get_reactor()) == 0  # nothing cut
     await waiting.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_bulk_is_read_in_larger_pieces_and_small_bytes_in_small_ones(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """
+    A tunnel reads 64 KiB at once until a read fills that (bulk is flowing): then 256 KiB,
+    until reads are small again.  Every byte arrives, in order, either way.
+    """
+    port, quiet = servers.tcp(Quiet)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
+    await client.wait_for(b"\r\n\r\n")
+    [tunnel] = proxy.forwarder.tunnels
+    [target] = quiet.connections
+    assert tunnel.target.bufferSize == tunnel_module.READ_SIZE
+    blob = BLOCK * 16  # 1 MiB, written at once: the proxy's reads fill their buffer
+    target.transport.write(blob)
+    await client.wait_for(lambda r: len(r) >= len(blob))
+    assert tunnel.target.bufferSize == tunnel_module.BULK_READ
+    target.transport.write(b"a few bytes")
+    received = await client.wait_for(lambda r: r.endswith(b"a few bytes"))
+    assert tunnel.target.bufferSize == tunnel_module.READ_SIZE
+    assert received.partition(b"\r\n\r\n")[2] == blob + b"a few bytes"
 
 
 class Buffering(StringTransport):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableDescriptor,
@@ -38,6 +39,15 @@ from aoaiproxy.forward.dial import ConnectingFactory
 #: last (or nobody), to count as at rest and be closed.
 REST_SECONDS = 5.0
 
+#: How much a tunnel's connection reads at once: Twisted's 64 KiB, and L{BULK_READ} while
+#: bulk flows (a read filled 64 KiB: four times fewer reactor turns per byte).  Back to
+#: 64 KiB once reads are small (below L{SMALL_DATA}): a read into a larger buffer costs more
+#: for a few bytes (an allocation above malloc's mmap threshold).  A connection's buffer
+#: size is also how much it buffers for writing before it pauses its producer.
+READ_SIZE = 64 * 1024
+BULK_READ = 256 * 1024
+SMALL_DATA = 8 * 1024
+
 
 def half_closeable(transport: Any) -> bool:
     """
@@ -45,6 +55,12 @@ def half_closeable(transport: Any) -> bool:
     wraps another (TLS: a wrapper copies the interfaces of the transport it wraps).
     """
     return IHalfCloseableDescriptor.providedBy(transport) and not isinstance(transport, ProtocolWrapper)
+
+
+def _read_size(transport: Any, size: int) -> None:
+    """Read up to C{size} bytes at once from C{transport} (a socket's; see L{READ_SIZE})."""
+    if isinstance(transport, FileDescriptor) and transport.bufferSize != size:
+        transport.bufferSize = size
 
 
 @implementer(IHalfCloseableProtocol)
@@ -213,6 +229,11 @@ class Tunnel(Protocol):
         self._last_relay = self._seconds()
         self._client_spoke_last = from_client
         write_through(out, data)
+        size = len(data)
+        if size >= READ_SIZE or size < SMALL_DATA:
+            _read_size(
+                self.client if from_client else self.target, BULK_READ if size >= READ_SIZE else READ_SIZE
+            )
 
     # -- ends
 
