@@ -122,6 +122,7 @@ def _valid_port(port: int) -> int:
     return port
 
 
+@functools.lru_cache(maxsize=1024)  # the same few hosts, CONNECT after CONNECT
 def _normal_host(host: str) -> str:
     host = host.lower().rstrip(".")
     if not host or any(c in host for c in "/\\@ ?#*%") or not host.isascii():
