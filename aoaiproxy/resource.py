@@ -21,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET
 from aoaiproxy import errors, rewrite
 from aoaiproxy.config import LiveConfig
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.log import note as note
 from aoaiproxy.multipart import form_field
 from aoaiproxy.relay import BodyRelay
 from aoaiproxy.upstream import UpstreamClient
@@ -65,15 +66,6 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
     return None if empty else content
 
 
-def note(request: Request, **info: Any) -> None:
-    """Facts about a request for its access-log line (never a key)."""
-    notes: dict[str, Any] | None = getattr(request, "log_info", None)
-    if notes is None:
-        notes = {}
-        request.log_info = notes  # type: ignore[attr-defined]
-    notes.update(info)
-
-
 def relay_response(
     response: IResponse,
     request: Request,
@@ -82,6 +74,8 @@ def relay_response(
     *,
     event_streams: bool = False,
     filter_frames: bool = False,
+    usage: bool = False,
+    strip_usage: bool = False,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -91,6 +85,8 @@ def relay_response(
     @param event_streams: treat an unencoded C{text/event-stream} body as Server-Sent
         Events: its length may change (a final blank line is added), so no C{Content-Length}.
     @param filter_frames: and drop Azure's filter-only frames from it.
+    @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
+        proxy asked for it (L{rewrite.with_usage}), so it is removed from the client's stream.
     """
     if request._disconnected:  # type: ignore[attr-defined]
         # Close the upstream connection rather than leave its body unread.
@@ -121,6 +117,8 @@ def relay_response(
         idle_timeout,
         event_stream=event_stream,
         filter_frames=event_stream and filter_frames,
+        usage=usage,
+        strip_usage=strip_usage,
     )
     response.deliverBody(relay)
 
@@ -200,6 +198,7 @@ class ApiResource(Resource):
             content.seek(0)
         upstream = rewrite.plan_upstream(config, route, request.method, query, headers, body, model_from_form)
         note(request, model=upstream.model, deployment=upstream.deployment)
+        upstream, strip_usage = rewrite.with_usage(config, route, upstream, body)
         send_body: Any = upstream.body if upstream.body is not None else content
         if upstream.body is None and request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             send_body = nonempty_body(content)
@@ -221,6 +220,8 @@ class ApiResource(Resource):
             callbackKeywords={
                 "event_streams": True,
                 "filter_frames": upstream.azure_stream and not config.keep_filter_frames,
+                "usage": True,
+                "strip_usage": strip_usage,
             },
             errbackArgs=(request,),
         )

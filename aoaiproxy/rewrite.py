@@ -22,6 +22,7 @@ import attrs
 from aoaiproxy import errors, jsonbody
 from aoaiproxy.config import Config, valid_deployment
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.metrics import CLIENT_ANONYMOUS
 
 Header = tuple[bytes, bytes]
 
@@ -437,3 +438,82 @@ def plan_upstream(
         out_headers,
         azure_stream=azure_stream,
     )
+
+
+def client_name(config: Config, headers: Iterable[Header]) -> str:
+    """
+    The name of the client key a request presents (SPEC §5: C{NAME:KEY} lines, else
+    C{keyN}), for metrics and the access line: C{anonymous} when the proxy has no client
+    keys or the key is none of them.  Compared in constant time over all keys, as
+    L{key_allowed}.
+    """
+    presented = client_key(headers)
+    found = CLIENT_ANONYMOUS
+    if presented is not None:
+        for key, name in config.client_names.items():
+            if hmac.compare_digest(presented, key.encode("utf-8")):
+                found = name
+    return found
+
+
+#: What a chat stream's request gets so that Azure reports its usage (SPEC §14).
+INCLUDE_USAGE = b'{"include_usage":true}'
+#: The first api-version of Azure's per-deployment API that takes C{stream_options}; an older
+#: one answers 400 to it ("Unknown parameter"), so none is added there.
+STREAM_OPTIONS_SINCE = "2024-08-01"
+
+
+def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
+    """
+    A chat-completions request body that asks for a stream but not for its usage, with
+    C{"stream_options": {"include_usage": true}} added (merged into its C{stream_options}
+    object, whose other members are kept), every other byte as the client sent it; and
+    whether it was changed, so that the usage chunk and the C{"usage":null} members this
+    adds are removed from the client's stream (L{aoaiproxy.usage.ChatStreamUsage}).
+
+    Unchanged (and C{False}): not a stream; C{include_usage} already true; a body or a
+    C{stream_options} that cannot be read, or that is not an object or null (the upstream
+    judges those, as the client sent them).
+    """
+    try:
+        top = jsonbody.top_level(body, ("stream", "stream_options"))
+        if not is_stream(body, top):
+            return body, False
+        member = top.get("stream_options")
+        if member is None:
+            return jsonbody.add_member(body, top, "stream_options", INCLUDE_USAGE), True
+        raw = member.raw(body)
+        if raw == b"null":
+            return jsonbody.replace_value(body, member, INCLUDE_USAGE), True
+        options = jsonbody.top_level(raw, ("include_usage",))
+        include = options.get("include_usage")
+        if include is None:
+            merged = jsonbody.add_member(raw, options, "include_usage", b"true")
+        elif include.raw(raw) == b"true":
+            return body, False
+        else:  # false or null: the client said no; it still gets no usage
+            merged = jsonbody.replace_value(raw, include, b"true")
+        return jsonbody.replace_value(body, member, merged), True
+    except jsonbody.JSONBodyError:
+        return body, False
+
+
+def with_usage(config: Config, route: Route, upstream: Upstream, body: bytes | None) -> tuple[Upstream, bool]:
+    """
+    The upstream request of an Azure chat-completions stream whose client did not ask for
+    usage, asking for it (L{ask_for_usage}) and for an unencoded stream (the usage chunk is
+    read and removed from it); any other request unchanged.  Returns whether the client's
+    stream must have the usage removed (C{strip_usage}).
+    """
+    if (
+        route.kind != "deployment"
+        or route.target != "chat/completions"
+        or body is None
+        or upstream.body is not None
+        or config.api_version < STREAM_OPTIONS_SINCE
+    ):
+        return upstream, False
+    new_body, changed = ask_for_usage(body)
+    if not changed:
+        return upstream, False
+    return attrs.evolve(upstream, body=new_body, headers=identity_encoding(upstream.headers)), True

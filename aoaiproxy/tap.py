@@ -67,6 +67,7 @@ def makeService(options: Options) -> service.IService:
     from aoaiproxy.forward import Forwarder
     from aoaiproxy.forward.ca import CAFilesError
     from aoaiproxy.forward.intercept import CARoute, Interceptor
+    from aoaiproxy.metrics import Metrics, NullMetrics, Recorder, metrics_service
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
@@ -76,6 +77,10 @@ def makeService(options: Options) -> service.IService:
     assert options.config is not None
     config = options.config
     live = LiveConfig(config)
+    # One recorder for the whole proxy (site, resource, forwarder, relays); none without
+    # --metrics-listen, so that metrics cost nothing then.
+    metrics = Metrics() if config.metrics_listen is not None else None
+    recorder: Recorder = metrics if metrics is not None else NullMetrics()
     upstream = UpstreamClient(reactor)
     resource: Resource = ApiResource(live, upstream, reactor)
     interceptor = None
@@ -89,8 +94,8 @@ def makeService(options: Options) -> service.IService:
             raise SystemExit(f"aoaiproxy: {option}: {e}") from None
         resource = CARoute(interceptor, resource)
     # The tunnel idle timeout is read from the live config per tunnel, so a reload changes it.
-    forwarder = Forwarder(reactor, live, upstream=upstream, interceptor=interceptor)
-    site = ProxySite(resource, live, reactor, forwarder)
+    forwarder = Forwarder(reactor, live, upstream=upstream, interceptor=interceptor, recorder=recorder)
+    site = ProxySite(resource, live, reactor, forwarder, recorder=recorder)
     # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
     reloader = _Reloader(options.flags(), options.environ, live, interceptor=interceptor)
     top = DaemonService(live, site.connections, reactor, reloader)
@@ -102,6 +107,9 @@ def makeService(options: Options) -> service.IService:
             listener_service(description, site.listener(), reactor).setServiceParent(top)
         except TLSFilesError as e:
             raise SystemExit(f"aoaiproxy: --listen: {e}") from None
+    if metrics is not None and config.metrics_listen is not None:
+        # /metrics on its own listener, never on the API's (SPEC §14).
+        metrics_service(config.metrics_listen, metrics.registry, reactor).setServiceParent(top)
     _Closing(upstream).setServiceParent(top)
     return top
 
