@@ -190,7 +190,9 @@ async def test_a_client_that_asked_gets_the_usage_unchanged(
     proxy = make_metered()
     sent = json.dumps({**ASKING, "stream_options": {"include_usage": True, "x": 1}}).encode()
     response = await client.post(
-        proxy.url + CHAT_ROUTE, data=sent, headers={"Authorization": "Bearer k", "Content-Type": "application/json"}
+        proxy.url + CHAT_ROUTE,
+        data=sent,
+        headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
     )
     received = await response.content()
     assert fake.requests[-1].body == sent  # the client's bytes, untouched
@@ -348,4 +350,3 @@ async def test_tokens_by_client_name(
     assert lines[0].endswith("client_name=alice")
     assert lines[1].endswith("client_name=bob")
     assert "sk-" not in "\n".join(lines)
-

@@ -93,7 +93,9 @@ def test_leaves_alone(body: bytes) -> None:
         st.text(max_size=8).filter(lambda k: k not in ("stream", "stream_options")),
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
             max_leaves=8,
         ),
         max_size=5,
@@ -148,7 +150,11 @@ def test_with_usage_on_azure_chat_streams() -> None:
     ("flags", "path", "body"),
     [
         ({}, "/v1/chat/completions", b'{"model": "gpt-4o", "messages": []}'),
-        ({}, "/v1/chat/completions", b'{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}'),
+        (
+            {},
+            "/v1/chat/completions",
+            b'{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}}',
+        ),
         ({}, "/v1/completions", STREAM),  # SPEC §14: chat streams
         ({}, "/v1/responses", STREAM),  # its usage comes in response.completed anyway
         ({}, "/openai/deployments/gpt-4o/chat/completions", STREAM),  # Azure-shaped: unchanged
@@ -159,7 +165,9 @@ def test_with_usage_on_azure_chat_streams() -> None:
 def test_with_usage_leaves_other_requests(flags: dict[str, Any], path: str, body: bytes) -> None:
     config = load_config({"endpoint": "https://r.openai.azure.com", **flags}, {})
     route = rewrite.classify(config, "POST", path)
-    upstream = rewrite.plan_upstream(config, route, b"POST", b"", KEY, body if route.kind != "openai" else None)
+    upstream = rewrite.plan_upstream(
+        config, route, b"POST", b"", KEY, body if route.kind != "openai" else None
+    )
     assert rewrite.with_usage(config, route, upstream, body) == (upstream, False)
 
 
