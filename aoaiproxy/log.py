@@ -231,7 +231,9 @@ class AccessLog:
         if config.client_names:
             headers = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
             name = rewrite.client_name(config, headers)
-        fields = access_fields(request, started, now, aborted=aborted, client_name=name)
+        # A request with no known key (a CONNECT, /healthz, a 401) shows no name.
+        shown = name if name != CLIENT_ANONYMOUS else None
+        fields = access_fields(request, started, now, aborted=aborted, client_name=shown)
         self._write(fields)
         self._record(request, fields, started, name)
 

@@ -2,8 +2,8 @@
 Token usage from upstream responses, read from the bytes as they are relayed (SPEC §14).
 
 Three taps, each with the shape of L{aoaiproxy.relay.FilterFrames} (C{feed(data) -> bytes},
-C{flush() -> bytes}) so that they chain with it, and a C{usage} attribute that holds the
-L{Usage} seen (C{None} until then):
+C{flush() -> bytes}; the stream taps are L{aoaiproxy.sse.Events} as it is) so that they chain
+with it, and a C{usage} attribute that holds the L{Usage} seen (C{None} until then):
 
     - L{JSONUsage}: a JSON response body (C{usage.prompt_tokens}/C{completion_tokens}, the
       Responses API's C{input_tokens}/C{output_tokens}, embeddings' C{prompt_tokens} only);
@@ -15,8 +15,9 @@ L{Usage} seen (C{None} until then):
     - L{ResponsesStreamUsage}: a Responses API stream's C{response.completed} event (or
       C{response.incomplete}/C{response.failed}, which also carry the tokens spent).
 
-L{usage_tap} picks the one for a response.  No tap ever raises on what upstream sends: an
-event or body it cannot read passes unchanged and yields no usage.  Only events that can carry
+L{usage_tap} picks the one for a response (L{aoaiproxy.relay.BodyRelay} relays every API
+response through it).  No tap ever raises on what upstream sends: an event or body it cannot
+read passes unchanged and yields no usage.  Only events that can carry
 usage are parsed as JSON; every other event costs a substring search.
 """
 

@@ -363,4 +363,5 @@ async def test_tokens_by_client_name(
     assert proxy.requests(CHAT_ROUTE, 401) == 1
     assert logged[0].endswith("client_name=alice")
     assert logged[1].endswith("client_name=bob")
+    assert "client_name" not in logged[2]  # an unknown key: 401, no name
     assert "sk-" not in "\n".join(logged)
