@@ -13,7 +13,6 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
@@ -33,8 +32,6 @@ _FRAME_MEMBERS = ("choices", "prompt_filter_results", "usage")
 #: After a failed upstream body, how long the client may take to read what was relayed before
 #: its connection is aborted.
 CUT_GRACE_SECONDS = 5.0
-
-_log = Logger()
 
 
 def is_filter_only(event: bytes) -> bool:
