@@ -498,22 +498,32 @@ def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
         return body, False
 
 
-def with_usage(config: Config, route: Route, upstream: Upstream, body: bytes | None) -> tuple[Upstream, bool]:
+def usage_request(config: Config, route: Route, body: bytes | None) -> tuple[bytes | None, bool]:
     """
-    The upstream request of an Azure chat-completions stream whose client did not ask for
-    usage, asking for it (L{ask_for_usage}) and for an unencoded stream (the usage chunk is
-    read and removed from it); any other request unchanged.  Returns whether the client's
-    stream must have the usage removed (C{strip_usage}).
+    For an Azure chat-completions request whose client did not ask for its stream's usage:
+    the body that asks for it (L{ask_for_usage}) and C{True} (the client's stream must have
+    the usage removed); for any other request, C{(None, False)}: the body as it is.  The
+    request must also ask for an unencoded response (L{identity_encoding}): the usage chunk
+    is read and removed from it.
     """
     if (
         route.kind != "deployment"
         or route.target != "chat/completions"
         or body is None
-        or upstream.body is not None
         or config.api_version < STREAM_OPTIONS_SINCE
     ):
-        return upstream, False
+        return None, False
     new_body, changed = ask_for_usage(body)
-    if not changed:
+    return (new_body, True) if changed else (None, False)
+
+
+def with_usage(config: Config, route: Route, upstream: Upstream, body: bytes | None) -> tuple[Upstream, bool]:
+    """
+    L{usage_request} applied to a planned upstream request (whose body is the client's,
+    C{body}): returns it asking for the usage and an unencoded stream, or unchanged, and
+    whether the client's stream must have the usage removed (C{strip_usage}).
+    """
+    new_body, strip = usage_request(config, route, body if upstream.body is None else None)
+    if new_body is None:
         return upstream, False
-    return attrs.evolve(upstream, body=new_body, headers=identity_encoding(upstream.headers)), True
+    return attrs.evolve(upstream, body=new_body, headers=identity_encoding(upstream.headers)), strip

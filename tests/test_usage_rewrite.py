@@ -136,6 +136,9 @@ def encoding(upstream: rewrite.Upstream) -> list[bytes]:
 
 
 def test_with_usage_on_azure_chat_streams() -> None:
+    chat = rewrite.classify(AZ, "POST", "/v1/chat/completions")
+    assert rewrite.usage_request(AZ, chat, STREAM) == (STREAM[:-1] + b"," + ASKED + b"}", True)
+    assert rewrite.usage_request(AZ, chat, None) == (None, False)  # a multipart body: not read
     upstream, strip = planned(AZ, "/v1/chat/completions", STREAM)
     assert strip
     assert upstream.body == STREAM[:-1] + b"," + ASKED + b"}"
