@@ -11,6 +11,7 @@ from __future__ import annotations
 import traceback
 from typing import IO, Any
 
+import attrs
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,6 +24,7 @@ from aoaiproxy import errors, rewrite
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.gateway import BACKEND_HEADER, Answer, Attempts, Backends, ReplayBody, discard
+from aoaiproxy.log import note as note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
 from aoaiproxy.relay import BodyRelay
@@ -68,15 +70,6 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
     return None if empty else content
 
 
-def note(request: Request, **info: Any) -> None:
-    """Facts about a request for its access-log line (never a key)."""
-    notes: dict[str, Any] | None = getattr(request, "log_info", None)
-    if notes is None:
-        notes = {}
-        request.log_info = notes  # type: ignore[attr-defined]
-    notes.update(info)
-
-
 def relay_response(
     response: IResponse,
     request: Request,
@@ -86,6 +79,8 @@ def relay_response(
     event_streams: bool = False,
     filter_frames: bool = False,
     backend: str | None = None,
+    usage: bool = False,
+    strip_usage: bool = False,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -96,6 +91,8 @@ def relay_response(
         Events: its length may change (a final blank line is added), so no C{Content-Length}.
     @param filter_frames: and drop Azure's filter-only frames from it.
     @param backend: the backend that answered, for C{x-aoaiproxy-backend} (SPEC §11).
+    @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
+        proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
     """
     if request._disconnected:  # type: ignore[attr-defined]
         # Close the upstream connection rather than leave its body unread.
@@ -128,6 +125,8 @@ def relay_response(
         idle_timeout,
         event_stream=event_stream,
         filter_frames=event_stream and filter_frames,
+        usage=usage,
+        strip_usage=strip_usage,
     )
     response.deliverBody(relay)
 
@@ -227,6 +226,12 @@ class ApiResource(Resource):
             content.seek(0)
         client = rewrite.plan_client(config, route, request.method, query, headers, body, model_from_form)
         note(request, model=client.model)
+        # A chat stream whose client did not ask for its usage asks for it upstream (SPEC §14),
+        # unencoded; the usage is then removed from what the client receives.
+        asked, strip_usage = rewrite.usage_request(config, route, body)
+        if asked is not None:
+            body = asked
+            client = attrs.evolve(client, headers=rewrite.identity_encoding(client.headers))
         # The body each attempt sends: what was read, else the client's file as it is.
         if body is not None:
             replay = ReplayBody(body)
@@ -237,13 +242,18 @@ class ApiResource(Resource):
         d = Attempts(self._backends, self._upstream, config, client, replay).start()
         if not d.called:
             request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallback(self._answer, request, client, config)
+        d.addCallback(self._answer, request, client, config, strip_usage)
         # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
         # is a bug.
         d.addErrback(lambda f: None if f.check(CancelledError) else self._unexpected(f, request))
 
     def _answer(
-        self, answer: Answer, request: Request, client: rewrite.ClientRequest, config: Config
+        self,
+        answer: Answer,
+        request: Request,
+        client: rewrite.ClientRequest,
+        config: Config,
+        strip_usage: bool,
     ) -> None:
         """The attempts are over: relay the upstream's answer, or write the proxy's error."""
         info: dict[str, Any] = {"attempts": answer.attempts}
@@ -262,6 +272,8 @@ class ApiResource(Resource):
             event_streams=True,
             filter_frames=client.azure_stream and not config.keep_filter_frames,
             backend=answer.backend,
+            usage=True,
+            strip_usage=strip_usage,
         )
 
     def _error(self, request: Request, error: ProxyError) -> None:

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aoaiproxy._twisted import pending_write_bytes
+from aoaiproxy.metrics import NullMetrics, Recorder
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken
 #: last (or nobody), to count as at rest and be closed.
@@ -93,7 +94,8 @@ class Tunnel(Protocol, TimeoutMixin):
 
     This is the client's side: the client's channel is handed to it, and the bytes the
     client sent after the CONNECT head arrive first.  C{on_close} is called once, when the
-    tunnel closes (both connections are then closing).
+    tunnel closes (both connections are then closing).  C{recorder} counts it among the open
+    tunnels from its start to its close, and the bytes it relays each way.
     """
 
     #: See L{REST_SECONDS} (a test may shorten it).
@@ -105,8 +107,11 @@ class Tunnel(Protocol, TimeoutMixin):
         target: TargetProtocol,
         idle_timeout: float,
         on_close: Callable[[Tunnel], None],
+        recorder: Recorder | None = None,
     ) -> None:
         self._reactor = reactor
+        self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
+        self._opened = False
         self._target_protocol = target
         self.target: Any = target.transport
         self._idle_timeout = idle_timeout
@@ -138,6 +143,8 @@ class Tunnel(Protocol, TimeoutMixin):
         if producer is not None:
             self.target.registerProducer(producer, True)
         self.setTimeout(self._idle_timeout)
+        self._opened = True
+        self._recorder.tunnel_opened()
         early = self._target_protocol.take_early()
         if early:
             self.to_client(early)
@@ -184,6 +191,7 @@ class Tunnel(Protocol, TimeoutMixin):
     def _relay(self, data: bytes, out: Any, from_client: bool) -> None:
         if self._closed:
             return
+        self._recorder.tunnel_bytes("up" if from_client else "down", len(data))
         self.resetTimeout()
         self._last_relay = self._reactor.seconds()
         self._client_spoke_last = from_client
@@ -232,6 +240,8 @@ class Tunnel(Protocol, TimeoutMixin):
         if self._closed:
             return
         self._closed = True
+        if self._opened:
+            self._recorder.tunnel_closed()
         self.setTimeout(None)
         for transport in (self.client, self.target):
             transport.unregisterProducer()
