@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
