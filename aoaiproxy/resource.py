@@ -160,8 +160,11 @@ def relay_response(
     # response.headers, so the names a response's Connection header lists cannot be seen
     # here; the rest of the hop-by-hop set can.
     kept = rewrite.strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
-    for name in dict.fromkeys(n for n, _ in kept):
-        request.responseHeaders.setRawHeaders(name, [v for n, v in kept if n == name])
+    grouped: dict[bytes, list[bytes]] = {}
+    for name, value in kept:
+        grouped.setdefault(name, []).append(value)
+    for name, values in grouped.items():
+        request.responseHeaders.setRawHeaders(name, values)
     request.setHeader(b"Access-Control-Allow-Origin", b"*")
     if backend is not None:
         request.setHeader(BACKEND_HEADER, backend.encode("ascii"))
