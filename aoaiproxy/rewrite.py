@@ -580,6 +580,8 @@ def usage_request(config: Config, route: Route, body: bytes | None) -> tuple[byt
         or route.target != "chat/completions"
         or body is None
         or config.api_version < STREAM_OPTIONS_SINCE
+        # No "stream" member, not even one whose name has an escape: no scan (C speed).
+        or (isinstance(body, bytes) and b'"stream"' not in body and b"\\" not in body)
     ):
         return None, False
     new_body, changed = ask_for_usage(body)
