@@ -34,7 +34,7 @@ ATTACK_SECONDS = 4.0
 #: The bound on each /healthz answer during an attack.
 HEALTH_DEADLINE = 1.0
 #: How long the bodies a client left queued for their JSON scan may keep their files.
-FREED_DEADLINE = 10.0
+FREED_DEADLINE = 30.0
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
 CLIENT_KEY = "sk-client-hostile-e2e"
 
