@@ -15,6 +15,10 @@ body's structure, and its Python work is bounded by C{max_steps} (top-level memb
 strings and brackets, escaped quotes): a body that needs more is refused with L{TooComplex}.
 What is nested is not otherwise validated: its bytes are passed on, and the upstream judges
 them.  Other costs are linear in the body's size at C speed.
+
+The scan uses only C{len}, indexing, slicing, C{find}, C{in} and regular expressions on the
+body, so a read-only C{mmap} of a large body's file serves as well as C{bytes}: only the pages
+it touches are read.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ _STEPS_PER_MEMBER = 4
 
 _QUOTE, _BACKSLASH = 0x22, 0x5C
 _OPEN = (0x5B, 0x7B)  # [ {; each one's closer is two bytes on: ] }
+_STRUCTURAL = re.compile(rb'["\[\]{}]')
 _WS = b" \t\n\r"
 _BOM = b"\xef\xbb\xbf"
 #: A member name without escapes and the ':' after it (whitespace runs longer than these
@@ -177,12 +182,9 @@ class _Scanner:
         self.n = len(body)
         self.steps = 0
         self.max_steps = max_steps
-        # A quote can only be escaped if the body has a backslash at all.
-        self.escapes = b"\\" in body
-        # Next position (at or after the scan's) of '"', '[', ']', '{', '}': -1 when not
-        # known yet, n when there is none; kept across nested values so that every byte is
-        # searched once per character.
-        self.next = [-1, -1, -1, -1, -1]
+        # A quote can only be escaped if the body has a backslash at all (not searched for in
+        # a body that is not bytes: a map of a file, whose pages are read only where scanned).
+        self.escapes = b"\\" in body if isinstance(body, bytes) else True
 
     def step(self, count: int = 1) -> None:
         self.steps += count
@@ -221,7 +223,7 @@ class _Scanner:
 
     def object(self, names: Collection[str] | None) -> TopLevel:
         body, n = self.body, self.n
-        pos = self.ws(len(_BOM) if body.startswith(_BOM) else 0)
+        pos = self.ws(len(_BOM) if body[: len(_BOM)] == _BOM else 0)
         if self.at(pos) != 0x7B:
             raise self.fail("not a JSON object", pos)
         wanted = None if names is None else {name.encode("utf-8"): name for name in names}
@@ -343,53 +345,35 @@ class _Scanner:
 
     def container_end(self, pos: int) -> int:
         """Where the array or object opening at C{pos} ends: its brackets match, its strings end."""
-        body, n, find = self.body, self.n, self.body.find
-        nq, nlb, nrb, nlc, nrc = self.next
+        body, find = self.body, self.body.find
         closers = bytearray((body[pos] + 2,))
         pos += 1
         steps, limit = self.steps, self.max_steps
         try:
             while True:
-                if nq < pos:
-                    nq = find(b'"', pos)
-                    nq = n if nq < 0 else nq
-                if nlb < pos:
-                    nlb = find(b"[", pos)
-                    nlb = n if nlb < 0 else nlb
-                if nrb < pos:
-                    nrb = find(b"]", pos)
-                    nrb = n if nrb < 0 else nrb
-                if nlc < pos:
-                    nlc = find(b"{", pos)
-                    nlc = n if nlc < 0 else nlc
-                if nrc < pos:
-                    nrc = find(b"}", pos)
-                    nrc = n if nrc < 0 else nrc
-                p = min(nq, nlb, nrb, nlc, nrc)
-                if p >= n:
-                    raise self.fail("unterminated array or object", pos)
-                steps += 1
-                if steps > limit:
-                    raise TooComplex(limit)
-                byte = body[p]
-                if byte == _QUOTE:
-                    end = find(b'"', p + 1)
-                    if end < 0 or (self.escapes and body[end - 1] == _BACKSLASH):
-                        self.steps = steps
-                        end = self.string_end(p) - 1
-                        steps = self.steps
-                    pos = end + 1
-                    nq = find(b'"', pos)
-                    nq = n if nq < 0 else nq
-                elif byte in _OPEN:
-                    closers.append(byte + 2)
-                    pos = p + 1
-                elif closers.pop() != byte:
-                    raise self.fail("mismatched bracket", p)
+                # The next quote or bracket, found by the regular expression engine: the bytes
+                # between are read once, and only as far as the container goes.
+                for m in _STRUCTURAL.finditer(body, pos):
+                    steps += 1
+                    if steps > limit:
+                        raise TooComplex(limit)
+                    p = m.start()
+                    byte = body[p]
+                    if byte == _QUOTE:
+                        end = find(b'"', p + 1)
+                        if end < 0 or (self.escapes and body[end - 1] == _BACKSLASH):
+                            self.steps = steps
+                            end = self.string_end(p) - 1
+                            steps = self.steps
+                        pos = end + 1
+                        break  # search on after the string
+                    if byte in _OPEN:
+                        closers.append(byte + 2)
+                    elif closers.pop() != byte:
+                        raise self.fail("mismatched bracket", p)
+                    elif not closers:
+                        return p + 1
                 else:
-                    pos = p + 1
-                    if not closers:
-                        return pos
+                    raise self.fail("unterminated array or object", pos)
         finally:
             self.steps = steps
-            self.next = [nq, nlb, nrb, nlc, nrc]

@@ -5,8 +5,13 @@ a log observer that writes every log event, twistd's own among them, as one JSON
 Access lines carry the method, the path (never the query string: clients may put an
 C{api-key} there) or the C{CONNECT} target, the model and deployment, the backend that
 answered and the upstream requests sent (attempts), the status, the body bytes sent and the
-duration.  They never carry a header value, so never a key or a proxy
-password.
+duration, the tokens the response's usage reports (C{prompt_tokens}, C{completion_tokens})
+and the name of the client key (C{client_name}, with C{--client-keys}).  They never carry a
+header value, so never a key or a proxy password.
+
+Where an access line is written, the request's metrics are recorded too (L{AccessLog} with a
+L{aoaiproxy.metrics.Recorder}): one place, so that C{aoaiproxy_requests_total} counts exactly
+the requests the log shows.
 """
 
 from __future__ import annotations
@@ -23,14 +28,26 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
+from aoaiproxy import rewrite
 from aoaiproxy._twisted import request_line
 from aoaiproxy.config import Config, LiveConfig, redact_url
+from aoaiproxy.metrics import CLIENT_ANONYMOUS, NullMetrics, Recorder, request_route
+from aoaiproxy.metrics import OTHER as ROUTE_OTHER
 
-__all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_startup"]
+__all__ = ["AccessLog", "access_fields", "format_text", "json_observer", "log_startup", "note"]
 
 #: Facts a request handler may note in C{request.log_info} that go into the access line.  Any
 #: other key is ignored, so that nothing unexpected (a header, a key) reaches the log.
-LOGGED_INFO = ("model", "deployment", "upstream_status", "backend", "attempts", "error")
+LOGGED_INFO = (
+    "model",
+    "deployment",
+    "upstream_status",
+    "backend",
+    "attempts",
+    "error",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 #: The status logged for a request whose client left before it was answered (as nginx does).
 CLIENT_CLOSED = 499
@@ -39,6 +56,15 @@ CLIENT_CLOSED = 499
 ACCESS_NAMESPACE = "aoaiproxy.access"
 
 _startup_log = Logger(namespace="aoaiproxy")
+
+
+def note(request: Request, **info: Any) -> None:
+    """Facts about a request for its access-log line (never a key): see L{LOGGED_INFO}."""
+    notes: dict[str, Any] | None = getattr(request, "log_info", None)
+    if notes is None:
+        notes = {}
+        request.log_info = notes  # type: ignore[attr-defined]
+    notes.update(info)
 
 
 def _text(value: bytes | str | None) -> str:
@@ -73,11 +99,13 @@ def request_target(request: Request) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def access_fields(request: Request, started: float, now: float, *, aborted: bool = False) -> dict[str, Any]:
+def access_fields(
+    request: Request, started: float, now: float, *, aborted: bool = False, client_name: str | None = None
+) -> dict[str, Any]:
     """
     The facts of one access line, as a JSON-able dict (never a key).  A request C{aborted}
     before any answer was sent shows status L{CLIENT_CLOSED}; one aborted later, the status
-    that was sent.
+    that was sent.  C{client_name}: the name of the client key the request presented.
     """
     address = request.getClientAddress()
     client = getattr(address, "host", None) or (_text(getattr(address, "name", "")) or "-")
@@ -94,6 +122,8 @@ def access_fields(request: Request, started: float, now: float, *, aborted: bool
         value = info.get(key)
         if value is not None and value != "":
             fields[key] = value if isinstance(value, (int, float)) else str(value)
+    if client_name:
+        fields["client_name"] = client_name
     if aborted:
         fields["aborted"] = True
     return fields
@@ -104,11 +134,15 @@ def _answered(request: Request) -> bool:
     return bool(request.startedWriting) or bool(getattr(request, "established", False))
 
 
+_TEXT_INFO = (*LOGGED_INFO, "client_name")
+
+
 def format_text(fields: Mapping[str, Any]) -> str:
     """
     One text access line:
     C{127.0.0.1 "POST /v1/chat/completions" 200 bytes=1234 duration=0.812s model=gpt-4o
-    deployment=prod-4o upstream=200 backend=east attempts=2}.
+    deployment=prod-4o upstream=200 backend=east attempts=2 prompt_tokens=12 completion_tokens=5
+    client_name=alice}.
     """
     parts = [
         str(fields["client"]),
@@ -117,7 +151,7 @@ def format_text(fields: Mapping[str, Any]) -> str:
         f"bytes={fields['bytes']}",
         f"duration={fields['duration']:.3f}s",
     ]
-    for key in LOGGED_INFO:
+    for key in _TEXT_INFO:
         if key in fields:
             name = "upstream" if key == "upstream_status" else key
             value = str(fields[key])
@@ -151,11 +185,15 @@ class AccessLog:
     """
     Writes one line per request: L{emit} when a request finishes (twisted.web's C{Site.log}
     hook) or its connection goes away unfinished (marked C{aborted}), L{refused_head} for one
-    refused before its head or its body was read.  Each request is logged once.
+    refused before its head or its body was read.  Each request is logged once, and its
+    metrics recorded then (C{recorder}): L{Recorder.request_done} with the status the line
+    shows, L{Recorder.tokens} when its usage was noted.
     """
 
-    def __init__(self, live: LiveConfig, reactor: Any) -> None:
+    def __init__(self, live: LiveConfig, reactor: Any, recorder: Recorder | None = None) -> None:
+        self._live = live
         self._reactor = reactor
+        self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
         # The log format changes only on restart (a reload keeps it).
         self._render = _format_json if live.config.log_format == "json" else format_text
         #: Where access events go (a test may give it an observer).
@@ -188,6 +226,7 @@ class AccessLog:
         if error:
             fields["error"] = error
         self._write(fields)
+        self._recorder.request_done(ROUTE_OTHER, "", "", status, 0.0, None)
 
     def emit(self, request: Request, *, aborted: bool = False) -> None:
         """Log C{request} (once; later calls for it do nothing)."""
@@ -198,7 +237,35 @@ class AccessLog:
         started: float = getattr(request, "log_started", now)
         # A CONNECT tunnel always ends with its connection: that is not an abort.
         aborted = aborted and not getattr(request, "established", False)
-        self._write(access_fields(request, started, now, aborted=aborted))
+        config = self._live.config
+        name = None
+        if config.client_names:
+            headers = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+            name = rewrite.client_name(config, headers)
+        # A request with no known key (a CONNECT, /healthz, a 401) shows no name.
+        shown = name if name != CLIENT_ANONYMOUS else None
+        fields = access_fields(request, started, now, aborted=aborted, client_name=shown)
+        self._write(fields)
+        self._record(request, fields, started, name)
+
+    def _record(self, request: Request, fields: Mapping[str, Any], started: float, name: str | None) -> None:
+        """The request's metrics, from the facts of its access line."""
+        info: Mapping[str, Any] = getattr(request, "log_info", None) or {}
+        model = str(info.get("model") or "")
+        backend = str(info.get("backend") or "")
+        first_byte: float | None = getattr(request, "first_byte_at", None)
+        self._recorder.request_done(
+            request_route(request.method, request.uri),
+            model,
+            backend,
+            fields["status"],
+            fields["duration"],
+            None if first_byte is None else max(first_byte - started, 0.0),
+        )
+        prompt = info.get("prompt_tokens")
+        if prompt is not None:
+            completion = info.get("completion_tokens") or 0
+            self._recorder.tokens(model, backend, name or CLIENT_ANONYMOUS, prompt, completion)
 
     def _write(self, fields: dict[str, Any]) -> None:
         self.logger.info("{access_line}", access_line=_Line(fields, self._render), access=fields)

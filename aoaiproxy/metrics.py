@@ -50,8 +50,10 @@ from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
 __all__ = [
+    "CLIENT_ANONYMOUS",
     "MAX_LABEL_VALUES",
     "MULTIPROC_ENV",
+    "OTHER",
     "OUTCOMES",
     "Metrics",
     "NullMetrics",
@@ -61,6 +63,7 @@ __all__ = [
     "multiprocess_registry",
     "outcome_for_status",
     "prepare_multiproc_dir",
+    "request_route",
     "route_label",
     "worker_exited",
 ]
@@ -151,6 +154,23 @@ def route_label(path: str | bytes) -> str:
         return ROUTE_PASSTHROUGH
     if path in _LOCAL:
         return path
+    return OTHER
+
+
+def request_route(method: bytes, uri: bytes) -> str:
+    """
+    The C{route} label of any request the site served: L{ROUTE_CONNECT} for a C{CONNECT},
+    L{ROUTE_FORWARD} for an absolute-form request relayed as a forward proxy (one for the API,
+    C{http://api.openai.com/v1/...}, was rewritten to origin-form and is labelled by its
+    path), L{route_label} of an origin-form path, C{other} for anything else (a request line
+    never read).
+    """
+    if method == b"CONNECT":
+        return ROUTE_CONNECT
+    if uri[:1] == b"/":
+        return route_label(uri)
+    if b"://" in uri:
+        return ROUTE_FORWARD
     return OTHER
 
 

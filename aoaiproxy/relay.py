@@ -1,7 +1,8 @@
 """
 Relaying an upstream response body to the client: chunk by chunk as it arrives, with
-backpressure both ways, an inactivity timeout, and (for Azure's Server-Sent Events) the
-filter that drops Azure's filter-only frames.
+backpressure both ways, an inactivity timeout, (for Azure's Server-Sent Events) the filter
+that drops Azure's filter-only frames, and the token usage read on the way
+(L{aoaiproxy.usage}: noted for the access line, and the metrics recorded from it).
 """
 
 from __future__ import annotations
@@ -12,28 +13,25 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
 from zope.interface import implementer
 
 from aoaiproxy import jsonbody
+from aoaiproxy.log import note
+from aoaiproxy.metrics import NullMetrics, Recorder
+from aoaiproxy.sse import MAX_HELD_EVENT, Events, event_data
+from aoaiproxy.usage import UsageTap, usage_tap
 
-#: An SSE line ends with CRLF, LF or CR, and an event with an empty line: two line ends in a
-#: row, of any kinds.  A CR followed by LF is one line end, never two.
-_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
+__all__ = ["MAX_HELD_EVENT", "BodyRelay", "FilterFrames", "body_filter", "is_filter_only"]
+
 _ENDS_WITH_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)\Z")
-#: An event longer than this is no filter-only frame (those are a few hundred bytes): it is
-#: passed on as it arrives instead of being held until its end.
-MAX_HELD_EVENT = 64 * 1024
 _FRAME_MEMBERS = ("choices", "prompt_filter_results", "usage")
 
 #: After a failed upstream body, how long the client may take to read what was relayed before
 #: its connection is aborted.
 CUT_GRACE_SECONDS = 5.0
-
-_log = Logger()
 
 
 def is_filter_only(event: bytes) -> bool:
@@ -44,7 +42,7 @@ def is_filter_only(event: bytes) -> bool:
     """
     if b"prompt_filter_results" not in event:
         return False
-    data = b"\n".join(line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    data = event_data(event)
     try:
         top = jsonbody.top_level(data, _FRAME_MEMBERS)
         choices = top.get("choices")
@@ -58,72 +56,47 @@ def is_filter_only(event: bytes) -> bool:
         return False
 
 
-class FilterFrames:
+class FilterFrames(Events):
     """
-    Splits an SSE byte stream into whole events and drops filter-only ones.  Bytes of an
-    event not yet complete are held until its end arrives (one event, at most
-    L{MAX_HELD_EVENT} bytes: a longer one is passed on as it arrives).  Every byte that is not
-    part of a dropped event is passed on unchanged, in order.
+    Drops Azure's filter-only events (L{is_filter_only}) from an SSE byte stream; every other
+    byte passes unchanged, in order (L{Events}: at most one short event is held).
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
-        #: The current event is too long to be held: its bytes are passed on as they come,
-        #: and C{_tail} (the last bytes passed) shows an end that falls across two chunks.
-        self._passing = False
-        self._tail = b""
-
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        if self._passing:
-            seen = self._tail + data
-            m = _event_end(seen, 0)
-            if m is None:
-                self._tail = seen[-3:]
-                return data
-            cut = max(0, m.end() - len(self._tail))
-            out.append(data[:cut])
-            data = data[cut:]
-            self._passing, self._tail = False, b""
-        held = len(self._buffer)
-        buf = self._buffer + data if held else data
-        pos = 0
-        while (m := _event_end(buf, max(pos, held - 3))) is not None:
-            event = buf[pos : m.end()]
-            pos = m.end()
-            if self._keeps(event):
-                out.append(event)
-        rest = buf[pos:]
-        if len(rest) > MAX_HELD_EVENT:
-            out.append(rest)
-            self._passing, self._tail, rest = True, rest[-3:], b""
-        self._buffer = rest
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
-        if rest and not self._keeps(rest):
-            return b""
-        return rest
-
-    def _keeps(self, event: bytes) -> bool:
-        """Whether to pass an event on: any error reading it passes it, and is logged."""
-        try:
-            return not is_filter_only(event)
-        except Exception:
-            _log.failure("reading an SSE event failed; it is passed on unchanged")
-            return True
+    def event(self, event: bytes) -> bytes:
+        return b"" if is_filter_only(event) else event
 
 
-def _event_end(buf: bytes, start: int) -> re.Match[bytes] | None:
+def body_filter(
+    request: Request, *, filter_frames: bool = False, usage: bool = False, strip_usage: bool = False
+) -> Events | UsageTap | None:
     """
-    The first event end in C{buf} from C{start}, or None.  A CR that ends C{buf} may be the
-    first half of a CRLF: an end that relies on it waits for the next byte.
+    What the body of the response C{request} is answered with goes through: the usage tap for
+    its content type (L{usage_tap}, read from the response headers already set), which also
+    drops Azure's filter-only frames from a chat stream when C{filter_frames}; else
+    L{FilterFrames} when C{filter_frames}; else nothing.
+
+    @param usage: read the response's token usage (an API response; not a forward relay).
+    @param strip_usage: the proxy asked for this chat stream's usage, which its client did
+        not: the usage chunk and C{"usage":null} members are removed.
     """
-    m = _EVENT_END.search(buf, start)
-    if m is None or (m.end() == len(buf) and buf.endswith(b"\r")):
-        return None
-    return m
+    if usage:
+        headers = request.responseHeaders
+        tap = usage_tap(
+            request.path,
+            headers.getRawHeaders(b"content-type", [None])[0],
+            b",".join(headers.getRawHeaders(b"content-encoding", [])) or None,
+            strip=strip_usage,
+            drop=is_filter_only if filter_frames else None,
+        )
+        if tap is not None:
+            return tap
+    return FilterFrames() if filter_frames else None
+
+
+def _recorder(request: Request) -> Recorder:
+    """The metrics of the site C{request} came to (none for a request of another site)."""
+    recorder: Recorder | None = getattr(getattr(request.channel, "site", None), "recorder", None)
+    return recorder if recorder is not None else NullMetrics()
 
 
 @implementer(IPushProducer)
@@ -137,6 +110,10 @@ class BodyRelay(Protocol):
     causes is not the upstream's.  A body that ends cleanly finishes
     the client's response; one that fails (reset, timeout) aborts the client's connection so
     the truncation is visible.
+
+    The body passes through L{body_filter}.  The usage it finds is noted for the access line
+    (C{prompt_tokens}, C{completion_tokens}) before the response is finished.  An event stream
+    counts among the site's open streams (C{aoaiproxy_open_streams}) while it is relayed.
     """
 
     def __init__(
@@ -147,24 +124,29 @@ class BodyRelay(Protocol):
         *,
         event_stream: bool = False,
         filter_frames: bool = False,
+        usage: bool = False,
+        strip_usage: bool = False,
         on_done: Callable[[bool], None] | None = None,
     ) -> None:
         self.request = request
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._event_stream = event_stream
-        self._filter = FilterFrames() if filter_frames else None
+        self._filter = body_filter(request, filter_frames=filter_frames, usage=usage, strip_usage=strip_usage)
         self._tail = b""
         self._timer: IDelayedCall | None = None
         self._client_gone = False
         self._timed_out = False
         self._on_done = on_done
+        self._recorder = _recorder(request) if event_stream else None
         self.bytes_out = 0
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
         self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
         self.request.notifyFinish().addErrback(self._client_lost)
+        if self._recorder is not None:
+            self._recorder.stream_opened()
 
     # IPushProducer, for the client's request: pass on to the upstream transport.
 
@@ -216,6 +198,8 @@ class BodyRelay(Protocol):
             self._timer.cancel()
         self._timer = None
         clean = reason.check(ResponseDone, PotentialDataLoss) is not None and not self._timed_out
+        if self._recorder is not None:
+            self._recorder.stream_closed()
         if not self._client_gone:
             self.request.unregisterProducer()
             if clean:
@@ -223,11 +207,18 @@ class BodyRelay(Protocol):
                     self._write(self._filter.flush())
                 if self._event_stream and self.bytes_out:
                     self._write(_missing_blank_line(self._tail))
+                self._note_usage()  # before finish(), which writes the access line
                 self.request.finish()
             else:
+                self._note_usage()
                 self._cut_client()
         if self._on_done is not None:
             self._on_done(clean and not self._client_gone)
+
+    def _note_usage(self) -> None:
+        found = getattr(self._filter, "usage", None)
+        if found is not None:
+            note(self.request, prompt_tokens=found.prompt, completion_tokens=found.completion)
 
     def _cut_client(self) -> None:
         """

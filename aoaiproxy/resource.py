@@ -8,10 +8,15 @@ asks for (L{rewrite.plan_client}), send it to one backend after another until on
 
 from __future__ import annotations
 
+import io
+import mmap
+import sys
 import traceback
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 
-from twisted.internet.defer import CancelledError
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
@@ -23,6 +28,7 @@ from aoaiproxy import errors, rewrite
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.gateway import BACKEND_HEADER, Answer, Attempts, Backends, ReplayBody, discard
+from aoaiproxy.log import note as note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
 from aoaiproxy.relay import BodyRelay
@@ -35,8 +41,61 @@ CORS_DEFAULT_HEADERS = (
     b"X-Stainless-Package-Version, X-Stainless-Runtime, X-Stainless-Runtime-Version"
 )
 CORS_MAX_AGE = b"86400"
+#: Large bodies scanned at once, each in a thread of the reactor's pool.
+SCAN_THREADS = 1
+#: The interpreter's switch interval (seconds) while a scan runs in a thread.
+SCAN_SWITCH_INTERVAL = 0.0002
 
 _log = Logger()
+_T = TypeVar("_T")
+
+
+def read_body(content: IO[bytes]) -> bytes | mmap.mmap:
+    """
+    A request's body to scan (L{jsonbody}): bytes when twisted.web kept it in memory, else a
+    read-only map of its file, whose pages are read only as the scan touches them.
+    """
+    if isinstance(content, io.BytesIO):
+        return content.getvalue()
+    content.flush()  # what was written through the file's buffer is in the file
+    content.seek(0, 2)
+    if content.tell() == 0:
+        content.seek(0)
+        return b""
+    content.seek(0)
+    return mmap.mmap(content.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _plan(
+    config: Config,
+    route: rewrite.Route,
+    method: bytes,
+    query: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | mmap.mmap | None,
+    model_from_form: str | None,
+) -> tuple[rewrite.ClientRequest, bytes | None, bool]:
+    """
+    L{rewrite.plan_client} and L{rewrite.usage_request} on a request (pure: it may run in a
+    thread).  A mapped body is read only through what L{jsonbody} uses of it (C{len},
+    indexing, slicing, C{find}, regular expressions), and a spliced body is new bytes.
+    """
+    scanned = cast(bytes | None, body)
+    try:
+        client = rewrite.plan_client(config, route, method, query, headers, scanned, model_from_form)
+        asked, strip_usage = rewrite.usage_request(config, route, scanned)
+    except BaseException:
+        close_map(body)
+        raise
+    if client.body is not body:
+        close_map(body)
+    return client, asked, strip_usage
+
+
+def close_map(body: object) -> None:
+    """Unmap a body mapped by L{read_body} (its file is then freed with the request)."""
+    if isinstance(body, mmap.mmap):
+        body.close()
 
 
 def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
@@ -68,15 +127,6 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
     return None if empty else content
 
 
-def note(request: Request, **info: Any) -> None:
-    """Facts about a request for its access-log line (never a key)."""
-    notes: dict[str, Any] | None = getattr(request, "log_info", None)
-    if notes is None:
-        notes = {}
-        request.log_info = notes  # type: ignore[attr-defined]
-    notes.update(info)
-
-
 def relay_response(
     response: IResponse,
     request: Request,
@@ -86,6 +136,8 @@ def relay_response(
     event_streams: bool = False,
     filter_frames: bool = False,
     backend: str | None = None,
+    usage: bool = False,
+    strip_usage: bool = False,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -96,6 +148,8 @@ def relay_response(
         Events: its length may change (a final blank line is added), so no C{Content-Length}.
     @param filter_frames: and drop Azure's filter-only frames from it.
     @param backend: the backend that answered, for C{x-aoaiproxy-backend} (SPEC §11).
+    @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
+        proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
     """
     if request._disconnected:  # type: ignore[attr-defined]
         # Close the upstream connection rather than leave its body unread.
@@ -106,8 +160,11 @@ def relay_response(
     # response.headers, so the names a response's Connection header lists cannot be seen
     # here; the rest of the hop-by-hop set can.
     kept = rewrite.strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
-    for name in dict.fromkeys(n for n, _ in kept):
-        request.responseHeaders.setRawHeaders(name, [v for n, v in kept if n == name])
+    grouped: dict[bytes, list[bytes]] = {}
+    for name, value in kept:
+        grouped.setdefault(name, []).append(value)
+    for name, values in grouped.items():
+        request.responseHeaders.setRawHeaders(name, values)
     request.setHeader(b"Access-Control-Allow-Origin", b"*")
     if backend is not None:
         request.setHeader(BACKEND_HEADER, backend.encode("ascii"))
@@ -128,6 +185,8 @@ def relay_response(
         idle_timeout,
         event_stream=event_stream,
         filter_frames=event_stream and filter_frames,
+        usage=usage,
+        strip_usage=strip_usage,
     )
     response.deliverBody(relay)
 
@@ -161,6 +220,9 @@ class ApiResource(Resource):
             backends = Backends(live, reactor, recorder=self._recorder)
             backends.start()
         self._backends = backends
+        self._scans = DeferredSemaphore(SCAN_THREADS)
+        self._scanning = 0
+        self._interval = sys.getswitchinterval()
 
     def render(self, request: Request) -> bytes | int:
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
@@ -198,7 +260,7 @@ class ApiResource(Resource):
         assert content is not None
         query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
         content_type = request.getHeader(b"content-type")
-        body: bytes | None = None
+        body: bytes | mmap.mmap | None = None
         model_from_form: str | None = None
         multipart = content_type is not None and content_type.lower().startswith(b"multipart/")
         if route.kind in ("deployment", "v1api") and request.method in (b"POST", b"PUT", b"PATCH"):
@@ -214,8 +276,7 @@ class ApiResource(Resource):
             else:
                 # Any other body on these routes must be a JSON object, whatever its type
                 # claims: a JSON body sent as text/plain still has its model checked.
-                body = content.read()
-                content.seek(0)
+                body = read_body(content)
         elif (
             route.kind == "passthrough"
             and request.method == b"POST"
@@ -223,27 +284,90 @@ class ApiResource(Resource):
             and not multipart
             and rewrite.is_json(content_type)
         ):
-            body = content.read()  # only to see whether it asks for a stream
-            content.seek(0)
-        client = rewrite.plan_client(config, route, request.method, query, headers, body, model_from_form)
+            body = read_body(content)  # only to see whether it asks for a stream
+        plan = (config, route, request.method, query, headers, body, model_from_form)
+        if body is None or isinstance(body, bytes):
+            self._send(_plan(*plan), request, config, content)
+            return
+        # A large body is scanned from its file's pages in a thread (a few at a time), so that
+        # an adversarial one costs the reactor nothing (SPEC §16).
+        # A client that leaves frees its body's map (and so its file) at once.
+        request.notifyFinish().addErrback(lambda _: close_map(body))
+        d = self._scans.run(self._plan_in_thread, request, *plan)
+        d.addCallback(self._send, request, config, content)
+        d.addErrback(self._failed, request)
+
+    def _plan_in_thread(
+        self, request: Request, *plan: Any
+    ) -> Deferred[tuple[rewrite.ClientRequest, bytes | None, bool]]:
+        if request._disconnected:  # type: ignore[attr-defined]
+            return fail(CancelledError())  # it left while waiting for a thread
+        if not self._scanning:
+            # The reactor waits for the interpreter lock after each system call while a scan
+            # holds it: for at most this long, not the default 5 ms.
+            self._interval = sys.getswitchinterval()
+            sys.setswitchinterval(SCAN_SWITCH_INTERVAL)
+        self._scanning += 1
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _plan, *plan)
+        d.addBoth(self._scanned)
+        return d
+
+    def _scanned(self, result: _T) -> _T:
+        self._scanning -= 1
+        if not self._scanning:
+            sys.setswitchinterval(self._interval)
+        return result
+
+    def _send(
+        self,
+        planned: tuple[rewrite.ClientRequest, bytes | None, bool],
+        request: Request,
+        config: Config,
+        content: IO[bytes],
+    ) -> None:
+        """The request is read and planned: send it to the backends, one after another."""
+        client, asked, strip_usage = planned
+        if request._disconnected:  # type: ignore[attr-defined]
+            return  # it left while its body was scanned
         note(request, model=client.model)
-        # The body each attempt sends: what was read, else the client's file as it is.
-        if body is not None:
-            replay = ReplayBody(body)
+        if isinstance(client.body, mmap.mmap):  # kept to splice its model per backend
+            request.notifyFinish().addBoth(lambda _: close_map(client.body))
+        if asked is not None:
+            client = attrs.evolve(client, headers=rewrite.identity_encoding(client.headers))
+        # The body each attempt sends: what was read (or rewritten), else the client's file.
+        if asked is not None:
+            replay = ReplayBody(asked)
+        elif isinstance(client.body, bytes):
+            replay = ReplayBody(client.body)
         elif request.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             replay = ReplayBody(nonempty_body(content))
         else:
+            content.seek(0)
             replay = ReplayBody(content)
         d = Attempts(self._backends, self._upstream, config, client, replay).start()
         if not d.called:
             request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallback(self._answer, request, client, config)
+        d.addCallback(self._answer, request, client, config, strip_usage)
         # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
         # is a bug.
         d.addErrback(lambda f: None if f.check(CancelledError) else self._unexpected(f, request))
 
+    def _failed(self, failure: Failure, request: Request) -> None:
+        """A body scanned in a thread was refused (the proxy's error), or a bug."""
+        if request._disconnected:  # type: ignore[attr-defined]
+            return  # it left (and its body's map was closed under the scan)
+        if failure.check(ProxyError):
+            self._error(request, cast(ProxyError, failure.value))
+        else:
+            self._unexpected(failure, request)
+
     def _answer(
-        self, answer: Answer, request: Request, client: rewrite.ClientRequest, config: Config
+        self,
+        answer: Answer,
+        request: Request,
+        client: rewrite.ClientRequest,
+        config: Config,
+        strip_usage: bool,
     ) -> None:
         """The attempts are over: relay the upstream's answer, or write the proxy's error."""
         info: dict[str, Any] = {"attempts": answer.attempts}
@@ -262,6 +386,8 @@ class ApiResource(Resource):
             event_streams=True,
             filter_frames=client.azure_stream and not config.keep_filter_frames,
             backend=answer.backend,
+            usage=True,
+            strip_usage=strip_usage,
         )
 
     def _error(self, request: Request, error: ProxyError) -> None:

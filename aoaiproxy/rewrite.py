@@ -30,6 +30,7 @@ import attrs
 
 from aoaiproxy import errors, jsonbody
 from aoaiproxy.config import BackendConfig, Config, valid_deployment
+from aoaiproxy.metrics import CLIENT_ANONYMOUS
 
 Header = tuple[bytes, bytes]
 
@@ -145,6 +146,10 @@ def _allow(method: str, path: str, allowed: tuple[str, ...]) -> None:
         raise errors.method_not_allowed(method, path, allowed)
 
 
+#: A control character, or a space, in a decoded path.
+_CONTROL = re.compile("[\x00-\x20\x7f]")
+
+
 def check_path(path: str) -> None:
     """Refuse paths that could step outside the route once the upstream normalises them."""
     decoded = unquote(path)
@@ -153,7 +158,7 @@ def check_path(path: str) -> None:
         or any(seg in (".", "..") for seg in decoded.split("/"))
         or "\\" in decoded
         or "//" in path
-        or any(ord(c) < 0x21 or ord(c) == 0x7F for c in decoded)
+        or _CONTROL.search(decoded) is not None
     ):
         raise errors.bad_path(path)
 
@@ -232,13 +237,10 @@ def strip_hop_by_hop(headers: Iterable[Header], drop: frozenset[bytes] = frozens
     lists, RFC 9110 §7.6.1) and those named in C{drop} (lower case), in order.
     """
     headers = list(headers)
-    listed = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    }
-    gone = HOP_BY_HOP | drop | listed
+    gone = HOP_BY_HOP | drop if drop else HOP_BY_HOP
+    for name, value in headers:
+        if name.lower() == b"connection":
+            gone = gone | {token.strip().lower() for token in value.split(b",")}
     return [(name, value) for name, value in headers if name.lower() not in gone]
 
 
@@ -505,3 +507,94 @@ def plan_upstream(
     deployment = None if client.model is None else deployment_for(config, client.model)
     auth = backend_auth(config.mode, backend, client.presented, None)
     return for_backend(config, client, backend, deployment, auth)
+
+
+def client_name(config: Config, headers: Iterable[Header]) -> str:
+    """
+    The name of the client key a request presents (SPEC §5: C{NAME:KEY} lines, else
+    C{keyN}), for metrics and the access line: C{anonymous} when the proxy has no client
+    keys or the key is none of them.  Compared in constant time over all keys, as
+    L{key_allowed}.
+    """
+    presented = client_key(headers)
+    found = CLIENT_ANONYMOUS
+    if presented is not None:
+        for key, name in config.client_names.items():
+            if hmac.compare_digest(presented, key.encode("utf-8")):
+                found = name
+    return found
+
+
+#: What a chat stream's request gets so that Azure reports its usage (SPEC §14).
+INCLUDE_USAGE = b'{"include_usage":true}'
+#: The first api-version of Azure's per-deployment API that takes C{stream_options}; an older
+#: one answers 400 to it ("Unknown parameter"), so none is added there.
+STREAM_OPTIONS_SINCE = "2024-08-01"
+
+
+def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
+    """
+    A chat-completions request body that asks for a stream but not for its usage, with
+    C{"stream_options": {"include_usage": true}} added (merged into its C{stream_options}
+    object, whose other members are kept), every other byte as the client sent it; and
+    whether it was changed, so that the usage chunk and the C{"usage":null} members this
+    adds are removed from the client's stream (L{aoaiproxy.usage.ChatStreamUsage}).
+
+    Unchanged (and C{False}): not a stream; C{include_usage} already true; a body or a
+    C{stream_options} that cannot be read, or that is not an object or null (the upstream
+    judges those, as the client sent them).
+    """
+    try:
+        top = jsonbody.top_level(body, ("stream", "stream_options"))
+        if not is_stream(body, top):
+            return body, False
+        member = top.get("stream_options")
+        if member is None:
+            return jsonbody.add_member(body, top, "stream_options", INCLUDE_USAGE), True
+        raw = member.raw(body)
+        if raw == b"null":
+            return jsonbody.replace_value(body, member, INCLUDE_USAGE), True
+        options = jsonbody.top_level(raw, ("include_usage",))
+        include = options.get("include_usage")
+        if include is None:
+            merged = jsonbody.add_member(raw, options, "include_usage", b"true")
+        elif include.raw(raw) == b"true":
+            return body, False
+        else:  # false or null: the client said no; it still gets no usage
+            merged = jsonbody.replace_value(raw, include, b"true")
+        return jsonbody.replace_value(body, member, merged), True
+    except jsonbody.JSONBodyError:
+        return body, False
+
+
+def usage_request(config: Config, route: Route, body: bytes | None) -> tuple[bytes | None, bool]:
+    """
+    For an Azure chat-completions request whose client did not ask for its stream's usage:
+    the body that asks for it (L{ask_for_usage}) and C{True} (the client's stream must have
+    the usage removed); for any other request, C{(None, False)}: the body as it is.  The
+    request must also ask for an unencoded response (L{identity_encoding}): the usage chunk
+    is read and removed from it.
+    """
+    if (
+        route.kind != "deployment"
+        or route.target != "chat/completions"
+        or body is None
+        or config.api_version < STREAM_OPTIONS_SINCE
+        # No "stream" member, not even one whose name has an escape: no scan (C speed).
+        or (isinstance(body, bytes) and b'"stream"' not in body and b"\\" not in body)
+    ):
+        return None, False
+    new_body, changed = ask_for_usage(body)
+    return (new_body, True) if changed else (None, False)
+
+
+def with_usage(config: Config, route: Route, upstream: Upstream, body: bytes | None) -> tuple[Upstream, bool]:
+    """
+    L{usage_request} applied to a planned upstream request (whose body is the client's,
+    C{body}): returns it asking for the usage and an unencoded stream, or unchanged, and
+    whether the client's stream must have the usage removed (C{strip_usage}).
+    """
+    new_body, strip = usage_request(config, route, body if upstream.body is None else None)
+    if new_body is None:
+        return upstream, False
+    return attrs.evolve(upstream, body=new_body, headers=identity_encoding(upstream.headers)), strip

@@ -43,6 +43,7 @@ from aoaiproxy.config import LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.tunnel import half_closeable
 from aoaiproxy.log import AccessLog
+from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.resource import raw_headers
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ class ProxyChannel(http.HTTPChannel):
         self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
         super().connectionMade()
         self.site.connections.add(self)
+        self.site.recorder.connection_opened()
         if self.listener is not None:
             self.listener.channels.add(self)
 
@@ -449,6 +451,7 @@ class ProxyChannel(http.HTTPChannel):
                 super().connectionLost(reason)
             finally:
                 self.site.connections.remove(self)
+                self.site.recorder.connection_closed()
                 if self.listener is not None:
                     self.listener.channels.discard(self)
 
@@ -562,6 +565,8 @@ class ProxyRequest(server.Request):
     log_done = False
     #: Whether this CONNECT was answered 200 and its connection handed over (L{establish}).
     established = False
+    #: When the first byte of the answer was written (the metrics' time to first byte).
+    first_byte_at: float | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -570,6 +575,13 @@ class ProxyRequest(server.Request):
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
         self.log_started = channel.site.reactor.seconds()
+
+    def write(self, data: bytes) -> None:
+        # Twisted writes the head with the first body bytes (finish() writes b"" for a
+        # response without a body): that is the first byte, a stream's first chunk.
+        if not self.startedWriting:
+            self.first_byte_at = self._site.reactor.seconds()
+        super().write(data)
 
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream
@@ -663,6 +675,7 @@ class ProxyRequest(server.Request):
         """
         self.setResponseCode(200)
         self.established = True
+        self.first_byte_at = self._site.reactor.seconds()
         # Sent now when nothing is buffered (not on the reactor's next turn): the client waits for it.
         _twisted.write_through(self._channel.transport, b"HTTP/1.1 200 Connection Established\r\n\r\n")
         self._channel.hand_over(protocol)
@@ -686,11 +699,15 @@ class ProxySite(server.Site):
         live: LiveConfig,
         reactor: Any,
         forwarder: Forwarder,
+        *,
+        recorder: Recorder | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.live = live
         self.forwarder = forwarder
-        self.access_log = AccessLog(live, self.reactor)
+        #: The metrics (SPEC §14) of every request, connection and stream of this site.
+        self.recorder: Recorder = recorder if recorder is not None else NullMetrics()
+        self.access_log = AccessLog(live, self.reactor, self.recorder)
         #: Open client connections, for the graceful stop (L{Connections.drain}).
         self.connections = Connections()
 

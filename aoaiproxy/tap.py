@@ -19,6 +19,7 @@ from aoaiproxy.service import Reloader
 
 if TYPE_CHECKING:
     from aoaiproxy.forward.intercept import Interceptor
+    from aoaiproxy.metrics import Metrics
     from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
 
@@ -69,6 +70,7 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     from aoaiproxy.capacity import with_backlog
+    from aoaiproxy.metrics import metrics_service
     from aoaiproxy.tls import TLSFilesError, listener_service
 
     assert options.config is not None
@@ -82,7 +84,7 @@ def makeService(options: Options) -> service.IService:
             # The CA made (or checked) once, here: each worker then loads the same one.
             interceptor(LiveConfig(config), reactor)
         return supervisor(config, options.flags(), options.environ, reactor)
-    top, site = proxy_service(config, options.flags(), options.environ, reactor)
+    top, site, metrics = proxy_service(config, options.flags(), options.environ, reactor)
     for description in config.listen:
         # strports.service semantics; ssl: listeners get reloadable certificates
         # (reloaded on SIGHUP: DaemonService.reloadables()); a backlog of at least 1024.
@@ -91,6 +93,9 @@ def makeService(options: Options) -> service.IService:
             listener_service(with_backlog(description), site.listener(), reactor).setServiceParent(top)
         except TLSFilesError as e:
             raise SystemExit(f"aoaiproxy: --listen: {e}") from None
+    if metrics is not None and config.metrics_listen is not None:
+        # /metrics on its own listener, never on the API's (SPEC §14).
+        metrics_service(config.metrics_listen, metrics.registry, reactor).setServiceParent(top)
     return top
 
 
@@ -100,7 +105,7 @@ def proxy_service(
     environ: Mapping[str, str],
     reactor: Any,
     top: type[DaemonService] | None = None,
-) -> tuple[DaemonService, ProxySite]:
+) -> tuple[DaemonService, ProxySite, Metrics | None]:
     """
     A whole proxy but its listeners: the daemon's top service (C{top}, L{DaemonService} by
     default) holding the upstream client and the backends, and the site every listener
@@ -112,18 +117,23 @@ def proxy_service(
     from aoaiproxy.forward import Forwarder
     from aoaiproxy.forward.intercept import CARoute
     from aoaiproxy.gateway import Backends
+    from aoaiproxy.metrics import Metrics, NullMetrics, Recorder
     from aoaiproxy.resource import ApiResource
     from aoaiproxy.service import DaemonService
     from aoaiproxy.site import ProxySite
     from aoaiproxy.upstream import UpstreamClient
 
     live = LiveConfig(config)
+    # One recorder for the whole proxy (site, resource, backends, forwarder, relays); none
+    # without --metrics-listen, so that metrics cost nothing then.  With --workers each worker
+    # records into the parent's multiprocess directory, and the parent serves /metrics.
+    metrics = Metrics() if config.metrics_listen is not None else None
+    recorder: Recorder = metrics if metrics is not None else NullMetrics()
     # The same head limits for upstream responses as for clients' requests (as at start-up).
     upstream = UpstreamClient(reactor, max_headers=config.max_headers, max_head_bytes=config.max_header_size)
     # The backend pool and Entra ID token sources; they follow the live config on SIGHUP.
-    # (Metrics: Backends(..., recorder=) records attempts, availability and rate limits.)
-    backends = Backends(live, reactor)
-    resource: Resource = ApiResource(live, upstream, reactor, backends=backends)
+    backends = Backends(live, reactor, recorder=recorder)
+    resource: Resource = ApiResource(live, upstream, reactor, backends=backends, recorder=recorder)
     intercepting = None
     if config.intercept:
         # TLS interception: the CA (loaded, or generated in the state directory), whose
@@ -131,14 +141,14 @@ def proxy_service(
         intercepting = interceptor(live, reactor)
         resource = CARoute(intercepting, resource)
     # The tunnel idle timeout is read from the live config per tunnel, so a reload changes it.
-    forwarder = Forwarder(reactor, live, upstream=upstream, interceptor=intercepting)
-    site = ProxySite(resource, live, reactor, forwarder)
+    forwarder = Forwarder(reactor, live, upstream=upstream, interceptor=intercepting, recorder=recorder)
+    site = ProxySite(resource, live, reactor, forwarder, recorder=recorder)
     # Graceful stop (drain), SIGHUP reload, sd_notify and the log format: aoaiproxy.service.
     reloader = _Reloader(flags, environ, live, interceptor=intercepting)
     daemon = (top or DaemonService)(live, site.connections, reactor, reloader)
     _Closing(upstream).setServiceParent(daemon)
     _Tokens(backends).setServiceParent(daemon)
-    return daemon, site
+    return daemon, site, metrics
 
 
 def interceptor(live: LiveConfig, reactor: Any) -> Interceptor:

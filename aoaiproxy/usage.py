@@ -2,8 +2,8 @@
 Token usage from upstream responses, read from the bytes as they are relayed (SPEC §14).
 
 Three taps, each with the shape of L{aoaiproxy.relay.FilterFrames} (C{feed(data) -> bytes},
-C{flush() -> bytes}) so that they chain with it, and a C{usage} attribute that holds the
-L{Usage} seen (C{None} until then):
+C{flush() -> bytes}; the stream taps are L{aoaiproxy.sse.Events} as it is) so that they chain
+with it, and a C{usage} attribute that holds the L{Usage} seen (C{None} until then):
 
     - L{JSONUsage}: a JSON response body (C{usage.prompt_tokens}/C{completion_tokens}, the
       Responses API's C{input_tokens}/C{output_tokens}, embeddings' C{prompt_tokens} only);
@@ -15,8 +15,9 @@ L{Usage} seen (C{None} until then):
     - L{ResponsesStreamUsage}: a Responses API stream's C{response.completed} event (or
       C{response.incomplete}/C{response.failed}, which also carry the tokens spent).
 
-L{usage_tap} picks the one for a response.  No tap ever raises on what upstream sends: an
-event or body it cannot read passes unchanged and yields no usage.  Only events that can carry
+L{usage_tap} picks the one for a response (L{aoaiproxy.relay.BodyRelay} relays every API
+response through it).  No tap ever raises on what upstream sends: an event or body it cannot
+read passes unchanged and yields no usage.  Only events that can carry
 usage are parsed as JSON; every other event costs a substring search.
 """
 
@@ -30,6 +31,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from aoaiproxy.sse import Events, event_data
+
 __all__ = [
     "Chained",
     "ChatStreamUsage",
@@ -40,8 +43,6 @@ __all__ = [
     "usage_from_object",
     "usage_tap",
 ]
-
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 #: A JSON body up to this size is parsed whole; of a larger one only its last
 #: L{JSON_TAIL_BYTES} are kept and searched (the top-level C{usage} is at the end of every
@@ -115,45 +116,11 @@ class Chained:
         return out
 
 
-def _event_data(event: bytes) -> bytes:
-    """The data of an SSE event: its C{data:} lines joined (SSE joins them with newlines)."""
-    return b"\n".join(
-        line[6:] if line.startswith(b"data: ") else line[5:]
-        for line in event.splitlines()
-        if line.startswith(b"data:")
-    )
-
-
 def _parse(data: bytes) -> Any:
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-
-
-class _Events:
-    """Splits a byte stream into whole SSE events; L{_event} decides what each becomes."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self.usage: Usage | None = None
-
-    def _event(self, event: bytes) -> bytes:
-        raise NotImplementedError
-
-    def feed(self, data: bytes) -> bytes:
-        buf = self._buffer + data if self._buffer else data
-        out = []
-        pos = 0
-        for m in _EVENT_END.finditer(buf):
-            out.append(self._event(buf[pos : m.end()]))
-            pos = m.end()
-        self._buffer = buf[pos:]
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
-        return self._event(rest) if rest else b""
 
 
 _USAGE_KEY = b'"usage":'
@@ -210,7 +177,7 @@ def _cut_usage_member(event: bytes, usage: object) -> bytes | None:
     return (text[:i] + text[found[1] :]).encode("utf-8")
 
 
-class ChatStreamUsage(_Events):
+class ChatStreamUsage(Events):
     """
     The usage of a chat or completions event stream (the chunk that
     C{stream_options.include_usage} adds before C{[DONE]}).  With C{strip}, that chunk and the
@@ -221,10 +188,11 @@ class ChatStreamUsage(_Events):
 
     def __init__(self, *, strip: bool = False, drop: Callable[[bytes], bool] | None = None) -> None:
         super().__init__()
+        self.usage: Usage | None = None
         self._strip = strip
         self._drop = drop
 
-    def _event(self, event: bytes) -> bytes:
+    def event(self, event: bytes) -> bytes:
         if self._drop is not None and self._drop(event):
             return b""
         i = event.rfind(_USAGE_KEY)
@@ -232,7 +200,7 @@ class ChatStreamUsage(_Events):
             return event
         if event.startswith(b"null", i + len(_USAGE_KEY)):
             return _cut_null_member(event) if self._strip else event
-        obj = _parse(_event_data(event))
+        obj = _parse(event_data(event))
         usage = usage_from_object(obj)
         if usage is None:
             return event
@@ -250,13 +218,17 @@ _TERMINAL = re.compile(rb"response\.(?:completed|incomplete|failed)")
 _TERMINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-class ResponsesStreamUsage(_Events):
+class ResponsesStreamUsage(Events):
     """The usage of a Responses API event stream, from its final C{response.*} event."""
 
-    def _event(self, event: bytes) -> bytes:
+    def __init__(self) -> None:
+        super().__init__()
+        self.usage: Usage | None = None
+
+    def event(self, event: bytes) -> bytes:
         if _TERMINAL.search(event) is None:
             return event
-        obj = _parse(_event_data(event))
+        obj = _parse(event_data(event))
         if isinstance(obj, dict) and obj.get("type") in _TERMINAL_TYPES:
             usage = usage_from_object(obj.get("response"))
             if usage is not None:

@@ -663,7 +663,7 @@ def _start_worker(spec: WorkerSpec, control: _Control, reactor: Any) -> WorkerSe
 
     config = load_config(spec.flags, os.environ)
     globalLogBeginner.beginLoggingTo([_observer(config, os.getpid())], redirectStandardIO=False)
-    top, site = proxy_service(config, spec.flags, os.environ, reactor, top=WorkerService)
+    top, site, _ = proxy_service(config, spec.flags, os.environ, reactor, top=WorkerService)
     assert isinstance(top, WorkerService)
     top.control = control
     for listener in spec.listeners:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import mmap
 import os
 import tracemalloc
 from typing import Any
@@ -292,3 +293,45 @@ def test_legitimate_large_bodies_pass_without_copies() -> None:
         assert peak < 2**20, peak
     stream = jsonbody.top_level(chat, ("stream",)).get("stream")
     assert stream is not None and stream.raw(chat) == b"true"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'\xef\xbb\xbf {"model": "gpt-4o", "messages": [{"role": "user", "content": "a \\" b"}]}',
+        b'{"messages": [[], {}, [{"a": "]}"}]], "str\\u0065am": true, "model": null}',
+        b'{"input": "' + b"A" * 300_000 + b'", "model": "m"}',
+    ],
+)
+def test_a_mapped_file_reads_as_bytes(body: bytes, tmp_path: Any) -> None:
+    """A read-only map of a body's file (how the resource scans a large body) reads as its bytes."""
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert jsonbody.top_level(mapped) == jsonbody.top_level(body)  # type: ignore[arg-type]
+
+
+def test_a_refused_mapped_body_is_read_only_near_where_it_stops(tmp_path: Any) -> None:
+    """Refused for its structure: the scan touches the start of a 16 MiB map, not all of it."""
+    body = b'{"messages": [' + b"{}," * (16 * 1024 * 1024 // 3) + b'{}], "model": "gpt-4o"}'
+    path = tmp_path / "body"
+    path.write_bytes(body)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with pytest.raises(TooComplex):
+            jsonbody.top_level(mapped)  # type: ignore[arg-type]
+        # mincore is not in Python's mmap: what the scan read is its pages' residency.
+        # Drop them from the map, scan again, and count those touched through /proc.
+        mapped.madvise(mmap.MADV_DONTNEED)
+        before = _rss_file_kib()
+        with pytest.raises(TooComplex):
+            jsonbody.top_level(mapped)  # type: ignore[arg-type]
+        assert _rss_file_kib() - before < 4 * 1024
+
+
+def _rss_file_kib() -> int:
+    """This process's resident file-backed memory (KiB)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")

@@ -471,12 +471,15 @@ def test_prometheus_config_scrapes_metrics_and_loads_the_rules() -> None:
     assert job["metrics_path"] == "/metrics"
 
 
-def test_metrics_section_is_valid_restructuredtext() -> None:
-    """The README section draft, with its table of every metric of the contract."""
+def test_readme_metrics_section() -> None:
+    """The README's Metrics section: valid reStructuredText, every metric of the contract."""
     import docutils.core
 
-    text = (EXAMPLES / "METRICS.rst").read_text()
+    readme = (REPO / "README.rst").read_text()
+    text = readme.split("\nMetrics\n-------\n", 1)[1].split("\n-----", 1)[0].rsplit("\n", 1)[0]
     docutils.core.publish_doctree(text, settings_overrides={"report_level": 2, "halt_level": 2})
     for name, (kind, _) in CONTRACT.items():
         scraped = name + "_total" if kind == "counter" else name
         assert f"``{scraped}``" in text, name
+    for example in ("prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/aoaiproxy.json"):
+        assert f"``examples/{example}``" in text and (EXAMPLES / example).exists(), example

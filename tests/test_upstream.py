@@ -237,19 +237,25 @@ class Served(Protocol):
 
 
 class Upstream:
-    """A loopback HTTP server whose answers a test scripts: C{answer(conn, request)}."""
+    """A loopback HTTP server whose answers a test scripts: C{answer(conn, request)}; over
+    TLS with C{tls} (a server context factory)."""
 
-    def __init__(self, answer: Callable[[Served, Received], None]) -> None:
+    def __init__(
+        self, answer: Callable[[Served, Received], None], protocol: type[Served] = Served, tls: Any = None
+    ) -> None:
         self.answer = answer
         self.connections: list[Served] = []
         self.requests: list[Received] = []
-        self.port = get_reactor().listenTCP(
-            0, Factory.forProtocol(lambda: Served(self)), interface="127.0.0.1"
-        )
+        factory = Factory.forProtocol(lambda: protocol(self))
+        if tls is None:
+            self.port = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
+        else:
+            self.port = get_reactor().listenSSL(0, factory, tls, interface="127.0.0.1")
+        self.scheme = b"http" if tls is None else b"https"
 
     @property
     def url(self) -> bytes:
-        return b"http://127.0.0.1:%d" % self.port.getHost().port
+        return b"%s://127.0.0.1:%d" % (self.scheme, self.port.getHost().port)
 
     async def stop(self) -> None:
         await self.port.stopListening()
@@ -285,11 +291,13 @@ async def upstream_client() -> AsyncIterator[UpstreamClient]:
 
 
 @pytest_twisted.async_yield_fixture
-async def serve() -> AsyncIterator[Callable[[Callable[[Served, Received], None]], Upstream]]:
+async def serve() -> AsyncIterator[Callable[..., Upstream]]:
     servers: list[Upstream] = []
 
-    def make(answer: Callable[[Served, Received], None]) -> Upstream:
-        servers.append(Upstream(answer))
+    def make(
+        answer: Callable[[Served, Received], None], protocol: type[Served] = Served, tls: Any = None
+    ) -> Upstream:
+        servers.append(Upstream(answer, protocol, tls))
         return servers[-1]
 
     yield make

@@ -394,3 +394,21 @@ def test_usage_tap_passes_strip_on() -> None:
     tap = usage_tap("/v1/chat/completions", b"text/event-stream", strip=True, drop=is_filter_only)
     assert tap is not None
     assert run(tap, AZURE_WITH_USAGE, 100) == run(FilterFrames(), AZURE_PLAIN, 100)
+
+
+@pytest.mark.parametrize("end", [b"\r\n\r\n", b"\r\n\n", b"\n\r\n", b"\r\r", b"\r\n\r"])
+def test_every_kind_of_event_end(end: bytes) -> None:
+    """SSE lines end with CRLF, LF or CR, in any mix (L{aoaiproxy.sse.Events}, as FilterFrames)."""
+    plain, with_usage = (s.replace(b"\n\n", end) for s in (OPENAI_2024_PLAIN, OPENAI_2024_WITH_USAGE))
+    for size in (1, 7, len(with_usage)):
+        tap = ChatStreamUsage(strip=True)
+        assert run(tap, with_usage, size) == plain, size
+        assert tap.usage == Usage(8, 1)
+
+
+def test_an_event_that_breaks_its_reader_passes_unchanged() -> None:
+    class Broken(ChatStreamUsage):
+        def event(self, event: bytes) -> bytes:
+            raise RuntimeError("a bug")
+
+    assert run(Broken(strip=True), OPENAI_WITH_USAGE, 50) == OPENAI_WITH_USAGE

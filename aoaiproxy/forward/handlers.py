@@ -23,6 +23,7 @@ from aoaiproxy.forward.dial import Connector, Dialer, Resolver, refusal
 from aoaiproxy.forward.intercept import Interceptor
 from aoaiproxy.forward.policy import Admitted, Refused, admit, forbidden, relayed_request_headers
 from aoaiproxy.forward.tunnel import TargetFactory, TargetProtocol, Tunnel
+from aoaiproxy.metrics import Recorder
 from aoaiproxy.resource import nonempty_body, note, raw_headers, relay_response, write_error
 from aoaiproxy.upstream import UpstreamClient
 
@@ -40,6 +41,7 @@ class Forwarder:
         closed by L{close}).
     @param interceptor: with C{--intercept}, the CA that makes the certificates of intercepted
         hosts (L{aoaiproxy.forward.intercept}); None when interception is off.
+    @param recorder: the metrics its tunnels record (open tunnels, bytes).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class Forwarder:
         connector: Connector | None = None,
         upstream: UpstreamClient | None = None,
         interceptor: Interceptor | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._reactor = reactor
+        self._recorder = recorder
         self._live = live
         self._dialer = Dialer(reactor, resolver, connector)
         self._own_upstream = upstream is None
@@ -138,7 +142,13 @@ class Forwarder:
                 transport: Any = target.transport
                 transport.abortConnection()
                 return
-            tunnel = Tunnel(self._reactor, target, config.tunnel_idle_timeout, self._tunnel_closed(request))
+            tunnel = Tunnel(
+                self._reactor,
+                target,
+                config.tunnel_idle_timeout,
+                self._tunnel_closed(request),
+                self._recorder,
+            )
             self.tunnels.add(tunnel)
             request.establish(tunnel)
 

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from aoaiproxy._twisted import pending_write_bytes, write_through
 from aoaiproxy.forward.dial import ConnectingFactory
+from aoaiproxy.metrics import NullMetrics, Recorder
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken
 #: last (or nobody), to count as at rest and be closed.
@@ -123,7 +124,8 @@ class Tunnel(Protocol):
 
     This is the client's side: the client's channel is handed to it, and the bytes the
     client sent after the CONNECT head arrive first.  C{on_close} is called once, when the
-    tunnel closes (both connections are then closing).
+    tunnel closes (both connections are then closing).  C{recorder} counts it among the open
+    tunnels from its start to its close, and the bytes it relays each way.
     """
 
     #: See L{REST_SECONDS} (a test may shorten it).
@@ -135,8 +137,11 @@ class Tunnel(Protocol):
         target: TargetProtocol,
         idle_timeout: float,
         on_close: Callable[[Tunnel], None],
+        recorder: Recorder | None = None,
     ) -> None:
         self._reactor = reactor
+        self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
+        self._opened = False
         self._target_protocol = target
         self.target: Any = target.transport
         self._idle_timeout = idle_timeout
@@ -166,6 +171,8 @@ class Tunnel(Protocol):
         if producer is not None:
             self.target.registerProducer(producer, True)
         self._set_timer(self._idle_timeout)
+        self._opened = True
+        self._recorder.tunnel_opened()
         early = self._target_protocol.take_early()
         if early:
             self.to_client(early)
@@ -226,10 +233,11 @@ class Tunnel(Protocol):
     def _relay(self, data: bytes, out: Any, from_client: bool) -> None:
         if self._closed:
             return
+        size = len(data)
+        self._recorder.tunnel_bytes("up" if from_client else "down", size)
         self._last_relay = self._seconds()
         self._client_spoke_last = from_client
         write_through(out, data)
-        size = len(data)
         if size >= READ_SIZE or size < SMALL_DATA:
             _read_size(
                 self.client if from_client else self.target, BULK_READ if size >= READ_SIZE else READ_SIZE
@@ -278,6 +286,8 @@ class Tunnel(Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._opened:
+            self._recorder.tunnel_closed()
         self._set_timer(None)
         for transport in (self.client, self.target):
             transport.unregisterProducer()

@@ -55,6 +55,12 @@ _FAILURES = {
 }
 
 
+#: Seconds past its expiry that a token is still accepted, as Entra ID's resources allow some
+#: clock skew (minutes there; one second here, so that tests stay short).  A request sent with
+#: a token in its last moment then does not race its own arrival.
+CLOCK_SKEW = 1.0
+
+
 @attrs.frozen
 class IssuedToken:
     """A token the endpoint issued: for C{resource}, to C{client_id}, valid until C{expires_on}
@@ -131,10 +137,10 @@ class FakeManagedIdentity(FakeServer):
         self._valid.clear()
 
     def is_valid(self, token: str, audience: str | None = None) -> bool:
-        """Whether ``token`` was issued here, is not revoked and has not expired, and (with
-        ``audience``) was issued for that resource."""
+        """Whether ``token`` was issued here, is not revoked and has not expired (allowing
+        L{CLOCK_SKEW}), and (with ``audience``) was issued for that resource."""
         issued = self._valid.get(token)
-        if issued is None or self._reactor.seconds() >= issued.expires_on:
+        if issued is None or self._reactor.seconds() >= issued.expires_on + CLOCK_SKEW:
             return False
         return audience is None or issued.resource.rstrip("/") == audience.rstrip("/")
 
@@ -208,7 +214,7 @@ class FakeManagedIdentity(FakeServer):
         if self.max_recorded is not None and len(self.issued) > 2 * self.max_recorded:
             del self.issued[: -self.max_recorded]
         for token, old in list(self._valid.items()):  # expired ones can never be valid again
-            if old.expires_on <= now:
+            if old.expires_on + CLOCK_SKEW <= now:
                 del self._valid[token]
         self._valid[issued.token] = issued
         return issued

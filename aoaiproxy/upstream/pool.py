@@ -31,8 +31,12 @@ class Pool:
     def take(self, key: Key) -> HTTP11Connection | None:
         """An idle connection to C{key}, now no longer idle, or None."""
         idle = self._idle.get(key)
-        if idle:
-            return idle.pop()
+        while idle:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn
+            # Closing already (it was aborted for bytes sent out of turn), its
+            # connectionLost still to come: never hand it out.
         return None
 
     def put(self, key: Key, conn: HTTP11Connection) -> None:

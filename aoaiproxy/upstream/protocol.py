@@ -248,6 +248,11 @@ class HTTP11Connection(Protocol):
         self._until_close = False
         self._closed_waiters: list[Deferred[None]] = []
 
+    @property
+    def reusable(self) -> bool:
+        """Whether it can carry a request now: idle, and neither closing nor closed."""
+        return self._state == _IDLE and self.transport is not None
+
     # -- sending ---------------------------------------------------------------------------
 
     def send(
