@@ -45,6 +45,21 @@ async def fake() -> AsyncIterator[FakeAzure]:
 
 
 @pytest_twisted.async_yield_fixture
+async def regions() -> AsyncIterator[dict[str, FakeAzure]]:
+    """Three fake resources, east, west and north, each with its own key."""
+    reactor = get_reactor()
+    fakes = {
+        name: FakeAzure(reactor, name=name, region=name, api_key=f"key-{name}")
+        for name in ("east", "west", "north")
+    }
+    for f in fakes.values():
+        f.listen()
+    yield fakes
+    for f in fakes.values():
+        await f.stop()
+
+
+@pytest_twisted.async_yield_fixture
 async def client() -> AsyncIterator[HTTPClient]:
     """A treq client over a plain Agent with a pool this test owns and closes."""
     reactor = get_reactor()

@@ -46,21 +46,6 @@ CLIENT_KEY = "sk-client-gateway-5c1f"
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest_twisted.async_yield_fixture
-async def regions() -> AsyncIterator[dict[str, FakeAzure]]:
-    """Three fake resources, east, west and north, each with its own key."""
-    reactor = get_reactor()
-    fakes = {
-        name: FakeAzure(reactor, name=name, region=name, api_key=f"key-{name}")
-        for name in ("east", "west", "north")
-    }
-    for f in fakes.values():
-        f.listen()
-    yield fakes
-    for f in fakes.values():
-        await f.stop()
-
-
 @attrs.define
 class Gateway:
     port: IListeningPort

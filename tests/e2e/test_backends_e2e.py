@@ -11,7 +11,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +24,11 @@ from twisted.internet.threads import deferToThread
 from aoaiproxy.testing import FakeAzure
 
 from ..conftest import Daemon
-from ..rawnet import get_reactor
 from ..test_service import wait_until
 from .test_service_e2e import Stream, wait_log
 
 CLIENT_KEY = "sk-client-backends-e2e-73d1"
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest_twisted.async_yield_fixture
-async def regions() -> AsyncIterator[dict[str, FakeAzure]]:
-    reactor = get_reactor()
-    fakes = {
-        name: FakeAzure(reactor, name=name, region=name, api_key=f"key-{name}")
-        for name in ("east", "west", "north")
-    }
-    for f in fakes.values():
-        f.listen()
-    yield fakes
-    for f in fakes.values():
-        await f.stop()
 
 
 def table(name: str, fake: FakeAzure, **keys: Any) -> str:
