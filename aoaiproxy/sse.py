@@ -24,6 +24,7 @@ _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 MAX_HELD_EVENT = 64 * 1024
 
 _log = Logger()
+_FAILED = "reading an SSE event failed; it is passed on unchanged"
 
 
 def event_end(buf: bytes, start: int) -> re.Match[bytes] | None:
@@ -54,6 +55,8 @@ class Events:
     C{feed(data)} returns the bytes for the client now; C{flush()} those held at the end.
     """
 
+    __slots__ = ("_buffer", "_passing", "_tail")
+
     def __init__(self) -> None:
         self._buffer = b""
         #: The current event is too long to be held: its bytes are passed on as they come,
@@ -80,6 +83,20 @@ class Events:
             self._passing, self._tail = False, b""
         held = len(self._buffer)
         buf = self._buffer + data if held else data
+        if (
+            not out
+            and buf.endswith(b"\n\n")
+            and b"\r" not in buf
+            and buf.find(b"\n\n", max(0, held - 3)) == len(buf) - 2
+        ):
+            # The usual chunk: one whole event (its only end, a blank line without CR, is at
+            # its end; the regex below would find just that).  Read it without the loop.
+            self._buffer = b""
+            try:
+                return self.event(buf)
+            except Exception:
+                _log.failure(_FAILED)
+                return buf
         pos = 0
         while (m := event_end(buf, max(pos, held - 3))) is not None:
             out.append(self._safely(buf[pos : m.end()]))
@@ -99,5 +116,5 @@ class Events:
         try:
             return self.event(event)
         except Exception:
-            _log.failure("reading an SSE event failed; it is passed on unchanged")
+            _log.failure(_FAILED)
             return event

@@ -55,6 +55,7 @@ FILE_CHUNK = 64 * 1024
 UNREAD_BODY_LIMIT = 64 * 1024
 
 _DONE = Failure(ResponseDone("Response body fully received"))
+_PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class UpstreamClosed(Exception):
@@ -320,7 +321,19 @@ class HTTP11Connection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         state = self._state
         if state == _BODY:
-            if self._parse(data):
+            # The per-chunk path: L{_parse} and L{_deliver} inlined for a body piece that
+            # goes straight to the reader.
+            try:
+                self._parser.feed_data(data)
+            except _PARSER_ERRORS as e:
+                if not self._parse_failed(e):
+                    return
+            parts = self._parts
+            response = self._response
+            if parts and not self._complete and response is not None and response._protocol is not None:
+                self._parts = []
+                response._protocol.dataReceived(parts[0] if len(parts) == 1 else b"".join(parts))
+            else:
                 self._deliver(state)
         elif state == _HEAD:
             self._received = True
@@ -352,7 +365,14 @@ class HTTP11Connection(Protocol):
         """Parse C{data}; False if the response failed (the connection is then closed)."""
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
+        except _PARSER_ERRORS as e:
+            return self._parse_failed(e)
+        return True
+
+    def _parse_failed(self, e: Exception) -> bool:
+        """The parser raised C{e}: False if the response failed (the connection is closed)."""
+        error: Exception
+        if isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _SkipBody):
                 self._complete = True
@@ -363,12 +383,10 @@ class HTTP11Connection(Protocol):
                 if isinstance(cause, (HeadTooLarge, MalformedResponse))
                 else MalformedResponse(f"invalid response ({type(cause).__name__})")
             )
-        except httptools.HttpParserUpgrade:
+        elif isinstance(e, httptools.HttpParserUpgrade):
             error = MalformedResponse("unexpected protocol switch")
-        except httptools.HttpParserError as e:
-            error = MalformedResponse(f"invalid response ({e})")
         else:
-            return True
+            error = MalformedResponse(f"invalid response ({e})")
         if self._complete:
             # After the whole response: bytes nobody asked for.  Not reusable.
             self._keep_alive = False
