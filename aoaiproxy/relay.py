@@ -133,7 +133,6 @@ class BodyRelay(Protocol):
         "_on_done",
         "_reactor",
         "_recorder",
-        "_seconds",
         "_tail",
         "_timed_out",
         "_timer",
@@ -160,7 +159,6 @@ class BodyRelay(Protocol):
         self._filter = body_filter(request, filter_frames=filter_frames, usage=usage, strip_usage=strip_usage)
         self._tail = b""
         self._timer: IDelayedCall | None = None
-        self._seconds: Callable[[], float] = reactor.seconds
         #: When the last chunk came (or the timer was last started).
         self._last = 0.0
         self._client_gone = False
@@ -198,12 +196,12 @@ class BodyRelay(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]
 
     def _start_timer(self) -> None:
-        self._last = self._seconds()
+        self._last = self._reactor.seconds()
         self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
 
     def _idle(self) -> None:
         self._timer = None
-        left = self._idle_timeout - (self._seconds() - self._last)
+        left = self._idle_timeout - (self._reactor.seconds() - self._last)
         if left > _IDLE_SLACK:
             # A chunk came since the timer was set: wait for the rest of the timeout.
             self._timer = self._reactor.callLater(left, self._idle)
@@ -217,7 +215,7 @@ class BodyRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         # The per-chunk path: as few calls as can be (L{_write}, inlined).
-        self._last = self._seconds()
+        self._last = self._reactor.seconds()
         if self._filter is not None:
             data = self._filter.feed(data)
         if data and not self._client_gone:

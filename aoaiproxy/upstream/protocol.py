@@ -129,12 +129,27 @@ class UpstreamResponse:
     L{ResponseFailed} (cut short).  Bytes that arrive before C{deliverBody} are kept for it.
     """
 
-    request = None
-    previousResponse = None
+    __slots__ = (
+        "_conn",
+        "_end",
+        "_protocol",
+        "_unread",
+        "_unread_bytes",
+        "_waiting",
+        "code",
+        "headers",
+        "length",
+        "phrase",
+        "previousResponse",
+        "request",
+        "version",
+    )
 
     def __init__(
         self, version: tuple[bytes, int, int], code: int, phrase: bytes, headers: Headers, length: Any
     ):
+        self.request = None
+        self.previousResponse: IResponse | None = None
         self.version = version
         self.code = code
         self.phrase = phrase
@@ -143,14 +158,15 @@ class UpstreamResponse:
         #: The connection, while the body is still arriving.
         self._conn: HTTP11Connection | None = None
         self._protocol: Any = None
-        self._unread: list[bytes] = []
+        #: Bytes that came before the reader (a list only when there are some).
+        self._unread: list[bytes] | None = None
         self._unread_bytes = 0
         #: Whether the socket is not read until deliverBody (too much unread).
         self._waiting = False
         self._end: Failure | None = None
 
     def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response  # type: ignore[assignment]
+        self.previousResponse = response
 
     def deliverBody(self, protocol: Any) -> None:
         if self._protocol is not None:
@@ -160,9 +176,9 @@ class UpstreamResponse:
         if self._waiting and self._conn is not None:
             self._conn.resume()
         self._waiting = False
-        if self._unread:
+        if self._unread is not None:
             data = b"".join(self._unread)
-            self._unread = []
+            self._unread = None
             protocol.dataReceived(data)
         if self._end is not None:
             protocol.connectionLost(self._end)
@@ -171,6 +187,8 @@ class UpstreamResponse:
         if self._protocol is not None:
             self._protocol.dataReceived(data)
             return
+        if self._unread is None:
+            self._unread = []
         self._unread.append(data)
         self._unread_bytes += len(data)
         if self._unread_bytes > UNREAD_BODY_LIMIT and self._conn is not None and not self._waiting:
@@ -225,6 +243,31 @@ class HTTP11Connection(Protocol):
     @ivar on_lost: called when the connection has closed.
     """
 
+    # One per open stream: slots, not a dict of two dozen members.
+    __slots__ = (
+        "_closed_waiters",
+        "_complete",
+        "_exchange",
+        "_head_bytes",
+        "_headers",
+        "_keep_alive",
+        "_max_head_bytes",
+        "_max_headers",
+        "_no_body",
+        "_parser",
+        "_parts",
+        "_paused",
+        "_phrase",
+        "_received",
+        "_response",
+        "_sender",
+        "_state",
+        "_until_close",
+        "idle_since",
+        "on_idle",
+        "on_lost",
+    )
+
     def __init__(self, max_headers: int, max_head_bytes: int) -> None:
         self._max_headers = max_headers
         self._max_head_bytes = max_head_bytes
@@ -247,7 +290,7 @@ class HTTP11Connection(Protocol):
         self._complete = False
         self._keep_alive = False
         self._until_close = False
-        self._closed_waiters: list[Deferred[None]] = []
+        self._closed_waiters: list[Deferred[None]] | None = None
 
     @property
     def reusable(self) -> bool:
@@ -299,6 +342,8 @@ class HTTP11Connection(Protocol):
         if self._state == _CLOSED and self.transport is None:
             d.callback(None)
             return d
+        if self._closed_waiters is None:
+            self._closed_waiters = []
         self._closed_waiters.append(d)
         if self._state == _IDLE:
             self._state = _CLOSED
@@ -331,8 +376,9 @@ class HTTP11Connection(Protocol):
             parts = self._parts
             response = self._response
             if parts and not self._complete and response is not None and response._protocol is not None:
-                self._parts = []
-                response._protocol.dataReceived(parts[0] if len(parts) == 1 else b"".join(parts))
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                response._protocol.dataReceived(body)
             else:
                 self._deliver(state)
         elif state == _HEAD:
@@ -401,8 +447,9 @@ class HTTP11Connection(Protocol):
             return
         parts = self._parts
         if parts:
-            self._parts = []
-            response._data(parts[0] if len(parts) == 1 else b"".join(parts))
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            response._data(body)
         if state == _HEAD:
             exchange = self._exchange
             self._exchange = None
@@ -462,7 +509,7 @@ class HTTP11Connection(Protocol):
                 response._finished(Failure(ResponseFailed([reason])))
         if self.on_lost is not None:
             self.on_lost(self)
-        waiters, self._closed_waiters = self._closed_waiters, []
+        waiters, self._closed_waiters = self._closed_waiters or [], None
         for d in waiters:
             d.callback(None)
         self.transport = None
@@ -472,7 +519,7 @@ class HTTP11Connection(Protocol):
     def on_message_begin(self) -> None:
         if self._complete:
             raise MalformedResponse("a second response")
-        self._headers = []
+        self._headers.clear()
         self._phrase = b""
 
     def on_status(self, status: bytes) -> None:
@@ -512,7 +559,7 @@ class HTTP11Connection(Protocol):
         for lower, name, value in kept:
             if listed is None or lower not in listed:
                 headers.addRawHeader(name, value)
-        self._headers = []
+        self._headers.clear()
         version = parser.get_http_version()
         response = UpstreamResponse(
             (b"HTTP", int(version[0]), int(version[-1])), code, self._phrase, headers, length
