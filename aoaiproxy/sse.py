@@ -83,24 +83,31 @@ class Events:
             self._passing, self._tail = False, b""
         held = len(self._buffer)
         buf = self._buffer + data if held else data
-        if (
-            not out
-            and buf.endswith(b"\n\n")
-            and b"\r" not in buf
-            and buf.find(b"\n\n", max(0, held - 3)) == len(buf) - 2
-        ):
-            # The usual chunk: one whole event (its only end, a blank line without CR, is at
-            # its end; the regex below would find just that).  Read it without the loop.
-            self._buffer = b""
-            try:
-                return self.event(buf)
-            except Exception:
-                _log.failure(_FAILED)
-                return buf
         pos = 0
-        while (m := event_end(buf, max(pos, held - 3))) is not None:
-            out.append(self._safely(buf[pos : m.end()]))
-            pos = m.end()
+        if b"\r" not in buf:
+            # LF only, as OpenAI and Azure send: an event ends at each blank line (where the
+            # pattern below would find it), and the usual chunk is one whole event.
+            i = buf.find(b"\n\n", held - 3 if held > 3 else 0)
+            if i >= 0 and i + 2 == len(buf) and not out:
+                self._buffer = b""
+                try:
+                    return self.event(buf)
+                except Exception:
+                    _log.failure(_FAILED)
+                    return buf
+            while i >= 0:
+                event = buf[pos : i + 2]
+                try:
+                    out.append(self.event(event))
+                except Exception:
+                    _log.failure(_FAILED)
+                    out.append(event)
+                pos = i + 2
+                i = buf.find(b"\n\n", pos)
+        else:
+            while (m := event_end(buf, max(pos, held - 3))) is not None:
+                out.append(self._safely(buf[pos : m.end()]))
+                pos = m.end()
         rest = buf[pos:]
         if len(rest) > MAX_HELD_EVENT:
             out.append(rest)

@@ -69,3 +69,17 @@ def test_an_event_completed_by_the_next_chunk() -> None:
     assert r.feed(b"\r") == b""  # a CR at the end may be the first half of a CRLF
     assert r.feed(b"data: z\n\n") == b"data: y\r\rdata: z\n\n"
     assert r.seen == [b"data: x\n\n", b"data: y\r\r", b"data: z\n\n"]
+
+
+class Broken(Events):
+    def event(self, event: bytes) -> bytes:
+        raise RuntimeError("a bug")
+
+
+@given(streams, st.lists(st.integers(0, 10_000), max_size=8))
+def test_an_event_that_breaks_its_reader_passes_unchanged(stream: bytes, cuts: list[int]) -> None:
+    r = Broken()
+    assert b"".join(r.feed(chunk) for chunk in chunked(stream, cuts)) + r.flush() == stream
+    r = Broken()
+    assert r.feed(b"data: x\n\n") == b"data: x\n\n"  # the one-event chunk
+    assert r.feed(b"data: x\n\ndata: y\n\n") == b"data: x\n\ndata: y\n\n"
