@@ -84,17 +84,22 @@ class Events:
         held = len(self._buffer)
         buf = self._buffer + data if held else data
         pos = 0
-        if b"\r" not in buf:
+        # (bytes.find, not "in": "in" first tries its operand as an integer, and the error
+        # that raises costs more than the search.)
+        if buf.find(b"\r") < 0:
             # LF only, as OpenAI and Azure send: an event ends at each blank line (where the
-            # pattern below would find it), and the usual chunk is one whole event.
-            i = buf.find(b"\n\n", held - 3 if held > 3 else 0)
-            if i >= 0 and i + 2 == len(buf) and not out:
+            # pattern below would find it), and the usual chunk is one whole event: its
+            # first LF (memchr, faster than a search for two) is the one before its last.
+            start = held - 3 if held > 3 else 0
+            i = buf.find(b"\n", start)
+            if i >= 0 and i + 2 == len(buf) and buf[-1] == 10 and not out:
                 self._buffer = b""
                 try:
                     return self.event(buf)
                 except Exception:
                     _log.failure(_FAILED)
                     return buf
+            i = buf.find(b"\n\n", start)
             while i >= 0:
                 event = buf[pos : i + 2]
                 try:
