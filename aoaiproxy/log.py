@@ -141,9 +141,10 @@ def access_fields(
         "duration": round(max(now - started, 0.0), 6),
     }
     for key in LOGGED_INFO:
-        value = info.get(key)
-        if value is not None and value != "":
-            fields[key] = value if isinstance(value, (int, float)) else str(value)
+        if key in info:
+            value = info[key]
+            if value is not None and value != "":
+                fields[key] = value if isinstance(value, (int, float)) else str(value)
     if client_name:
         fields["client_name"] = client_name
     if aborted:
@@ -161,9 +162,6 @@ _TEXT_INFO = tuple(
     (key, "upstream" if key == "upstream_status" else key) for key in (*LOGGED_INFO, "client_name")
 )
 
-_MISSING = object()
-
-
 def format_text(fields: Mapping[str, Any]) -> str:
     """
     One text access line:
@@ -176,13 +174,11 @@ def format_text(fields: Mapping[str, Any]) -> str:
         f" bytes={fields['bytes']} duration={fields['duration']:.3f}s"
     )
     for key, name in _TEXT_INFO:
-        value = fields.get(key, _MISSING)
-        if value is _MISSING:
-            continue
-        value = str(value)
-        if key == "error" or " " in value or '"' in value:
-            value = json.dumps(value)
-        line += f" {name}={value}"
+        if key in fields:
+            value = str(fields[key])
+            if key == "error" or " " in value or '"' in value:
+                value = json.dumps(value)
+            line += f" {name}={value}"
     if fields.get("aborted"):
         line += " aborted"
     return line
