@@ -162,6 +162,7 @@ _TEXT_INFO = tuple(
     (key, "upstream" if key == "upstream_status" else key) for key in (*LOGGED_INFO, "client_name")
 )
 
+
 def format_text(fields: Mapping[str, Any]) -> str:
     """
     One text access line:
@@ -379,11 +380,22 @@ class JSONLinesObserver:
 
     def __init__(self, out: IO[str]) -> None:
         self._out = out
+        self._second: float | None = None
+        self._stamp = ""
+
+    def _time(self, when: float) -> str:
+        """C{when} in ISO 8601 (UTC, milliseconds); its date and time made once per second."""
+        if not math.isfinite(when):
+            return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+        second = math.floor(when)  # as time.gmtime rounds
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+            self._second = second
+        return self._stamp + f".{int(when % 1 * 1000):03d}Z"
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        stamp = event.get("log_time") or time.time()
         record: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z",
+            "time": self._time(event.get("log_time") or time.time()),
             "level": getattr(event.get("log_level"), "name", "info"),
             "logger": event.get("log_namespace") or event.get("system") or "-",
         }
@@ -440,13 +452,19 @@ class ClassicText:
             or event.get("log_format") != ACCESS_FORMAT
             or "log_failure" in event
             or "log_flattened" in event
-            or "log_system" in event
         ):
             return formatEventAsClassicLogText(event, formatTime=self.time)
         if not line.text:
             return None
-        level = event.get("log_level")
-        system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        else:
+            try:
+                system = str(system)
+            except Exception:
+                system = "UNFORMATTABLE"
         text = f"{self.time(event.get('log_time'))} [{system}] {line.text}"
         return text.replace("\n", "\n\t") + "\n"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,15 @@ from twisted.web.http import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from aoaiproxy.config import LiveConfig, load_config
-from aoaiproxy.log import ACCESS_FORMAT, AccessLog, ClassicText, format_text, note, text_observer
+from aoaiproxy.log import (
+    ACCESS_FORMAT,
+    AccessLog,
+    ClassicText,
+    JSONLinesObserver,
+    format_text,
+    note,
+    text_observer,
+)
 from aoaiproxy.tap import logs_to_stdout, makeService
 
 # -- format_text ------------------------------------------------------------------------------
@@ -173,7 +182,6 @@ def access_events(notes: list[dict[str, Any]], log_format: str = "text") -> list
 
 
 NOTES = st.fixed_dictionaries({}, optional=OPTIONAL)
-EVENT_KEYS = st.sampled_from(["who", "n", "log_system", "log_failure", "log_time", "log_level"])
 
 
 @st.composite
@@ -212,18 +220,31 @@ def test_classic_text_is_twisteds_for_every_event(
         assert classic(event) == formatEventAsClassicLogText(event)
 
 
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
 def test_access_line_with_a_system_or_failure_is_twisteds() -> None:
-    """The fast path steps aside for an access event another observer changed."""
+    """An access event another observer changed (a worker marks its lines with a system)."""
     [event, _] = access_events([{"model": "gpt-4o"}])
     try:
         raise ValueError("boom")
     except ValueError:
         failure = Failure()
     classic = ClassicText()
-    for changed in ({**event, "log_system": "x worker 9"}, {**event, "log_failure": failure}):
-        text = classic(changed)
-        assert text == formatEventAsClassicLogText(changed)
-    assert "x worker 9" in (classic({**event, "log_system": "x worker 9"}) or "")
+    changes: list[dict[str, Any]] = [
+        {"log_system": "aoaiproxy.access#info worker 9"},
+        {"log_system": Unprintable()},
+        {"log_failure": failure},
+        {"log_time": None, "log_level": None},
+    ]
+    for change in changes:
+        changed = {**event, **change}
+        assert classic(changed) == formatEventAsClassicLogText(changed)
+    text = classic({**event, "log_system": "aoaiproxy.access#info worker 9"}) or ""
+    assert " [aoaiproxy.access#info worker 9] 192.168.1.1 " in text
+    assert " [UNFORMATTABLE] 192.168.1.1 " in (classic({**event, "log_system": Unprintable()}) or "")
 
 
 def test_text_observer_writes_what_twisteds_text_observer_writes() -> None:
@@ -328,3 +349,24 @@ def test_twistd_application_gets_the_cheaper_text_observer(argv: list[str], obse
         assert isinstance(found, FileLogObserver) and isinstance(found.formatEvent, ClassicText)
     else:
         assert found is not None and not isinstance(found, FileLogObserver)
+
+
+# -- JSON lines -------------------------------------------------------------------------------
+
+
+def reference_json_time(stamp: float) -> str:
+    """The time of a JSON line as JSONLinesObserver wrote it before it was made cheaper."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(NEAR_SECOND, st.floats(1e-6, 2**32)).filter(bool), min_size=1, max_size=20))
+@example([1.9999995, 1.9999996, 2.0, 2.9999994, 2.9999995, 3.0005])
+def test_json_time_is_the_reference_for_any_sequence_of_times(times: list[float]) -> None:
+    """(A time of 0 is taken for no time: the line shows the current time.)"""
+    out = io.StringIO()
+    observer = JSONLinesObserver(out)
+    for when in times:
+        observer({"log_format": "x", "log_time": when, "log_namespace": "aoaiproxy"})
+    shown = [json.loads(line)["time"] for line in out.getvalue().splitlines()]
+    assert shown == [reference_json_time(when) for when in times]
