@@ -84,9 +84,9 @@ def note(request: Request, **info: Any) -> None:
     """Facts about a request for its access-log line (never a key): see L{LOGGED_INFO}."""
     notes: dict[str, Any] | None = getattr(request, "log_info", None)
     if notes is None:
-        notes = {}
-        request.log_info = notes  # type: ignore[attr-defined]
-    notes.update(info)
+        request.log_info = info  # type: ignore[attr-defined]
+    else:
+        notes.update(info)
 
 
 def _text(value: bytes | str | None) -> str:
