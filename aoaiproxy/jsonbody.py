@@ -83,6 +83,7 @@ _FAST_NEXT = re.compile(
     rb'[ \t\n\r]*(?:,[ \t\n\r]*"([^"\\]{0,%d})"[ \t\n\r]*:[ \t\n\r]*|\}[ \t\n\r]*\Z)' % MAX_NAME
 )
 #: C{json}'s C scanner: one JSON value at an index of a C{str}, and where it ends.
+_scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 _scan_value: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
@@ -172,7 +173,7 @@ def _fast_object(body: bytes, names: Collection[str] | None, max_steps: int) -> 
     n = len(body)
     # A bound on the scanner's steps without the members': checked before the values are
     # built (so that they are fewer than max_steps), counted only for a body long enough.
-    bound = _CRUDE_PER_BYTE * n + _crude_constant()
+    bound = _CRUDE_PER_BYTE * n + _WINDOW // _WINDOW_BYTES_PER_STEP + 2
     if bound > max_steps:
         bound = _step_bound(body)
         if bound > max_steps:
@@ -215,15 +216,22 @@ def _fast_object(body: bytes, names: Collection[str] | None, max_steps: int) -> 
 
 def _wanted(names: Collection[str] | None) -> dict[bytes, str] | None:
     """The names asked for, by their UTF-8 bytes (None: every name)."""
-    return None if names is None else {name.encode("utf-8"): name for name in names}
+    if names is None:
+        return None
+    wanted = _WANTED.get(names) if type(names) is tuple else None
+    if wanted is None:
+        wanted = {name.encode("utf-8"): name for name in names}
+        if type(names) is tuple and len(_WANTED) < 64:
+            _WANTED[names] = wanted
+    return wanted
 
 
-#: Bounds on L{_step_bound} for any body: per byte, and (L{_crude_constant}) in all.
+#: L{_wanted} of the tuples of names asked for (a few constants), not built again each time.
+_WANTED: dict[Collection[str], dict[bytes, str]] = {}
+
+
+#: A bound on L{_step_bound} per byte of any body (besides a constant: L{_fast_object}).
 _CRUDE_PER_BYTE = 7
-
-
-def _crude_constant() -> int:
-    return _WINDOW // _WINDOW_BYTES_PER_STEP + 2
 
 
 def _step_bound(body: bytes) -> int:
@@ -290,6 +298,20 @@ def decode(body: bytes, member: Member, max_bytes: int = 4096) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError):
         raise NotAnObject(f"value of {member.name!r} is not JSON") from None
+
+
+def string_value(raw: bytes) -> str:
+    """
+    A JSON string value that starts at its quote (as a member's span gives it) decoded, as
+    C{json.loads} would; C{ValueError} if it is not one.
+    """
+    if raw[:1] != b'"':
+        raise ValueError("not a JSON string")
+    text = raw.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
+    value, end = _scan_string(text, 1)
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise ValueError("not one JSON string")
+    return value
 
 
 class _Scanner:

@@ -344,15 +344,17 @@ def model_value(body: bytes, member: jsonbody.Member) -> str:
     if raw[:1] != b'"' or len(raw) > MAX_MODEL_BYTES:
         raise errors.bad_model(raw[:100].decode("utf-8", "replace"))
     try:
-        model: str = json.loads(raw)
+        return jsonbody.string_value(raw)
     except ValueError:
         raise errors.bad_json() from None
-    return model
 
 
 def is_stream(body: bytes, top: jsonbody.TopLevel) -> bool:
     """Whether a body asks for a stream (C{"stream": true} at its top level)."""
-    return any(m.raw(body) == b"true" for m in top.named("stream"))
+    for member in top.members:
+        if member.name == "stream" and member.raw(body) == b"true":
+            return True
+    return False
 
 
 def identity_encoding(headers: Sequence[Header]) -> tuple[Header, ...]:

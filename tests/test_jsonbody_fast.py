@@ -209,4 +209,26 @@ def test_step_bound_holds(body: bytes) -> None:
         return
     bound = jsonbody._step_bound(body) + jsonbody._STEPS_PER_MEMBER * top.count
     assert scan.steps <= bound
-    assert bound <= jsonbody._CRUDE_PER_BYTE * len(body) + jsonbody._crude_constant() + 4 * top.count
+    crude = jsonbody._WINDOW // jsonbody._WINDOW_BYTES_PER_STEP + 2
+    assert bound <= jsonbody._CRUDE_PER_BYTE * len(body) + crude + 4 * top.count
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(
+    st.one_of(
+        st.text().map(lambda t: json.dumps(t, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+        st.lists(
+            st.sampled_from([*PIECES[:24], b"a", b'\\"', b"\\u00e9", b"\\ud800", b"\\n"]), max_size=6
+        ).map(lambda parts: b'"' + b"".join(parts)),
+    )
+)
+def test_string_value_decodes_as_json_loads(raw: bytes) -> None:
+    try:
+        expected: Any = json.loads(raw)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: Any = jsonbody.string_value(raw)
+    except ValueError:
+        got = ValueError
+    assert got == expected
