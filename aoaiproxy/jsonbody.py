@@ -72,7 +72,9 @@ _NAME = re.compile(rb'"([^"\\]{0,%d})"[ \t\n\r]{0,16}:[ \t\n\r]{0,16}' % MAX_NAM
 _SEPARATOR = re.compile(rb"[ \t\n\r]{0,16}([,}])")
 _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
 
-#: Bodies up to this size, held as C{bytes}, are read by L{_fast_object} first.
+#: Bodies up to this size, held as C{bytes}, are read by L{_fast_object} first (twisted.web
+#: keeps a request's body in memory below 100,000 bytes; larger ones are mapped files).  The
+#: values it builds and drops are fewer than C{max_steps}: a few MB at most, for an instant.
 FAST_MAX = 256 * 1024
 #: The start of an object up to its first member's value, or an empty object to the end.
 _FAST_FIRST = re.compile(
@@ -238,8 +240,8 @@ def _step_bound(body: bytes) -> int:
     """
     A bound on the steps L{_Scanner.object} takes on C{body}, but for the members' own
     (L{_STEPS_PER_MEMBER} each): each quote or bracket (in a nested value), each escaped quote
-    twice (once counted, once for the backslashes before it, whose longer runs cost one step
-    per 13 of their bytes), the windows of strings dense with escaped quotes (one per string at
+    twice (once counted, once for the backslashes before it), a step per 8 backslashes (their
+    longer runs cost one per 13 bytes), the windows of strings dense with escaped quotes (one per string at
     most, besides full ones), and whitespace between top-level values (a step per 64 bytes).
     """
     n = len(body)
