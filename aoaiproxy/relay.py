@@ -236,7 +236,8 @@ class BodyRelay(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        clean = reason.check(ResponseDone, PotentialDataLoss) is not None and not self._timed_out
+        # (isinstance: Failure.check names each class with reflect.qual.)
+        clean = isinstance(reason.value, (ResponseDone, PotentialDataLoss)) and not self._timed_out
         if self._recorder is not None:
             self._recorder.stream_closed()
         if not self._client_gone:

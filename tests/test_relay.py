@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.test.requesthelper import DummyRequest
 
 from aoaiproxy.relay import BodyRelay
@@ -87,3 +91,14 @@ def test_backpressure_is_not_upstream_silence() -> None:
     assert not upstream.stopped
     clock.advance(1)
     assert upstream.stopped
+
+
+@pytest.mark.parametrize("end", [ResponseDone(), PotentialDataLoss()])
+def test_a_body_that_ends_cleanly_finishes_the_response(end: Exception) -> None:
+    """A body delimited by its length or chunks (ResponseDone) or by the close (PotentialDataLoss)."""
+    body, request, _, clock = relay()
+    body.dataReceived(b"data: x\n\n")
+    body.connectionLost(Failure(end))
+    assert request.finished == 1
+    assert request.written == [b"data: x\n\n"]
+    assert clock.getDelayedCalls() == []
