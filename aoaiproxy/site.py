@@ -20,7 +20,9 @@ connections over the process's cap (503).
 
 from __future__ import annotations
 
+from time import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
@@ -35,6 +37,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -63,6 +66,9 @@ BODY_TIMEOUT = 300.0
 #: How long a connection refused before its request was read (400, 408, 414, 431, 503) is
 #: kept open, reading and discarding, so the client reads our answer rather than a reset.
 REJECT_LINGER_SECONDS = 2.0
+#: A response head and the first bytes of its body shorter than this are joined into one
+#: bytes; longer bodies are passed on beside the head, not copied.
+_JOIN_BELOW = 64 * 1024
 #: How much a refused connection may send meanwhile before it is cut at once.
 REJECT_DISCARD_BYTES = 256 * 1024
 #: At most this many connections over a listener's cap linger at once; beyond it, they get the
@@ -182,6 +188,10 @@ class ProxyChannel(http.HTTPChannel):
     _body_timeout = BODY_TIMEOUT
     _handed_to: IProtocol | None = None
     _lost = False
+    #: Whether L{writeHeaders} keeps the head for the next L{write} (L{hold_head}), and the
+    #: head it keeps.
+    _holding = False
+    _held: bytes | None = None
 
     def connectionMade(self) -> None:
         config = self.site.live.config
@@ -325,6 +335,65 @@ class ProxyChannel(http.HTTPChannel):
     def pipelined(self) -> bool:
         """Whether the client sent bytes after the request being handled (not parsed yet)."""
         return _twisted.pipelined_length(self) > 0
+
+    # -- the response head ----------------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # As Twisted's, but the head is joined here into one bytes (Twisted's writeSequence
+        # checks and counts each of its pieces), and kept while held (hold_head).
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        pieces = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                pieces += (name, b": ", value, b"\r\n")
+        pieces.append(b"\r\n")
+        head = b"".join(pieces)
+        if self._holding:
+            self._held = head
+        else:
+            self.transport.write(head)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        self._held = None
+        self._write_after(held, (data,))
+
+    def writeSequence(self, iovec: Any) -> None:
+        held = self._held
+        if held is None:
+            self.transport.writeSequence(iovec)  # type: ignore[union-attr]
+            return
+        self._held = None
+        self._write_after(held, iovec)
+
+    def _write_after(self, head: bytes, data: Any) -> None:
+        """Write C{head} and C{data} (pieces of bytes) to the transport, in one call."""
+        assert self.transport is not None
+        if sum(map(len, data)) < _JOIN_BELOW:
+            self.transport.write(b"".join((head, *data)))
+        else:  # not copied
+            self.transport.writeSequence([head, *data])
+
+    def hold_head(self) -> None:
+        """
+        Keep the next response head written (L{writeHeaders}) to go out with the first bytes
+        of its body in one write to the transport, until L{release_head}.
+        """
+        self._holding = True
+
+    def release_head(self) -> None:
+        """Stop holding heads; write the head held if no body followed it (C{HEAD}, 204, 304)."""
+        self._holding = False
+        held = self._held
+        if held is not None:
+            self._held = None
+            if self.transport is not None:
+                self.transport.write(held)
 
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
@@ -574,31 +643,35 @@ class ProxyRequest(server.Request):
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
-        self.log_started = channel.site.reactor.seconds()
+        #: The channel's site (kept: Request.connectionLost drops the channel).
+        self._site: ProxySite = channel.site
+        self.log_started = self._site.reactor.seconds()
 
     def write(self, data: bytes) -> None:
         # Twisted writes the head with the first body bytes (finish() writes b"" for a
         # response without a body): that is the first byte, a stream's first chunk.
         if not self.startedWriting:
             self.first_byte_at = self._site.reactor.seconds()
+            if data:  # the head and these bytes go to the transport in one write
+                channel = self._channel
+                channel.hold_head()
+                try:
+                    super().write(data)
+                finally:
+                    channel.release_head()
+                return
         super().write(data)
 
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream
         # cut, drain deadline): still one access line, marked aborted.
-        site = self._site  # Request.connectionLost drops the channel
         super().connectionLost(reason)
-        site.access_log.emit(self, aborted=True)
+        self._site.access_log.emit(self, aborted=True)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         # The reason phrases of RFC 9110 where Twisted's are obsolete (an upstream's own
         # phrase, when it is relayed, is passed as it is).
         super().setResponseCode(code, reason(code) if message is None else message)
-
-    @property
-    def _site(self) -> ProxySite:
-        site: ProxySite = self.channel.site  # type: ignore[attr-defined]
-        return site
 
     @property
     def _channel(self) -> ProxyChannel:
@@ -650,9 +723,26 @@ class ProxyRequest(server.Request):
     def process(self) -> None:
         # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
         # turns an API request (http://api.openai.com/v1/...) into origin-form for the tree.
-        if (self.method == b"CONNECT" or self.uri[:1] != b"/") and self._site.forwarder.handle(self):
+        site = self._site
+        if (self.method == b"CONNECT" or self.uri[:1] != b"/") and site.forwarder.handle(self):
             return
-        super().process()
+        leaf = site.leaf
+        if leaf is None or self.path == b"*":
+            super().process()
+            return
+        # What server.Request.process does for a tree that is one leaf (nothing to traverse),
+        # with its Date made once a second rather than on every request.
+        self.site = site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", [server.version])
+        headers.setRawHeaders(b"Date", [site.date()])
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(leaf)
+        except BaseException:
+            self.processingFailed(Failure())
 
     @property
     def pipelined(self) -> bool:
@@ -710,6 +800,19 @@ class ProxySite(server.Site):
         self.access_log = AccessLog(live, self.reactor, self.recorder)
         #: Open client connections, for the graceful stop (L{Connections.drain}).
         self.connections = Connections()
+        #: The tree's root when it is a leaf that serves every request itself, as the API's
+        #: is (L{ProxyRequest.process} then has nothing to traverse); None otherwise.
+        self.leaf: Resource | None = None if not resource.isLeaf or _twisted.encodes(resource) else resource
+        self._date = b""
+        self._date_second = -1
+
+    def date(self) -> bytes:
+        """The value of the C{Date} header now (RFC 9110 §6.6.1), made once a second."""
+        second = int(time())
+        if second != self._date_second:
+            self._date = http.datetimeToString(second)
+            self._date_second = second
+        return self._date
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyChannel:  # type: ignore[override]
         # A ProxyChannel itself, not Twisted's private wrapper that switches to HTTP/2 (the
