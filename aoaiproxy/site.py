@@ -176,8 +176,14 @@ class ProxyChannel(http.HTTPChannel):
     _head_lines = 0
     _head_size = 0
     _header_count = 0
-    _head_timer: IDelayedCall | None = None
-    _body_timer: IDelayedCall | None = None
+    #: The connection's one timer (L{_tick}), and the deadlines it serves: the head's, the
+    #: body's, and the idle timeout's (C{TimeoutMixin}'s, L{setTimeout}).
+    _timer: IDelayedCall | None = None
+    _head_at: float | None = None
+    _body_at: float | None = None
+    _idle_at: float | None = None
+    #: The timer fires at most this long after it is armed (the shortest of the periods).
+    _tick_at_most = 30.0
     _rejected = False
     _discarded = 0
     _discard_limit: int | None = REJECT_DISCARD_BYTES
@@ -203,6 +209,8 @@ class ProxyChannel(http.HTTPChannel):
         self._max_request_line = config.max_request_line
         self._header_timeout = config.header_timeout
         self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
+        periods = (self._header_timeout, self._body_timeout, self.timeOut or self._body_timeout)
+        self._tick_at_most = max(min(periods), 0.001)
         super().connectionMade()
         self.site.connections.add(self)
         self.site.recorder.connection_opened()
@@ -265,6 +273,7 @@ class ProxyChannel(http.HTTPChannel):
         self._end_head()
         self._end_body()
         self.setTimeout(None)
+        self._stop_timer()
         pipelined = _twisted.take_pipelined(self) + self.clearLineBuffer()
         # A transport takes one producer: the new protocol may register its own.
         transport.unregisterProducer()  # type: ignore[attr-defined]
@@ -409,8 +418,8 @@ class ProxyChannel(http.HTTPChannel):
         if self._rejected:
             self._discard(data)
             return
-        if self._in_head and data:
-            self._start_head_timer()
+        if self._in_head and data and self._head_at is None:
+            self._start_head()
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -422,28 +431,44 @@ class ProxyChannel(http.HTTPChannel):
             return
         super().rawDataReceived(data)
 
-    def _start_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.site.reactor.callLater(self._header_timeout, self._head_timed_out)
+    def _start_head(self) -> None:
+        """A request's head starts: it has L{_header_timeout} seconds to arrive."""
+        self._head_at = self._arm(self._header_timeout)
 
     def lineReceived(self, line: bytes) -> None:
         if self._rejected:
             return
-        if line.endswith(b"\r"):
+        if line[-1:] == b"\r":
             line = line[:-1]
-        if self._in_head:
-            # A pipelined request's lines arrive here without a new dataReceived.
-            self._start_head_timer()
-            if self._head_lines == 0 and line and len(line) > self._max_request_line:
+        if not self._in_head:
+            super().lineReceived(line)
+            return
+        # A pipelined request's lines arrive here without a new dataReceived.
+        if self._head_at is None:
+            self._start_head()
+        lines = self._head_lines
+        if line:
+            if not lines and len(line) > self._max_request_line:
                 self._reject(_request_line_too_long(self._max_request_line))
                 return
-            if line:
-                self._head_lines += 1
+            self._head_lines = lines + 1
             self._head_size += len(line)
             if self._head_size > self.totalHeadersSize:
                 self._reject(_head_too_large(self.totalHeadersSize))
                 return
         super().lineReceived(line)
+        # A header line (not a continuation) counts once Twisted has taken the one before it
+        # (a malformed one is its 400).
+        if lines and line and line[0] not in b" \t" and not self._rejected:
+            self._header_count += 1
+            if self._header_count > self.maxHeaders:
+                self._reject(
+                    _head_error(
+                        431,
+                        f"Too many header fields (more than {self.maxHeaders}).",
+                        "request_header_fields_too_large",
+                    )
+                )
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._in_head and self._head_lines == 0:
@@ -451,27 +476,12 @@ class ProxyChannel(http.HTTPChannel):
         else:
             self._reject(_head_too_large(self.totalHeadersSize))
 
-    def headerReceived(self, line: bytes) -> bool:
-        if self._header_count >= self.maxHeaders:
-            self._reject(
-                _head_error(
-                    431,
-                    f"Too many header fields (more than {self.maxHeaders}).",
-                    "request_header_fields_too_large",
-                )
-            )
-            return False
-        ok: bool = super().headerReceived(line)
-        if ok:
-            self._header_count += 1
-        return ok
-
     def allHeadersReceived(self) -> None:
         self._end_head()
         super().allHeadersReceived()
         # The body's time starts (the request may have been refused meanwhile).
         if self.length != 0 and not self._rejected and not self._lost:
-            self._body_timer = self.site.reactor.callLater(self._body_timeout, self._body_timed_out)
+            self._body_at = self._arm(self._body_timeout)
 
     def allContentReceived(self) -> None:
         self._end_body()
@@ -513,6 +523,7 @@ class ProxyChannel(http.HTTPChannel):
         finally:
             self._end_head()
             self._end_body()
+            self._stop_timer()
             if self._linger is not None and self._linger.active():
                 self._linger.cancel()
             self._linger = None
@@ -530,17 +541,68 @@ class ProxyChannel(http.HTTPChannel):
 
     def _end_head(self) -> None:
         self._in_head = False
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
+        self._head_at = None
 
     def _end_body(self) -> None:
-        if self._body_timer is not None and self._body_timer.active():
-            self._body_timer.cancel()
-        self._body_timer = None
+        self._body_at = None
+
+    # -- the connection's timer ----------------------------------------------------------------
+
+    def setTimeout(self, period: float | None) -> float | None:
+        # TimeoutMixin's idle timeout, served by the connection's one timer: Twisted turns it
+        # off and on again around every request, which is a deadline to set here, not a
+        # timer to cancel and make again.
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]  # TimeoutMixin says int; a float works
+        self._idle_at = None if period is None else self._arm(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self._idle_at is not None and self.timeOut is not None:
+            self._idle_at = self.site.reactor.seconds() + self.timeOut
+
+    def _arm(self, seconds: float) -> float:
+        """
+        Make the timer fire C{seconds} from now or before (it fires at most L{_tick_at_most}
+        after it is armed, so that no deadline set later is ever sooner); the deadline.
+        """
+        reactor = self.site.reactor
+        at: float = reactor.seconds() + seconds
+        timer = self._timer
+        if timer is not None and timer.getTime() > at:  # only when a period was made shorter
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = reactor.callLater(min(seconds, self._tick_at_most), self._tick)
+        return at
+
+    def _stop_timer(self) -> None:
+        self._head_at = self._body_at = self._idle_at = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _tick(self) -> None:
+        """The timer fired: act on the deadline passed, if any; else fire again later."""
+        self._timer = None
+        now: float = self.site.reactor.seconds()
+        deadlines = [at for at in (self._head_at, self._body_at, self._idle_at) if at is not None]
+        if not deadlines:
+            return
+        first = min(deadlines)
+        if first > now:
+            self._timer = self.site.reactor.callLater(min(first - now, self._tick_at_most), self._tick)
+        elif first == self._head_at:
+            self._head_timed_out()
+        elif first == self._body_at:
+            self._body_timed_out()
+        else:
+            self._idle_at = None
+            self.timeoutConnection()
+            self._tick()  # the others, if any, still have their time
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._head_at = None
         self._reject(
             _head_error(
                 408,
@@ -550,7 +612,7 @@ class ProxyChannel(http.HTTPChannel):
         )
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
+        self._body_at = None
         self._reject(
             _head_error(
                 408,
@@ -595,6 +657,7 @@ class ProxyChannel(http.HTTPChannel):
         self._end_head()
         self._end_body()
         self.setTimeout(None)
+        self._stop_timer()
         self.clearLineBuffer()
         _twisted.take_pipelined(self)
         # Read (and discard) until the client closes: reading may have been paused while
