@@ -12,6 +12,7 @@ import io
 import mmap
 import sys
 import traceback
+from collections.abc import Callable
 from typing import IO, Any, TypeVar, cast
 
 import attrs
@@ -101,6 +102,19 @@ def close_map(body: object) -> None:
 def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
     """The request's headers as (name, value) pairs, in order."""
     return [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+
+
+def when_gone(request: Request, callback: Callable[[], object]) -> None:
+    """
+    Call C{callback} if the client leaves before the response is finished: by the request's
+    own hook when it has one (L{aoaiproxy.site.ProxyRequest.when_gone}, no L{Deferred}),
+    else by C{notifyFinish}'s errback.
+    """
+    hook = getattr(request, "when_gone", None)
+    if hook is not None:
+        hook(callback)
+    else:
+        request.notifyFinish().addErrback(lambda _: callback())
 
 
 def write_error(request: Request, error: ProxyError) -> None:
@@ -346,7 +360,7 @@ class ApiResource(Resource):
             replay = ReplayBody(content)
         d = Attempts(self._backends, self._upstream, config, client, replay).start()
         if not d.called:
-            request.notifyFinish().addErrback(lambda _: d.cancel())
+            when_gone(request, d.cancel)
         d.addCallback(self._answer, request, client, config, strip_usage)
         # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
         # is a bug.

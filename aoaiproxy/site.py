@@ -20,6 +20,7 @@ connections over the process's cap (503).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
@@ -699,6 +700,8 @@ class ProxyRequest(server.Request):
     established = False
     #: When the first byte of the answer was written (the metrics' time to first byte).
     first_byte_at: float | None = None
+    #: What to call if the client leaves before the response is finished (L{when_gone}).
+    _gone: list[Callable[[], object]] | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -725,10 +728,28 @@ class ProxyRequest(server.Request):
                 return
         super().write(data)
 
+    def when_gone(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} if the connection is lost before this request's response is
+        finished (the client left, the stream was cut): what
+        C{notifyFinish().addErrback(lambda _: callback())} does, without a L{Deferred} made
+        and fired for every request.  What it raises is logged.
+        """
+        if self._gone is None:
+            self._gone = [callback]
+        else:
+            self._gone.append(callback)
+
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream
         # cut, drain deadline): still one access line, marked aborted.
         super().connectionLost(reason)
+        gone, self._gone = self._gone, None
+        for callback in gone or ():
+            try:
+                callback()
+            except Exception:
+                _log.failure("while a request whose client left was stopped")
         self._site.access_log.emit(self, aborted=True)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:

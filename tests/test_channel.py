@@ -368,3 +368,36 @@ def test_the_timer_stops_with_the_connection() -> None:
     assert clock.getDelayedCalls()
     channel.connectionLost(Failure(ConnectionDone()))
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+# -- when_gone: notifyFinish's errback without a Deferred -------------------------------------
+
+
+def test_when_gone_runs_if_the_client_leaves_before_the_response_is_finished() -> None:
+    channel, _transport = body_channel()  # Hold: requests stay in flight
+    channel.dataReceived(b"GET /a HTTP/1.1\r\n\r\n")
+    [request] = channel.requests
+    assert isinstance(request, ProxyRequest)
+    called: list[str] = []
+
+    def fails() -> None:
+        called.append("fails")
+        raise ValueError("logged, not raised")
+
+    request.when_gone(fails)
+    request.when_gone(lambda: called.append("then"))
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert called == ["fails", "then"]  # once each, in order, despite the exception
+
+
+def test_when_gone_is_not_called_once_the_response_is_finished() -> None:
+    _site, channel, transport, _clock = timed()
+    channel.dataReceived(b"GET /200/length HTTP/1.1\r\n")
+    [request] = channel.requests
+    assert isinstance(request, ProxyRequest)
+    called: list[str] = []
+    request.when_gone(lambda: called.append("gone"))
+    channel.dataReceived(b"\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert called == []
