@@ -199,6 +199,10 @@ class ProxyChannel(http.HTTPChannel):
     #: head it keeps.
     _holding = False
     _held: bytes | None = None
+    #: The connection's addresses, asked of the transport once: every request asks for both
+    #: (its C{client} and C{host}), and the local one costs a system call.
+    _peer: IAddress | None = None
+    _host: IAddress | None = None
 
     def connectionMade(self) -> None:
         config = self.site.live.config
@@ -345,6 +349,18 @@ class ProxyChannel(http.HTTPChannel):
     def pipelined(self) -> bool:
         """Whether the client sent bytes after the request being handled (not parsed yet)."""
         return _twisted.pipelined_length(self) > 0
+
+    def getPeer(self) -> IAddress:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
+    def getHost(self) -> IAddress:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     # -- the response head ----------------------------------------------------------------------
 

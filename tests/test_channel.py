@@ -401,3 +401,12 @@ def test_when_gone_is_not_called_once_the_response_is_finished() -> None:
     assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
     channel.connectionLost(Failure(ConnectionDone()))
     assert called == []
+
+
+def test_every_request_of_a_connection_has_its_addresses() -> None:
+    _site, channel, transport, _clock = timed()
+    channel.dataReceived(b"GET /200/length HTTP/1.1\r\n\r\nGET /200/length HTTP/1.1\r\n")
+    [second] = channel.requests
+    assert second.getClientAddress() == transport.getPeer()
+    assert second.getHost() == transport.getHost()
+    assert channel.getPeer() == transport.getPeer()
