@@ -177,18 +177,19 @@ def relay_response(
     grouped: dict[bytes, list[bytes]] = {}
     for name, value in kept:
         grouped.setdefault(name, []).append(value)
+    headers = request.responseHeaders  # what request.setHeader sets, one call less each
     for name, values in grouped.items():
-        request.responseHeaders.setRawHeaders(name, values)
-    request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        headers.setRawHeaders(name, values)
+    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
     if backend is not None:
-        request.setHeader(BACKEND_HEADER, backend.encode("ascii"))
+        headers.setRawHeaders(BACKEND_HEADER, [backend.encode("ascii")])
     request.defaultContentType = None  # type: ignore[attr-defined]
     content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
     codings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).lower()
-    encoded = any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
+    encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
-        request.setHeader(b"Content-Length", b"%d" % response.length)
+        headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
     note(request, upstream_status=response.code)
     if request.method == b"HEAD" or response.code in (204, 304):
         request.finish()

@@ -785,8 +785,8 @@ class ProxyRequest(server.Request):
         # Called once the head is read, before any byte of the body (and before Twisted
         # answers "Expect: 100-continue"): the moment to refuse what the head already says.
         error = None
-        if length is not None and length > self._limit():
-            error = errors.too_large(self._limit())
+        if length is not None and length > (limit := self._limit()):
+            error = errors.too_large(limit)
         elif length != 0:  # a body follows (chunked: None)
             error, self._body_unused = self._judge_head()
         if error is not None:
