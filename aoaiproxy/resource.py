@@ -240,8 +240,9 @@ class ApiResource(Resource):
         self._interval = sys.getswitchinterval()
 
     def render(self, request: Request) -> bytes | int:
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
-        request.setHeader(b"Server", b"aoaiproxy")
+        headers = request.responseHeaders  # what request.setHeader sets, one call less each
+        headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+        headers.setRawHeaders(b"Server", [b"aoaiproxy"])
         try:
             self._render(request)
         except ProxyError as e:
