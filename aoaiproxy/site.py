@@ -38,7 +38,6 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -67,9 +66,6 @@ BODY_TIMEOUT = 300.0
 #: How long a connection refused before its request was read (400, 408, 414, 431, 503) is
 #: kept open, reading and discarding, so the client reads our answer rather than a reset.
 REJECT_LINGER_SECONDS = 2.0
-#: A response head and the first bytes of its body shorter than this are joined into one
-#: bytes; longer bodies are passed on beside the head, not copied.
-_JOIN_BELOW = 64 * 1024
 #: How much a refused connection may send meanwhile before it is cut at once.
 REJECT_DISCARD_BYTES = 256 * 1024
 #: At most this many connections over a listener's cap linger at once; beyond it, they get the
@@ -197,10 +193,6 @@ class ProxyChannel(http.HTTPChannel):
     _body_timeout = BODY_TIMEOUT
     _handed_to: IProtocol | None = None
     _lost = False
-    #: Whether L{writeHeaders} keeps the head for the next L{write} (L{hold_head}), and the
-    #: head it keeps.
-    _holding = False
-    _held: bytes | None = None
     #: The connection's addresses, asked of the transport once: every request asks for both
     #: (its C{client} and C{host}), and the local one costs a system call.
     _peer: IAddress | None = None
@@ -368,65 +360,6 @@ class ProxyChannel(http.HTTPChannel):
         if host is None:
             host = self._host = super().getHost()
         return host
-
-    # -- the response head ----------------------------------------------------------------------
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        # As Twisted's, but the head is joined here into one bytes (Twisted's writeSequence
-        # checks and counts each of its pieces), and kept while held (hold_head).
-        if not isinstance(headers, Headers):
-            super().writeHeaders(version, code, reason, headers)
-            return
-        pieces = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                pieces += (name, b": ", value, b"\r\n")
-        pieces.append(b"\r\n")
-        head = b"".join(pieces)
-        if self._holding:
-            self._held = head
-        else:
-            self.transport.write(head)  # type: ignore[union-attr]
-
-    def write(self, data: bytes) -> None:
-        held = self._held
-        if held is None:
-            self.transport.write(data)  # type: ignore[union-attr]
-            return
-        self._held = None
-        self._write_after(held, (data,))
-
-    def writeSequence(self, iovec: Any) -> None:
-        held = self._held
-        if held is None:
-            self.transport.writeSequence(iovec)  # type: ignore[union-attr]
-            return
-        self._held = None
-        self._write_after(held, iovec)
-
-    def _write_after(self, head: bytes, data: Any) -> None:
-        """Write C{head} and C{data} (pieces of bytes) to the transport, in one call."""
-        assert self.transport is not None
-        if sum(map(len, data)) < _JOIN_BELOW:
-            self.transport.write(b"".join((head, *data)))
-        else:  # not copied
-            self.transport.writeSequence([head, *data])
-
-    def hold_head(self) -> None:
-        """
-        Keep the next response head written (L{writeHeaders}) to go out with the first bytes
-        of its body in one write to the transport, until L{release_head}.
-        """
-        self._holding = True
-
-    def release_head(self) -> None:
-        """Stop holding heads; write the head held if no body followed it (C{HEAD}, 204, 304)."""
-        self._holding = False
-        held = self._held
-        if held is not None:
-            self._held = None
-            if self.transport is not None:
-                self.transport.write(held)
 
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
@@ -773,14 +706,6 @@ class ProxyRequest(server.Request):
         # response without a body): that is the first byte, a stream's first chunk.
         if not self.startedWriting:
             self.first_byte_at = self._site.reactor.seconds()
-            if data:  # the head and these bytes go to the transport in one write
-                channel = self._channel
-                channel.hold_head()
-                try:
-                    super().write(data)
-                finally:
-                    channel.release_head()
-                return
         super().write(data)
         channel = self.channel
         if isinstance(channel, ProxyChannel):
