@@ -150,10 +150,12 @@ async def test_all_busy_is_429_with_a_retry_after_the_sdk_honours(
 
     # The SDK's first try finds them still cooling; it waits Retry-After (not its own shorter
     # backoff, which would meet a second 429 and fail) and its one retry succeeds.
+    # The access line is written after the answer's bytes leave: wait for it.
+    await wait_log(daemon, 'error="all_backends_busy"')
     busy = daemon.log().count('error="all_backends_busy"')
     assert await deferToThread(chat, sdk(daemon, max_retries=1)) in ("east", "west")
-    log = daemon.log()
-    assert log.count('error="all_backends_busy"') == busy + 1
+    await wait_log(daemon, 'error="all_backends_busy"', busy + 1)
+    assert daemon.log().count('error="all_backends_busy"') == busy + 1
     assert len(east.requests) + len(west.requests) == 3
 
 
