@@ -9,20 +9,25 @@ bursts instead of refusing them.
   (a worker inherits it), and L{open_file_limit} is that hard limit.
 - L{with_backlog} gives a listener description a backlog of L{BACKLOG} (Twisted's endpoints
   default to 50) unless it names one.
+- L{settle_collector}, once the daemon serves: what start-up built is left out of every later
+  cyclic collection, and the youngest generation is collected less often (L{GC_THRESHOLDS}).
 """
 
 from __future__ import annotations
 
+import gc
 import re
 import resource
 from collections.abc import Callable
 
 __all__ = [
     "BACKLOG",
+    "GC_THRESHOLDS",
     "RESERVED_DESCRIPTORS",
     "connections_for",
     "open_file_limit",
     "raise_open_file_limit",
+    "settle_collector",
     "with_backlog",
 ]
 
@@ -92,3 +97,25 @@ def with_backlog(description: str, backlog: int = BACKLOG) -> str:
     if kind not in _BACKLOG_TYPES or _HAS_BACKLOG.search(description):
         return description
     return f"{description}:backlog={backlog}"
+
+
+#: The cyclic collector's thresholds once serving: the youngest generation is collected after
+#: 7,000 net allocations, not CPython's 700 (a request allocates a few hundred objects, and
+#: each young collection walked them all: ~4 % of the CPU under load); the older ones as usual.
+GC_THRESHOLDS = (7000, 10, 10)
+
+
+def settle_collector(
+    collect: Callable[[], object] = gc.collect,
+    freeze: Callable[[], None] = gc.freeze,
+    set_threshold: Callable[..., None] = gc.set_threshold,
+) -> None:
+    """
+    Once the daemon serves: collect start-up's garbage, then freeze what is left (modules,
+    the configuration, the listeners: it lives as long as the process) so that no later
+    collection walks it again, and collect the youngest generation less often.  Objects
+    freed by reference counting are freed as before; only reference cycles wait longer.
+    """
+    collect()
+    freeze()
+    set_threshold(*GC_THRESHOLDS)

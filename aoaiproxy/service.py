@@ -32,6 +32,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from aoaiproxy.capacity import settle_collector
 from aoaiproxy.config import RESTART_ONLY, Config, ConfigError, LiveConfig, load_config
 from aoaiproxy.log import json_observer, log_startup, text_observer
 
@@ -219,6 +220,7 @@ class DaemonService(service.MultiService):
         self.reactor.callWhenRunning(self._running)
 
     def _running(self) -> None:
+        settle_collector()
         self._install_signal_handlers()
         self.start_serving().addCallback(lambda _: self.serving())
 

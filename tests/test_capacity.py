@@ -19,6 +19,7 @@ from aoaiproxy.capacity import (
     connections_for,
     open_file_limit,
     raise_open_file_limit,
+    settle_collector,
     with_backlog,
 )
 from aoaiproxy.config import load_config
@@ -161,3 +162,15 @@ def test_units_give_descriptors_a_backlog_and_a_stop_for_the_main_process() -> N
     assert service["KillMode"] == ["mixed"]
     socket_unit = unit_settings((UNITS / "aoaiproxy.socket").read_text())
     assert int(socket_unit["Backlog"][0]) >= BACKLOG
+
+
+def test_the_collector_settles_once_serving() -> None:
+    # Start-up's garbage is collected before the rest is frozen (else it would stay for
+    # good), then the young generation's threshold is raised.
+    calls: list[object] = []
+    settle_collector(
+        collect=lambda: calls.append("collect"),
+        freeze=lambda: calls.append("freeze"),
+        set_threshold=lambda *t: calls.append(t),
+    )
+    assert calls == ["collect", "freeze", (7000, 10, 10)]
