@@ -23,6 +23,7 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock, SynchronousResolver
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -781,3 +782,38 @@ def test_upstream_url_parsing(prefix: bytes, parsed: tuple[str, str, int, bytes]
     else:
         target = parse_target(prefix)
         assert (target.scheme, target.host, target.port, target.host_line) == parsed
+
+
+class Asked(SynchronousResolver):
+    """Resolves every name to 127.0.0.1 at once, noting the names asked."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, *args: Any, **kwargs: Any) -> Any:
+        self.names.append(hostName)
+        return super().resolveHostName(receiver, hostName, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("url", "asked", "address"),
+    [
+        (b"http://127.0.0.1:8080/v1", [], ("127.0.0.1", 8080)),
+        (b"https://[::1]/v1", [], ("::1", 443)),
+        (b"http://upstream.example/v1", ["upstream.example"], ("127.0.0.1", 80)),
+    ],
+)
+def test_an_ip_address_is_dialled_without_a_name_lookup(
+    url: bytes, asked: list[str], address: tuple[str, int]
+) -> None:
+    """An upstream given by address is dialled at once (no lookup in a thread first)."""
+    reactor = MemoryReactorClock()
+    resolver = Asked()
+    reactor.installNameResolver(resolver)
+    client = UpstreamClient(reactor)
+    outcome: list[Any] = []
+    client.request(b"GET", url, [], None, connect_timeout=7, header_timeout=30).addBoth(outcome.append)
+    assert resolver.names == asked
+    [(host, port, _, timeout, _)] = reactor.tcpClients
+    assert (host, port, timeout) == (*address, 7)
+    assert outcome == []

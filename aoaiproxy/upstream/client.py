@@ -27,9 +27,14 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import error as ierror
-from twisted.internet.abstract import isIPv6Address
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -63,7 +68,7 @@ CACHED_CONNECTION_TIMEOUT = 50.0
 #: number of requests in flight at once: when more answers arrive together than are kept, the
 #: extra connections are closed and made again for the next requests (at 32, wrk -c64 made a
 #: new connection, with its name lookup in a thread, for one request in six).
-MAX_PERSISTENT_PER_HOST = 128
+MAX_PERSISTENT_PER_HOST = 256
 #: Limits on a response head, the same as the daemon's defaults for request heads
 #: (C{--max-headers}, C{--max-header-size}): beyond them the request fails with a 502.
 MAX_RESPONSE_HEADERS = 100
@@ -136,7 +141,8 @@ class UpstreamClient:
     @param tls_policy: verifies https upstreams (default: the system's trust roots, as a
         browser does).
     @param endpoints: makes the endpoint for each new connection (default: a
-        L{HostnameEndpoint} on C{reactor}, wrapped in TLS for https).
+        L{HostnameEndpoint} on C{reactor}, or a TCP one for an IP address, wrapped in TLS
+        for https).
     @param max_headers: most headers in a response head (each 1xx head counted alone).
     @param max_head_bytes: longest response head, 1xx heads included.
     @param max_idle_per_host: idle connections kept per upstream.
@@ -263,7 +269,13 @@ class UpstreamClient:
         return target, path
 
     def _tcp_endpoint(self, scheme: str, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):  # no name to look up (in a thread, as HostnameEndpoint would)
+            endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        elif isIPv6Address(host) and "%" not in host:  # a scope needs getaddrinfo
+            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
         if scheme == "https":
             creator = self._creators.get((host, port))
             if creator is None:
