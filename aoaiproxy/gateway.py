@@ -467,9 +467,10 @@ class Attempts:
     def _got(self, response: IResponse, attempt: Attempt[BackendConfig], token: str | None) -> None:
         name = attempt.backend.name
         status = response.code
+        outcome = outcome_for_status(status)
         recorder = self._backends.recorder
         recorder.ratelimit(name, attempt.deployment, response.headers)
-        recorder.attempt(name, _metric(outcome_for_status(status)))
+        recorder.attempt(name, _metric(outcome))
         if status == 401 and token is not None and not self._refreshed:
             source = self._backends.tokens.for_backend(attempt.backend)
             if source is not None:
@@ -480,7 +481,7 @@ class Attempts:
                 d.addCallback(self._token_refreshed, attempt, token)
                 d.addErrback(self._bug)
                 return
-        self._record(attempt, outcome_for_status(status), response.headers)
+        self._record(attempt, outcome, response.headers)
         if fails_over(status):
             self._keep(attempt, response)
             self._next()
