@@ -19,13 +19,22 @@ them.  Other costs are linear in the body's size at C speed.
 The scan uses only C{len}, indexing, slicing, C{find}, C{in} and regular expressions on the
 body, so a read-only C{mmap} of a large body's file serves as well as C{bytes}: only the pages
 it touches are read.
+
+A body held as C{bytes} (up to L{FAST_MAX} bytes: the common, small one) is first read by
+L{_fast_object}: its member names and separators with regular expressions, each member's value
+with C{json}'s C scanner, so that a member costs a few Python calls however it is nested.  It
+gives the very L{TopLevel} that the scanner would, or nothing (the scanner then reads the body
+and gives its verdict): it stands aside for anything it cannot decide the same way (an escaped
+or long member name, a nested value that is not strict JSON, a body nesting deeper than the C
+scanner recurses, a body the scanner might find L{TooComplex}: L{_step_bound}).  The values it
+builds in passing are dropped at once, and there are fewer of them than C{max_steps}.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
@@ -62,6 +71,22 @@ _NAME = re.compile(rb'"([^"\\]{0,%d})"[ \t\n\r]{0,16}:[ \t\n\r]{0,16}' % MAX_NAM
 #: Whitespace, then the ',' or '}' after a member's value.
 _SEPARATOR = re.compile(rb"[ \t\n\r]{0,16}([,}])")
 _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null|NaN|-?Infinity")
+
+#: Bodies up to this size, held as C{bytes}, are read by L{_fast_object} first (twisted.web
+#: keeps a request's body in memory below 100,000 bytes; larger ones are mapped files).  The
+#: values it builds and drops are fewer than C{max_steps}: a few MB at most, for an instant.
+FAST_MAX = 256 * 1024
+#: The start of an object up to its first member's value, or an empty object to the end.
+_FAST_FIRST = re.compile(
+    rb'[ \t\n\r]*\{[ \t\n\r]*(?:"([^"\\]{0,%d})"[ \t\n\r]*:[ \t\n\r]*|(\})[ \t\n\r]*\Z)' % MAX_NAME
+)
+#: After a member's value: the next member up to its value, or the object's end to the body's.
+_FAST_NEXT = re.compile(
+    rb'[ \t\n\r]*(?:,[ \t\n\r]*"([^"\\]{0,%d})"[ \t\n\r]*:[ \t\n\r]*|\}[ \t\n\r]*\Z)' % MAX_NAME
+)
+#: C{json}'s C scanner: one JSON value at an index of a C{str}, and where it ends.
+_scan_string: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_scan_value: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 class JSONBodyError(ValueError):
@@ -132,7 +157,110 @@ def top_level(body: bytes, names: Collection[str] | None = None, *, max_steps: i
     @raise NotAnObject: the body is not a JSON object.
     @raise TooComplex: reading it takes more than C{max_steps} steps.
     """
+    if type(body) is bytes and len(body) <= FAST_MAX:
+        top = _fast_object(body, names, max_steps)
+        if top is not None:
+            return top
     return _Scanner(body, max_steps).object(names)
+
+
+def _fast_object(body: bytes, names: Collection[str] | None, max_steps: int) -> TopLevel | None:
+    """
+    The top level of C{body} as L{_Scanner.object} reads it, or None where that cannot be
+    told as cheaply (the scanner then reads it): the names and separators are matched by
+    L{_FAST_FIRST} and L{_FAST_NEXT}, each value is read by C{json}'s C scanner (which
+    validates what is nested, more strictly than the scanner: a value it refuses is left to
+    the scanner).  The body is decoded as Latin-1, so that its offsets are the bytes'.
+    """
+    n = len(body)
+    # A bound on the scanner's steps without the members': checked before the values are
+    # built (so that they are fewer than max_steps), counted only for a body long enough.
+    bound = _CRUDE_PER_BYTE * n + _WINDOW // _WINDOW_BYTES_PER_STEP + 2
+    if bound > max_steps:
+        bound = _step_bound(body)
+        if bound > max_steps:
+            return None
+    m = _FAST_FIRST.match(body, len(_BOM) if body[: len(_BOM)] == _BOM else 0)
+    if m is None:
+        return None
+    if m.lastindex == 2:  # {}
+        return TopLevel((), 0, body.index(b"{", m.start()) + 1)
+    wanted = _wanted(names)
+    text = body.decode("latin-1")
+    members = []
+    count = 0
+    try:
+        while True:
+            raw = m.group(1)
+            if wanted is None:
+                keep, name = True, raw.decode("utf-8")
+            else:
+                name = wanted.get(raw)
+                keep = name is not None
+            value_start = m.end()
+            value_end = _scan_value(text, value_start)[1]
+            if value_end - value_start > MAX_SCALAR and body[value_start] not in b'"[{':
+                return None  # a scalar the scanner does not read that far
+            count += 1
+            if keep:
+                members.append(Member(name, m.start(1) - 1, value_start, value_end))
+            m = _FAST_NEXT.match(body, value_end)
+            if m is None:
+                return None
+            if m.lastindex is None:  # }
+                break
+    except (ValueError, StopIteration, RecursionError):  # UnicodeDecodeError among them
+        return None
+    if bound + _STEPS_PER_MEMBER * count > max_steps:
+        return None
+    return TopLevel(tuple(members), count, value_end)
+
+
+def _wanted(names: Collection[str] | None) -> dict[bytes, str] | None:
+    """The names asked for, by their UTF-8 bytes (None: every name)."""
+    if names is None:
+        return None
+    wanted = _WANTED.get(names) if type(names) is tuple else None
+    if wanted is None:
+        wanted = {name.encode("utf-8"): name for name in names}
+        if type(names) is tuple and len(_WANTED) < 64:
+            _WANTED[names] = wanted
+    return wanted
+
+
+#: L{_wanted} of the tuples of names asked for (a few constants), not built again each time.
+_WANTED: dict[Collection[str], dict[bytes, str]] = {}
+
+
+#: A bound on L{_step_bound} per byte of any body (besides a constant: L{_fast_object}).
+_CRUDE_PER_BYTE = 7
+
+
+def _step_bound(body: bytes) -> int:
+    """
+    A bound on the steps L{_Scanner.object} takes on C{body}, but for the members' own
+    (L{_STEPS_PER_MEMBER} each): each quote or bracket (in a nested value), each escaped quote
+    twice (once counted, once for the backslashes before it), a step per 8 backslashes (their
+    longer runs cost one per 13 bytes), the windows of strings dense with escaped quotes (one per string at
+    most, besides full ones), and whitespace between top-level values (a step per 64 bytes).
+    """
+    n = len(body)
+    structural = n - len(body.translate(None, b'"[]{}'))
+    blank = n - len(body.translate(None, _WS))
+    backslashes = body.count(b"\\")
+    escaped = body.count(b'\\"')
+    windows = 0
+    if escaped >= _ESCAPED_PER_STRING:
+        windows = escaped // _ESCAPED_PER_STRING + n // _WINDOW + 1
+    return (
+        structural
+        + 2 * escaped
+        + backslashes // 8
+        + 1
+        + windows * (_WINDOW // _WINDOW_BYTES_PER_STEP)
+        + blank // 64
+        + 1
+    )
 
 
 def replace_value(body: bytes, member: Member, value: bytes) -> bytes:
@@ -172,6 +300,20 @@ def decode(body: bytes, member: Member, max_bytes: int = 4096) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError):
         raise NotAnObject(f"value of {member.name!r} is not JSON") from None
+
+
+def string_value(raw: bytes) -> str:
+    """
+    A JSON string value that starts at its quote (as a member's span gives it) decoded, as
+    C{json.loads} would; C{ValueError} if it is not one.
+    """
+    if raw[:1] != b'"':
+        raise ValueError("not a JSON string")
+    text = raw.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
+    value, end = _scan_string(text, 1)
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise ValueError("not one JSON string")
+    return value
 
 
 class _Scanner:
@@ -226,7 +368,7 @@ class _Scanner:
         pos = self.ws(len(_BOM) if body[: len(_BOM)] == _BOM else 0)
         if self.at(pos) != 0x7B:
             raise self.fail("not a JSON object", pos)
-        wanted = None if names is None else {name.encode("utf-8"): name for name in names}
+        wanted = _wanted(names)
         members = []
         count = 0
         insert_at = pos + 1

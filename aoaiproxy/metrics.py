@@ -28,6 +28,7 @@ C{aoaiproxy_ratelimit_remaining} is the value Azure sent last to any worker (C{l
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -157,6 +158,16 @@ def route_label(path: str | bytes) -> str:
     return OTHER
 
 
+#: The longest origin-form request-target whose route is kept (L{_origin_route}).
+_CACHED_TARGET = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _origin_route(uri: bytes) -> str:
+    """L{route_label} of the last 256 short request-targets: clients send the same few."""
+    return route_label(uri)
+
+
 def request_route(method: bytes, uri: bytes) -> str:
     """
     The C{route} label of any request the site served: L{ROUTE_CONNECT} for a C{CONNECT},
@@ -168,7 +179,7 @@ def request_route(method: bytes, uri: bytes) -> str:
     if method == b"CONNECT":
         return ROUTE_CONNECT
     if uri[:1] == b"/":
-        return route_label(uri)
+        return _origin_route(uri) if len(uri) <= _CACHED_TARGET else route_label(uri)
     if b"://" in uri:
         return ROUTE_FORWARD
     return OTHER

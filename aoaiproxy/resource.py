@@ -83,7 +83,7 @@ def _plan(
     scanned = cast(bytes | None, body)
     try:
         client = rewrite.plan_client(config, route, method, query, headers, scanned, model_from_form)
-        asked, strip_usage = rewrite.usage_request(config, route, scanned)
+        asked, strip_usage = rewrite.usage_request(config, route, scanned, client.top)
     except BaseException:
         close_map(body)
         raise

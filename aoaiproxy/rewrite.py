@@ -50,6 +50,7 @@ HOP_BY_HOP = frozenset(
 )
 #: Besides hop-by-hop ones: the client's headers that the upstream request sets itself.
 _NOT_FORWARDED = frozenset({b"host", b"content-length", b"authorization", b"api-key"})
+_NOT_FORWARDED_OR_HOP = HOP_BY_HOP | _NOT_FORWARDED
 
 #: Per-deployment operations: client path after /v1/ -> Azure path after deployments/{d}/.
 DEPLOYMENT_ROUTES: Mapping[str, str] = {
@@ -66,8 +67,9 @@ DEPLOYMENT_ROUTES: Mapping[str, str] = {
 #: First path segment after /v1/ of routes served by Azure's v1 API (/openai/v1/...).
 V1_API_PREFIXES = frozenset({"responses", "files", "batches", "fine_tuning", "vector_stores"})
 
-#: The top-level members of a JSON body that the proxy reads.
-BODY_MEMBERS = ("model", "stream")
+#: The top-level members of a JSON body that the proxy reads (for L{plan_client} and, on
+#: a chat stream, L{usage_request}: one scan serves both).
+BODY_MEMBERS = ("model", "stream", "stream_options")
 #: A C{model} value longer than this (raw bytes) is refused without decoding it.
 MAX_MODEL_BYTES = 1024
 
@@ -152,10 +154,12 @@ _CONTROL = re.compile("[\x00-\x20\x7f]")
 
 def check_path(path: str) -> None:
     """Refuse paths that could step outside the route once the upstream normalises them."""
-    decoded = unquote(path)
+    decoded = unquote(path) if "%" in path else path
+    segments = decoded.split("/")
     if (
         not path.startswith("/")
-        or any(seg in (".", "..") for seg in decoded.split("/"))
+        or "." in segments
+        or ".." in segments
         or "\\" in decoded
         or "//" in path
         or _CONTROL.search(decoded) is not None
@@ -170,10 +174,13 @@ def client_key(headers: Iterable[Header]) -> bytes | None:
         lname = name.lower()
         if lname == b"authorization":
             scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
-        elif lname == b"api-key" and value.strip():
-            api_key = value.strip()
+            token = token.strip()
+            if token and scheme.lower() == b"bearer":
+                return token
+        elif lname == b"api-key":
+            value = value.strip()
+            if value:
+                api_key = value
     return api_key
 
 
@@ -187,7 +194,10 @@ def key_allowed(presented: bytes, keys: frozenset[str]) -> bool:
 
 def server_credential(config: Config) -> bool:
     """Whether the proxy sends its own credential upstream (a key or Entra ID), not the client's."""
-    return any(b.auth != "client" for b in config.backends)
+    for backend in config.backends:
+        if backend.auth != "client":
+            return True
+    return False
 
 
 def client_credential(config: Config, headers: Iterable[Header]) -> bytes | None:
@@ -236,17 +246,27 @@ def strip_hop_by_hop(headers: Iterable[Header], drop: frozenset[bytes] = frozens
     C{headers} less hop-by-hop ones (L{HOP_BY_HOP} and those their C{Connection} header
     lists, RFC 9110 §7.6.1) and those named in C{drop} (lower case), in order.
     """
-    headers = list(headers)
-    gone = HOP_BY_HOP | drop if drop else HOP_BY_HOP
-    for name, value in headers:
-        if name.lower() == b"connection":
-            gone = gone | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in headers if name.lower() not in gone]
+    return _without(headers, HOP_BY_HOP | drop if drop else HOP_BY_HOP)
+
+
+def _without(headers: Iterable[Header], gone: frozenset[bytes]) -> list[Header]:
+    """C{headers} less those named in C{gone} (which has C{connection}) and those it lists."""
+    kept = []
+    listed: set[bytes] = set()
+    for header in headers:
+        lname = header[0].lower()
+        if lname not in gone:
+            kept.append(header)
+        elif lname == b"connection":
+            listed.update(token.strip().lower() for token in header[1].split(b","))
+    if listed:
+        return [(name, value) for name, value in kept if name.lower() not in listed]
+    return kept
 
 
 def forward_headers(headers: Iterable[Header], auth: Sequence[Header]) -> tuple[Header, ...]:
     """The client's headers less hop-by-hop, host, length and credentials, plus C{auth}."""
-    return (*strip_hop_by_hop(headers, _NOT_FORWARDED), *auth)
+    return (*_without(headers, _NOT_FORWARDED_OR_HOP), *auth)
 
 
 def query_with_api_version(query: bytes, api_version: str) -> bytes:
@@ -324,15 +344,17 @@ def model_value(body: bytes, member: jsonbody.Member) -> str:
     if raw[:1] != b'"' or len(raw) > MAX_MODEL_BYTES:
         raise errors.bad_model(raw[:100].decode("utf-8", "replace"))
     try:
-        model: str = json.loads(raw)
+        return jsonbody.string_value(raw)
     except ValueError:
         raise errors.bad_json() from None
-    return model
 
 
 def is_stream(body: bytes, top: jsonbody.TopLevel) -> bool:
     """Whether a body asks for a stream (C{"stream": true} at its top level)."""
-    return any(m.raw(body) == b"true" for m in top.named("stream"))
+    for member in top.members:
+        if member.name == "stream" and member.raw(body) == b"true":
+            return True
+    return False
 
 
 def identity_encoding(headers: Sequence[Header]) -> tuple[Header, ...]:
@@ -402,6 +424,9 @@ class ClientRequest:
     member: jsonbody.Member | None = attrs.field(default=None, eq=False)
     #: Whether Azure's filter-only SSE frames may appear (and so may be dropped).
     azure_stream: bool = False
+    #: The top level of a per-deployment request's JSON body (its L{BODY_MEMBERS}), for
+    #: L{usage_request}; None when the body was not read.
+    top: jsonbody.TopLevel | None = attrs.field(default=None, repr=False, eq=False)
 
 
 def plan_client(
@@ -437,6 +462,9 @@ def plan_client(
             model = model_value(body, member)
             if filtered and is_stream(body, top):
                 out_headers = identity_encoding(out_headers)
+            return ClientRequest(
+                route, method, query, out_headers, presented, model, azure_stream=True, top=top
+            )
         return ClientRequest(route, method, query, out_headers, presented, model, azure_stream=True)
     if route.kind == "v1api":
         if body:
@@ -532,7 +560,7 @@ INCLUDE_USAGE = b'{"include_usage":true}'
 STREAM_OPTIONS_SINCE = "2024-08-01"
 
 
-def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
+def ask_for_usage(body: bytes, top: jsonbody.TopLevel | None = None) -> tuple[bytes, bool]:
     """
     A chat-completions request body that asks for a stream but not for its usage, with
     C{"stream_options": {"include_usage": true}} added (merged into its C{stream_options}
@@ -543,9 +571,13 @@ def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
     Unchanged (and C{False}): not a stream; C{include_usage} already true; a body or a
     C{stream_options} that cannot be read, or that is not an object or null (the upstream
     judges those, as the client sent them).
+
+    @param top: the body's top level, read with its C{stream} and C{stream_options} members
+        (L{ClientRequest.top}), else None: it is read here.
     """
     try:
-        top = jsonbody.top_level(body, ("stream", "stream_options"))
+        if top is None:
+            top = jsonbody.top_level(body, ("stream", "stream_options"))
         if not is_stream(body, top):
             return body, False
         member = top.get("stream_options")
@@ -567,24 +599,33 @@ def ask_for_usage(body: bytes) -> tuple[bytes, bool]:
         return body, False
 
 
-def usage_request(config: Config, route: Route, body: bytes | None) -> tuple[bytes | None, bool]:
+def usage_request(
+    config: Config, route: Route, body: bytes | None, top: jsonbody.TopLevel | None = None
+) -> tuple[bytes | None, bool]:
     """
     For an Azure chat-completions request whose client did not ask for its stream's usage:
     the body that asks for it (L{ask_for_usage}) and C{True} (the client's stream must have
     the usage removed); for any other request, C{(None, False)}: the body as it is.  The
     request must also ask for an unencoded response (L{identity_encoding}): the usage chunk
     is read and removed from it.
+
+    @param top: C{body}'s top level as L{plan_client} read it (L{ClientRequest.top}), so that
+        it is not read again; None: it is read here if need be.
     """
     if (
         route.kind != "deployment"
         or route.target != "chat/completions"
         or body is None
         or config.api_version < STREAM_OPTIONS_SINCE
-        # No "stream" member, not even one whose name has an escape: no scan (C speed).
-        or (isinstance(body, bytes) and b'"stream"' not in body and b"\\" not in body)
+        # Not a stream (which needs a member whose value is true), or no "stream" member, not
+        # even one whose name has an escape: no scan (C speed).
+        or (
+            isinstance(body, bytes)
+            and (b"true" not in body or (b'"stream"' not in body and b"\\" not in body))
+        )
     ):
         return None, False
-    new_body, changed = ask_for_usage(body)
+    new_body, changed = ask_for_usage(body, top)
     return (new_body, True) if changed else (None, False)
 
 

@@ -11,7 +11,8 @@ Running as a system service: graceful stop (drain), reload on C{SIGHUP}, and C{s
 - L{DaemonService} is the daemon's top service: it stops the listeners first, then drains,
   then stops everything else; it installs the C{SIGTERM}/C{SIGINT}/C{SIGHUP} handlers once
   the reactor runs, tells systemd C{READY=1} (C{Type=notify}), and with C{--log-format json}
-  makes twistd log JSON lines.
+  makes twistd log JSON lines (and its text lines, on standard output, through a cheaper
+  observer: L{DaemonService.text_log}).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
 from aoaiproxy.config import RESTART_ONLY, Config, ConfigError, LiveConfig, load_config
-from aoaiproxy.log import json_observer, log_startup
+from aoaiproxy.log import json_observer, log_startup, text_observer
 
 __all__ = ["DaemonService", "Drainable", "Reloader", "sd_notify"]
 
@@ -166,6 +167,11 @@ class DaemonService(service.MultiService):
     #: Whether start-up logs the configuration (a worker of several leaves it to its parent).
     announce = True
 
+    #: Whether twistd would write its text log to standard output (C{-n} without C{--logfile},
+    #: C{--syslog} or C{--logger}): then the same lines are written by a cheaper observer
+    #: (L{aoaiproxy.log.text_observer}).  Set by L{aoaiproxy.tap.makeService}.
+    text_log = False
+
     def __init__(
         self,
         live: LiveConfig,
@@ -189,9 +195,13 @@ class DaemonService(service.MultiService):
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd hands us its Application: with --log-format json, its log observer (which
-        # twistd looks up on the Application) writes JSON lines, twistd's own lines included.
-        if isinstance(parent, Componentized) and self.live.config.log_format == "json":
-            parent.setComponent(ILogObserver, json_observer())
+        # twistd looks up on the Application) writes JSON lines, twistd's own lines included;
+        # text lines to standard output are written by a cheaper observer than twistd's.
+        if isinstance(parent, Componentized):
+            if self.live.config.log_format == "json":
+                parent.setComponent(ILogObserver, json_observer())
+            elif self.text_log:
+                parent.setComponent(ILogObserver, text_observer())
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:

@@ -174,6 +174,8 @@ class ProxyChannel(http.HTTPChannel):
     _body_timer: IDelayedCall | None = None
     _rejected = False
     _discarded = 0
+    #: A response head written by L{writeHeaders}, sent with the body bytes that follow it.
+    _head: bytes | None = None
     _discard_limit: int | None = REJECT_DISCARD_BYTES
     _linger: IDelayedCall | None = None
     _close_after: http.Request | None = None
@@ -194,6 +196,11 @@ class ProxyChannel(http.HTTPChannel):
         self._header_timeout = config.header_timeout
         self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
         super().connectionMade()
+        # Small writes (a head, an SSE event) go out at once, not after the client's ACK of
+        # the previous one (Nagle against delayed ACKs can hold a stream's chunk ~40 ms).
+        setTcpNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setTcpNoDelay is not None:
+            setTcpNoDelay(True)
         self.site.connections.add(self)
         self.site.recorder.connection_opened()
         if self.listener is not None:
@@ -330,6 +337,38 @@ class ProxyChannel(http.HTTPChannel):
         """Cut the connection now (a stream in flight is visibly truncated)."""
         if not self._lost and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- writing responses ---------------------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        As Twisted's (C{Request.write} always passes its C{Headers}), but the head is kept and
+        sent with the body bytes that follow it in the same C{Request.write}
+        (L{ProxyRequest.write} sends it alone when none follow): one send for a response.
+        """
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._head = b"".join(head)
+
+    def write(self, data: bytes) -> None:
+        """Response bytes, straight to the socket when nothing is buffered (L{write_through})."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        if data and self.transport is not None:
+            _twisted.write_through(self.transport, data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def flush_head(self) -> None:
+        """Send a head kept by L{writeHeaders} that no body bytes followed."""
+        if self._head is not None:
+            self.write(b"")
 
     # -- HTTP, with limits ---------------------------------------------------------------------
 
@@ -582,6 +621,9 @@ class ProxyRequest(server.Request):
         if not self.startedWriting:
             self.first_byte_at = self._site.reactor.seconds()
         super().write(data)
+        channel = self.channel
+        if isinstance(channel, ProxyChannel):
+            channel.flush_head()  # a head with no body bytes after it (HEAD, 204, b"")
 
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream

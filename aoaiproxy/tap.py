@@ -83,8 +83,11 @@ def makeService(options: Options) -> service.IService:
         if config.intercept:
             # The CA made (or checked) once, here: each worker then loads the same one.
             interceptor(LiveConfig(config), reactor)
-        return supervisor(config, options.flags(), options.environ, reactor)
+        parent = supervisor(config, options.flags(), options.environ, reactor)
+        parent.text_log = logs_to_stdout(options.parent)
+        return parent
     top, site, metrics = proxy_service(config, options.flags(), options.environ, reactor)
+    top.text_log = logs_to_stdout(options.parent)
     for description in config.listen:
         # strports.service semantics; ssl: listeners get reloadable certificates
         # (reloaded on SIGHUP: DaemonService.reloadables()); a backlog of at least 1024.
@@ -97,6 +100,21 @@ def makeService(options: Options) -> service.IService:
         # /metrics on its own listener, never on the API's (SPEC §14).
         metrics_service(config.metrics_listen, metrics.registry, reactor).setServiceParent(top)
     return top
+
+
+def logs_to_stdout(twistd: Mapping[str, Any] | None) -> bool:
+    """
+    Whether twistd (its options: C{twistd}) writes its text log to standard output: in the
+    foreground (C{-n}) with no C{--logfile} (or C{--logfile=-}), C{--syslog} or C{--logger}.
+    """
+    if twistd is None:
+        return False
+    return (
+        bool(twistd.get("nodaemon"))
+        and twistd.get("logfile") in (None, "", "-")
+        and not twistd.get("syslog")
+        and not twistd.get("logger")
+    )
 
 
 def proxy_service(

@@ -57,14 +57,14 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
-from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, globalLogBeginner
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aoaiproxy.capacity import with_backlog
 from aoaiproxy.config import Config, ConfigError, LiveConfig, load_config
-from aoaiproxy.log import JSONLinesObserver
+from aoaiproxy.log import JSONLinesObserver, text_observer
 from aoaiproxy.service import DaemonService, Reloader, reloading_state, sd_notify
 from aoaiproxy.tls import (
     TLSFilesError,
@@ -646,7 +646,7 @@ def _observer(config: Config, pid: int) -> ILogObserver:
     """The worker's log: to standard output as the parent's, each line marked with the pid."""
     if config.log_format == "json":
         return JSONLinesObserver(cast(IO[str], _PidLines(sys.stdout, pid)))
-    text = textFileLogObserver(sys.stdout)
+    text = text_observer(sys.stdout)
 
     @implementer(ILogObserver)
     def marked(event: Mapping[str, Any]) -> None:

@@ -260,10 +260,32 @@ def table(figures: Sequence[Figure]) -> str:
 # -- tools and processes --------------------------------------------------------------------------
 
 
+def descendants(pid: int) -> list[int]:
+    """C{pid} and its live descendants (C{--workers N} runs the workers as children)."""
+    found = [pid]
+    for each in found:
+        try:
+            for task in os.listdir(f"/proc/{each}/task"):
+                children = Path(f"/proc/{each}/task/{task}/children").read_text().split()
+                found.extend(int(child) for child in children)
+        except OSError:
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """
+    User plus system CPU time of a process and its live descendants (all their threads), in
+    seconds.
+    """
+    ticks = 0
+    for each in descendants(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def open_fds(pid: int) -> int:
@@ -606,4 +628,4 @@ def wait_until(condition: Any, timeout: float, step: float = 0.1) -> bool:
     return bool(condition())
 
 
-__all__ = ["Harness", "cpu_seconds", "open_fds", "rss_kib", "table"]
+__all__ = ["Harness", "cpu_seconds", "descendants", "open_fds", "rss_kib", "table"]

@@ -48,6 +48,7 @@ from _harness import (
     Harness,
     Proc,
     cpu_seconds,
+    descendants,
     open_fds,
     parse_collapsed,
     profile_tables,
@@ -240,6 +241,17 @@ def streams(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
     return [rate, first50, first99, cpu]
 
 
+def tree(measure: Callable[[int], int], pid: int) -> int:
+    """C{measure} summed over a process and its live descendants (the workers of C{--workers})."""
+    total = 0
+    for each in descendants(pid):
+        try:
+            total += measure(each)
+        except OSError:
+            continue
+    return total
+
+
 def held(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
     s = f"{a.held:,} held streams"
     opened = Figure(s, "streams open")
@@ -254,11 +266,11 @@ def held(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
                 with start() as (port, proc):
                     assert proc is not None
                     h.load("streams", *h.stream_args(port), "-c", "10", "-d", "1s", timeout=60)  # warm-up
-                    idle, idle_fds = rss_kib(proc.pid), open_fds(proc.pid)
+                    idle, idle_fds = tree(rss_kib, proc.pid), tree(open_fds, proc.pid)
                     args = ["-n", str(a.held), "-ramp-timeout", f"{a.ramp_timeout}s"]
                     with h.talking("held", *h.stream_args(port), *args) as lines:
                         r = lines.next(a.ramp_timeout + 60)
-                        rss, nfds = rss_kib(proc.pid), open_fds(proc.pid)
+                        rss, nfds = tree(rss_kib, proc.pid), tree(open_fds, proc.pid)
                         lines.send("close\n")
                 n = r["open"]
                 opened.add(name, n)

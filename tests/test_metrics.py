@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import yaml
+from hypothesis import example as hypothesis_example
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
@@ -36,6 +39,7 @@ from aoaiproxy.metrics import (
     multiprocess_registry,
     outcome_for_status,
     prepare_multiproc_dir,
+    request_route,
     route_label,
     worker_exited,
 )
@@ -245,6 +249,20 @@ def test_deployment_label_is_bounded() -> None:
 )
 def test_route_label(path: str | bytes, label: str) -> None:
     assert route_label(path) == label
+
+
+SEGMENT = st.sampled_from(["v1", "openai", "chat", "completions", "responses", "r_1", "", "healthz", "?a=b"])
+
+
+@given(st.lists(SEGMENT, max_size=6), st.integers(0, 300))
+@hypothesis_example(["v1", "chat", "completions"], 0)
+@hypothesis_example(["v1", "responses", "r_1"], 0)
+def test_request_route_of_a_path_is_its_route_label_cached_or_not(segments: list[str], padding: int) -> None:
+    """The routes kept for short request-targets are route_label's, on first sight and after."""
+    uri = ("/" + "/".join(segments) + "x" * padding).encode()
+    assert request_route(b"POST", uri) == route_label(uri)
+    assert request_route(b"GET", uri) == route_label(uri)  # (kept, or too long to keep)
+    assert request_route(b"CONNECT", uri) == "CONNECT"
 
 
 def test_outcomes() -> None:

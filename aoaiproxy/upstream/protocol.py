@@ -30,6 +30,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from aoaiproxy._twisted import write_through
+
 #: Headers about the connection, not the message: never in L{UpstreamResponse.headers} (as
 #: in C{twisted.web.client}); nor are those a response's C{Connection} header names.
 CONNECTION_CONTROL = frozenset(
@@ -248,6 +250,12 @@ class HTTP11Connection(Protocol):
         self._until_close = False
         self._closed_waiters: list[Deferred[None]] = []
 
+    def connectionMade(self) -> None:
+        # A request goes out at once, not after the upstream's ACK of the previous one.
+        setTcpNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setTcpNoDelay is not None:
+            setTcpNoDelay(True)
+
     @property
     def reusable(self) -> bool:
         """Whether it can carry a request now: idle, and neither closing nor closed."""
@@ -273,10 +281,10 @@ class HTTP11Connection(Protocol):
         self._complete = False
         transport: Any = self.transport
         if body is None:
-            transport.write(head)
+            write_through(transport, head)
         elif isinstance(body, bytes):
             if len(body) <= FILE_CHUNK:
-                transport.write(head + body)
+                write_through(transport, head + body)
             else:
                 transport.writeSequence((head, body))
         else:

@@ -127,6 +127,11 @@ async def test_sigterm_lets_a_stream_finish_then_exits_0(
     assert "drained: every request in flight has finished" in log
     assert '"POST /v1/chat/completions" 200 ' in log
     assert " aborted" not in log
+    # twistd's text lines (here from aoaiproxy.log.text_observer): time, system, the line.
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}"
+    access = r'127\.0\.0\.1 "POST /v1/chat/completions" 200 bytes=\d+ duration=\d+\.\d{3}s model=gpt-4o'
+    assert re.search(rf"^{stamp} \[aoaiproxy\.access#info\] {access}", log, re.MULTILINE), log
+    assert re.search(rf"^{stamp} \[[\w.]+#info\] twistd .* starting up\.$", log, re.MULTILINE), log
 
 
 @pytest_twisted.ensureDeferred
