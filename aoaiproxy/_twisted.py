@@ -25,9 +25,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.tcp import Connection
+from twisted.web import resource
 from twisted.web.http import HTTPChannel
 
-__all__ = ["pending_write_bytes", "pipelined_length", "request_line", "take_pipelined", "write_through"]
+__all__ = [
+    "encodes",
+    "pending_write_bytes",
+    "pipelined_length",
+    "request_line",
+    "take_pipelined",
+    "write_through",
+]
 
 
 def take_pipelined(channel: HTTPChannel) -> bytes:
@@ -145,3 +153,17 @@ def write_through(transport: Any, data: bytes) -> None:
         if sent:
             data = data[sent:]
     transport.write(data)
+
+
+def encodes(leaf: object) -> bool:
+    """
+    Whether C{leaf} is a resource that encodes its responses (gzip: C{EncodingResourceWrapper}),
+    which C{server.Request.process} asks before rendering it.
+
+    Why: the interface it asks is private (C{twisted.web.resource._IEncodingResource}), and so
+    is where the request keeps the encoder.  Checked against Twisted 26.10
+    (C{server.Request.process}).  Used by L{aoaiproxy.site.ProxySite.leaf}: a request whose
+    root resource encodes is processed by Twisted's own C{process}; tested by
+    tests/test_channel.py (C{test_leaf_root_is_processed_like_twisted}).
+    """
+    return bool(resource._IEncodingResource.providedBy(leaf))

@@ -12,6 +12,7 @@ import io
 import mmap
 import sys
 import traceback
+from collections.abc import Callable
 from typing import IO, Any, TypeVar, cast
 
 import attrs
@@ -103,6 +104,19 @@ def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
 
 
+def when_gone(request: Request, callback: Callable[[], object]) -> None:
+    """
+    Call C{callback} if the client leaves before the response is finished: by the request's
+    own hook when it has one (L{aoaiproxy.site.ProxyRequest.when_gone}, no L{Deferred}),
+    else by C{notifyFinish}'s errback.
+    """
+    hook = getattr(request, "when_gone", None)
+    if hook is not None:
+        hook(callback)
+    else:
+        request.notifyFinish().addErrback(lambda _: callback())
+
+
 def write_error(request: Request, error: ProxyError) -> None:
     """Answer with an OpenAI-shaped error (the request must not have started a response)."""
     body = error.body()
@@ -163,18 +177,19 @@ def relay_response(
     grouped: dict[bytes, list[bytes]] = {}
     for name, value in kept:
         grouped.setdefault(name, []).append(value)
+    headers = request.responseHeaders  # what request.setHeader sets, one call less each
     for name, values in grouped.items():
-        request.responseHeaders.setRawHeaders(name, values)
-    request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        headers.setRawHeaders(name, values)
+    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
     if backend is not None:
-        request.setHeader(BACKEND_HEADER, backend.encode("ascii"))
+        headers.setRawHeaders(BACKEND_HEADER, [backend.encode("ascii")])
     request.defaultContentType = None  # type: ignore[attr-defined]
     content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
     codings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).lower()
-    encoded = any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
+    encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
-        request.setHeader(b"Content-Length", b"%d" % response.length)
+        headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
     note(request, upstream_status=response.code)
     if request.method == b"HEAD" or response.code in (204, 304):
         request.finish()
@@ -225,8 +240,9 @@ class ApiResource(Resource):
         self._interval = sys.getswitchinterval()
 
     def render(self, request: Request) -> bytes | int:
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
-        request.setHeader(b"Server", b"aoaiproxy")
+        headers = request.responseHeaders  # what request.setHeader sets, one call less each
+        headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+        headers.setRawHeaders(b"Server", [b"aoaiproxy"])
         try:
             self._render(request)
         except ProxyError as e:
@@ -346,7 +362,7 @@ class ApiResource(Resource):
             replay = ReplayBody(content)
         d = Attempts(self._backends, self._upstream, config, client, replay).start()
         if not d.called:
-            request.notifyFinish().addErrback(lambda _: d.cancel())
+            when_gone(request, d.cancel)
         d.addCallback(self._answer, request, client, config, strip_usage)
         # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
         # is a bug.

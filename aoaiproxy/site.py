@@ -20,7 +20,10 @@ connections over the process's cap (503).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from time import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
@@ -170,8 +173,14 @@ class ProxyChannel(http.HTTPChannel):
     _head_lines = 0
     _head_size = 0
     _header_count = 0
-    _head_timer: IDelayedCall | None = None
-    _body_timer: IDelayedCall | None = None
+    #: The connection's one timer (L{_tick}), and the deadlines it serves: the head's, the
+    #: body's, and the idle timeout's (C{TimeoutMixin}'s, L{setTimeout}).
+    _timer: IDelayedCall | None = None
+    _head_at: float | None = None
+    _body_at: float | None = None
+    _idle_at: float | None = None
+    #: The timer fires at most this long after it is armed (the shortest of the periods).
+    _tick_at_most = 30.0
     _rejected = False
     _discarded = 0
     #: A response head written by L{writeHeaders}, sent with the body bytes that follow it.
@@ -184,6 +193,10 @@ class ProxyChannel(http.HTTPChannel):
     _body_timeout = BODY_TIMEOUT
     _handed_to: IProtocol | None = None
     _lost = False
+    #: The connection's addresses, asked of the transport once: every request asks for both
+    #: (its C{client} and C{host}), and the local one costs a system call.
+    _peer: IAddress | None = None
+    _host: IAddress | None = None
 
     def connectionMade(self) -> None:
         config = self.site.live.config
@@ -195,6 +208,8 @@ class ProxyChannel(http.HTTPChannel):
         self._max_request_line = config.max_request_line
         self._header_timeout = config.header_timeout
         self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
+        periods = (self._header_timeout, self._body_timeout, self.timeOut or self._body_timeout)
+        self._tick_at_most = max(min(periods), 0.001)
         super().connectionMade()
         # Small writes (a head, an SSE event) go out at once, not after the client's ACK of
         # the previous one (Nagle against delayed ACKs can hold a stream's chunk ~40 ms).
@@ -262,6 +277,7 @@ class ProxyChannel(http.HTTPChannel):
         self._end_head()
         self._end_body()
         self.setTimeout(None)
+        self._stop_timer()
         pipelined = _twisted.take_pipelined(self) + self.clearLineBuffer()
         # A transport takes one producer: the new protocol may register its own.
         transport.unregisterProducer()  # type: ignore[attr-defined]
@@ -333,6 +349,18 @@ class ProxyChannel(http.HTTPChannel):
         """Whether the client sent bytes after the request being handled (not parsed yet)."""
         return _twisted.pipelined_length(self) > 0
 
+    def getPeer(self) -> IAddress:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
+    def getHost(self) -> IAddress:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
         if not self._lost and self.transport is not None:
@@ -379,8 +407,8 @@ class ProxyChannel(http.HTTPChannel):
         if self._rejected:
             self._discard(data)
             return
-        if self._in_head and data:
-            self._start_head_timer()
+        if self._in_head and data and self._head_at is None:
+            self._start_head()
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -392,28 +420,44 @@ class ProxyChannel(http.HTTPChannel):
             return
         super().rawDataReceived(data)
 
-    def _start_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.site.reactor.callLater(self._header_timeout, self._head_timed_out)
+    def _start_head(self) -> None:
+        """A request's head starts: it has L{_header_timeout} seconds to arrive."""
+        self._head_at = self._arm(self._header_timeout)
 
     def lineReceived(self, line: bytes) -> None:
         if self._rejected:
             return
-        if line.endswith(b"\r"):
+        if line[-1:] == b"\r":
             line = line[:-1]
-        if self._in_head:
-            # A pipelined request's lines arrive here without a new dataReceived.
-            self._start_head_timer()
-            if self._head_lines == 0 and line and len(line) > self._max_request_line:
+        if not self._in_head:
+            super().lineReceived(line)
+            return
+        # A pipelined request's lines arrive here without a new dataReceived.
+        if self._head_at is None:
+            self._start_head()
+        lines = self._head_lines
+        if line:
+            if not lines and len(line) > self._max_request_line:
                 self._reject(_request_line_too_long(self._max_request_line))
                 return
-            if line:
-                self._head_lines += 1
+            self._head_lines = lines + 1
             self._head_size += len(line)
             if self._head_size > self.totalHeadersSize:
                 self._reject(_head_too_large(self.totalHeadersSize))
                 return
         super().lineReceived(line)
+        # A header line (not a continuation) counts once Twisted has taken the one before it
+        # (a malformed one is its 400).
+        if lines and line and line[0] not in b" \t" and not self._rejected:
+            self._header_count += 1
+            if self._header_count > self.maxHeaders:
+                self._reject(
+                    _head_error(
+                        431,
+                        f"Too many header fields (more than {self.maxHeaders}).",
+                        "request_header_fields_too_large",
+                    )
+                )
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._in_head and self._head_lines == 0:
@@ -421,27 +465,12 @@ class ProxyChannel(http.HTTPChannel):
         else:
             self._reject(_head_too_large(self.totalHeadersSize))
 
-    def headerReceived(self, line: bytes) -> bool:
-        if self._header_count >= self.maxHeaders:
-            self._reject(
-                _head_error(
-                    431,
-                    f"Too many header fields (more than {self.maxHeaders}).",
-                    "request_header_fields_too_large",
-                )
-            )
-            return False
-        ok: bool = super().headerReceived(line)
-        if ok:
-            self._header_count += 1
-        return ok
-
     def allHeadersReceived(self) -> None:
         self._end_head()
         super().allHeadersReceived()
         # The body's time starts (the request may have been refused meanwhile).
         if self.length != 0 and not self._rejected and not self._lost:
-            self._body_timer = self.site.reactor.callLater(self._body_timeout, self._body_timed_out)
+            self._body_at = self._arm(self._body_timeout)
 
     def allContentReceived(self) -> None:
         self._end_body()
@@ -483,6 +512,7 @@ class ProxyChannel(http.HTTPChannel):
         finally:
             self._end_head()
             self._end_body()
+            self._stop_timer()
             if self._linger is not None and self._linger.active():
                 self._linger.cancel()
             self._linger = None
@@ -500,17 +530,68 @@ class ProxyChannel(http.HTTPChannel):
 
     def _end_head(self) -> None:
         self._in_head = False
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
+        self._head_at = None
 
     def _end_body(self) -> None:
-        if self._body_timer is not None and self._body_timer.active():
-            self._body_timer.cancel()
-        self._body_timer = None
+        self._body_at = None
+
+    # -- the connection's timer ----------------------------------------------------------------
+
+    def setTimeout(self, period: float | None) -> float | None:
+        # TimeoutMixin's idle timeout, served by the connection's one timer: Twisted turns it
+        # off and on again around every request, which is a deadline to set here, not a
+        # timer to cancel and make again.
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]  # TimeoutMixin says int; a float works
+        self._idle_at = None if period is None else self._arm(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self._idle_at is not None and self.timeOut is not None:
+            self._idle_at = self.site.reactor.seconds() + self.timeOut
+
+    def _arm(self, seconds: float) -> float:
+        """
+        Make the timer fire C{seconds} from now or before (it fires at most L{_tick_at_most}
+        after it is armed, so that no deadline set later is ever sooner); the deadline.
+        """
+        reactor = self.site.reactor
+        at: float = reactor.seconds() + seconds
+        timer = self._timer
+        if timer is not None and timer.getTime() > at:  # only when a period was made shorter
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = reactor.callLater(min(seconds, self._tick_at_most), self._tick)
+        return at
+
+    def _stop_timer(self) -> None:
+        self._head_at = self._body_at = self._idle_at = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _tick(self) -> None:
+        """The timer fired: act on the deadline passed, if any; else fire again later."""
+        self._timer = None
+        now: float = self.site.reactor.seconds()
+        deadlines = [at for at in (self._head_at, self._body_at, self._idle_at) if at is not None]
+        if not deadlines:
+            return
+        first = min(deadlines)
+        if first > now:
+            self._timer = self.site.reactor.callLater(min(first - now, self._tick_at_most), self._tick)
+        elif first == self._head_at:
+            self._head_timed_out()
+        elif first == self._body_at:
+            self._body_timed_out()
+        else:
+            self._idle_at = None
+            self.timeoutConnection()
+            self._tick()  # the others, if any, still have their time
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._head_at = None
         self._reject(
             _head_error(
                 408,
@@ -520,7 +601,7 @@ class ProxyChannel(http.HTTPChannel):
         )
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
+        self._body_at = None
         self._reject(
             _head_error(
                 408,
@@ -565,6 +646,7 @@ class ProxyChannel(http.HTTPChannel):
         self._end_head()
         self._end_body()
         self.setTimeout(None)
+        self._stop_timer()
         self.clearLineBuffer()
         _twisted.take_pipelined(self)
         # Read (and discard) until the client closes: reading may have been paused while
@@ -606,6 +688,8 @@ class ProxyRequest(server.Request):
     established = False
     #: When the first byte of the answer was written (the metrics' time to first byte).
     first_byte_at: float | None = None
+    #: What to call if the client leaves before the response is finished (L{when_gone}).
+    _gone: list[Callable[[], object]] | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -613,7 +697,9 @@ class ProxyRequest(server.Request):
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(channel, *args, **kwargs)
-        self.log_started = channel.site.reactor.seconds()
+        #: The channel's site (kept: Request.connectionLost drops the channel).
+        self._site: ProxySite = channel.site
+        self.log_started = self._site.reactor.seconds()
 
     def write(self, data: bytes) -> None:
         # Twisted writes the head with the first body bytes (finish() writes b"" for a
@@ -625,22 +711,34 @@ class ProxyRequest(server.Request):
         if isinstance(channel, ProxyChannel):
             channel.flush_head()  # a head with no body bytes after it (HEAD, 204, b"")
 
+    def when_gone(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} if the connection is lost before this request's response is
+        finished (the client left, the stream was cut): what
+        C{notifyFinish().addErrback(lambda _: callback())} does, without a L{Deferred} made
+        and fired for every request.  What it raises is logged.
+        """
+        if self._gone is None:
+            self._gone = [callback]
+        else:
+            self._gone.append(callback)
+
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream
         # cut, drain deadline): still one access line, marked aborted.
-        site = self._site  # Request.connectionLost drops the channel
         super().connectionLost(reason)
-        site.access_log.emit(self, aborted=True)
+        gone, self._gone = self._gone, None
+        for callback in gone or ():
+            try:
+                callback()
+            except Exception:
+                _log.failure("while a request whose client left was stopped")
+        self._site.access_log.emit(self, aborted=True)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         # The reason phrases of RFC 9110 where Twisted's are obsolete (an upstream's own
         # phrase, when it is relayed, is passed as it is).
         super().setResponseCode(code, reason(code) if message is None else message)
-
-    @property
-    def _site(self) -> ProxySite:
-        site: ProxySite = self.channel.site  # type: ignore[attr-defined]
-        return site
 
     @property
     def _channel(self) -> ProxyChannel:
@@ -654,8 +752,8 @@ class ProxyRequest(server.Request):
         # Called once the head is read, before any byte of the body (and before Twisted
         # answers "Expect: 100-continue"): the moment to refuse what the head already says.
         error = None
-        if length is not None and length > self._limit():
-            error = errors.too_large(self._limit())
+        if length is not None and length > (limit := self._limit()):
+            error = errors.too_large(limit)
         elif length != 0:  # a body follows (chunked: None)
             error, self._body_unused = self._judge_head()
         if error is not None:
@@ -692,9 +790,26 @@ class ProxyRequest(server.Request):
     def process(self) -> None:
         # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
         # turns an API request (http://api.openai.com/v1/...) into origin-form for the tree.
-        if (self.method == b"CONNECT" or self.uri[:1] != b"/") and self._site.forwarder.handle(self):
+        site = self._site
+        if (self.method == b"CONNECT" or self.uri[:1] != b"/") and site.forwarder.handle(self):
             return
-        super().process()
+        leaf = site.leaf
+        if leaf is None or self.path == b"*":
+            super().process()
+            return
+        # What server.Request.process does for a tree that is one leaf (nothing to traverse),
+        # with its Date made once a second rather than on every request.
+        self.site = site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", [server.version])
+        headers.setRawHeaders(b"Date", [site.date()])
+        self.prepath = []
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(leaf)
+        except BaseException:
+            self.processingFailed(Failure())
 
     @property
     def pipelined(self) -> bool:
@@ -752,6 +867,19 @@ class ProxySite(server.Site):
         self.access_log = AccessLog(live, self.reactor, self.recorder)
         #: Open client connections, for the graceful stop (L{Connections.drain}).
         self.connections = Connections()
+        #: The tree's root when it is a leaf that serves every request itself, as the API's
+        #: is (L{ProxyRequest.process} then has nothing to traverse); None otherwise.
+        self.leaf: Resource | None = None if not resource.isLeaf or _twisted.encodes(resource) else resource
+        self._date = b""
+        self._date_second = -1
+
+    def date(self) -> bytes:
+        """The value of the C{Date} header now (RFC 9110 §6.6.1), made once a second."""
+        second = int(time())
+        if second != self._date_second:
+            self._date = http.datetimeToString(second)
+            self._date_second = second
+        return self._date
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyChannel:  # type: ignore[override]
         # A ProxyChannel itself, not Twisted's private wrapper that switches to HTTP/2 (the

@@ -24,6 +24,7 @@ _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 MAX_HELD_EVENT = 64 * 1024
 
 _log = Logger()
+_FAILED = "reading an SSE event failed; it is passed on unchanged"
 
 
 def event_end(buf: bytes, start: int) -> re.Match[bytes] | None:
@@ -54,6 +55,8 @@ class Events:
     C{feed(data)} returns the bytes for the client now; C{flush()} those held at the end.
     """
 
+    __slots__ = ("_buffer", "_passing", "_tail")
+
     def __init__(self) -> None:
         self._buffer = b""
         #: The current event is too long to be held: its bytes are passed on as they come,
@@ -81,9 +84,35 @@ class Events:
         held = len(self._buffer)
         buf = self._buffer + data if held else data
         pos = 0
-        while (m := event_end(buf, max(pos, held - 3))) is not None:
-            out.append(self._safely(buf[pos : m.end()]))
-            pos = m.end()
+        # (bytes.find, not "in": "in" first tries its operand as an integer, and the error
+        # that raises costs more than the search.)
+        if buf.find(b"\r") < 0:
+            # LF only, as OpenAI and Azure send: an event ends at each blank line (where the
+            # pattern below would find it), and the usual chunk is one whole event: its
+            # first LF (memchr, faster than a search for two) is the one before its last.
+            start = held - 3 if held > 3 else 0
+            i = buf.find(b"\n", start)
+            if i >= 0 and i + 2 == len(buf) and buf[-1] == 10 and not out:
+                self._buffer = b""
+                try:
+                    return self.event(buf)
+                except Exception:
+                    _log.failure(_FAILED)
+                    return buf
+            i = buf.find(b"\n\n", start)
+            while i >= 0:
+                event = buf[pos : i + 2]
+                try:
+                    out.append(self.event(event))
+                except Exception:
+                    _log.failure(_FAILED)
+                    out.append(event)
+                pos = i + 2
+                i = buf.find(b"\n\n", pos)
+        else:
+            while (m := event_end(buf, max(pos, held - 3))) is not None:
+                out.append(self._safely(buf[pos : m.end()]))
+                pos = m.end()
         rest = buf[pos:]
         if len(rest) > MAX_HELD_EVENT:
             out.append(rest)
@@ -99,5 +128,5 @@ class Events:
         try:
             return self.event(event)
         except Exception:
-            _log.failure("reading an SSE event failed; it is passed on unchanged")
+            _log.failure(_FAILED)
             return event

@@ -186,6 +186,8 @@ class ChatStreamUsage(Events):
     L{aoaiproxy.relay.is_filter_only} instead of chaining a L{aoaiproxy.relay.FilterFrames}).
     """
 
+    __slots__ = ("_drop", "_strip", "usage")
+
     def __init__(self, *, strip: bool = False, drop: Callable[[bytes], bool] | None = None) -> None:
         super().__init__()
         self.usage: Usage | None = None
@@ -221,6 +223,8 @@ _TERMINAL_TYPES = frozenset({"response.completed", "response.incomplete", "respo
 class ResponsesStreamUsage(Events):
     """The usage of a Responses API event stream, from its final C{response.*} event."""
 
+    __slots__ = ("usage",)
+
     def __init__(self) -> None:
         super().__init__()
         self.usage: Usage | None = None
@@ -242,6 +246,8 @@ class JSONUsage:
     L{JSON_PARSE_LIMIT} and parsed at L{flush}; past it, only its last L{JSON_TAIL_BYTES} are
     kept, and the last C{"usage":} object among them that holds token counts is taken.
     """
+
+    __slots__ = ("_chunks", "_size", "_whole", "usage")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None

@@ -5,6 +5,8 @@ upstream: routes, model map, api-version, auth, CORS, local answers and errors.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +15,8 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from aoaiproxy.resource import ApiResource
@@ -332,3 +336,29 @@ async def test_a_bug_is_a_500_in_openai_shape_logged_once_without_the_key(
     assert len(logged) == 1, logged
     assert "unexpected" in logged[0] and "/v1/chat/completions" in logged[0]
     assert "client-key" not in logged[0]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("coding", ["gzip", "identity, gzip"])
+async def test_an_encoded_event_stream_is_relayed_as_it_is(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], coding: str
+) -> None:
+    """
+    An event stream the upstream encoded is not read as events (no frame filtered, no final
+    blank line added): its bytes and its Content-Length are relayed as they came.
+    """
+    proxy = make_proxy()
+    encoded = gzip.compress(b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+    fake.respond_next(200, encoded, {"content-type": "text/event-stream", "content-encoding": coding})
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    agent = Agent(get_reactor())  # not treq: it would decode the body
+    response = await agent.request(
+        b"POST",
+        (proxy.url + "/v1/chat/completions").encode(),
+        Headers({"Authorization": ["Bearer client-key"], "Content-Type": ["application/json"]}),
+        FileBodyProducer(io.BytesIO(body)),
+    )
+    assert response.code == 200
+    assert await readBody(response) == encoded
+    assert response.length == len(encoded)  # Content-Length (Twisted moves it here)
+    assert response.headers.getRawHeaders(b"content-encoding") == [coding.encode()]

@@ -57,6 +57,7 @@ FILE_CHUNK = 64 * 1024
 UNREAD_BODY_LIMIT = 64 * 1024
 
 _DONE = Failure(ResponseDone("Response body fully received"))
+_PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class UpstreamClosed(Exception):
@@ -130,12 +131,27 @@ class UpstreamResponse:
     L{ResponseFailed} (cut short).  Bytes that arrive before C{deliverBody} are kept for it.
     """
 
-    request = None
-    previousResponse = None
+    __slots__ = (
+        "_conn",
+        "_end",
+        "_protocol",
+        "_unread",
+        "_unread_bytes",
+        "_waiting",
+        "code",
+        "headers",
+        "length",
+        "phrase",
+        "previousResponse",
+        "request",
+        "version",
+    )
 
     def __init__(
         self, version: tuple[bytes, int, int], code: int, phrase: bytes, headers: Headers, length: Any
     ):
+        self.request = None
+        self.previousResponse: IResponse | None = None
         self.version = version
         self.code = code
         self.phrase = phrase
@@ -144,14 +160,15 @@ class UpstreamResponse:
         #: The connection, while the body is still arriving.
         self._conn: HTTP11Connection | None = None
         self._protocol: Any = None
-        self._unread: list[bytes] = []
+        #: Bytes that came before the reader (a list only when there are some).
+        self._unread: list[bytes] | None = None
         self._unread_bytes = 0
         #: Whether the socket is not read until deliverBody (too much unread).
         self._waiting = False
         self._end: Failure | None = None
 
     def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response  # type: ignore[assignment]
+        self.previousResponse = response
 
     def deliverBody(self, protocol: Any) -> None:
         if self._protocol is not None:
@@ -161,9 +178,9 @@ class UpstreamResponse:
         if self._waiting and self._conn is not None:
             self._conn.resume()
         self._waiting = False
-        if self._unread:
+        if self._unread is not None:
             data = b"".join(self._unread)
-            self._unread = []
+            self._unread = None
             protocol.dataReceived(data)
         if self._end is not None:
             protocol.connectionLost(self._end)
@@ -172,6 +189,8 @@ class UpstreamResponse:
         if self._protocol is not None:
             self._protocol.dataReceived(data)
             return
+        if self._unread is None:
+            self._unread = []
         self._unread.append(data)
         self._unread_bytes += len(data)
         if self._unread_bytes > UNREAD_BODY_LIMIT and self._conn is not None and not self._waiting:
@@ -226,6 +245,31 @@ class HTTP11Connection(Protocol):
     @ivar on_lost: called when the connection has closed.
     """
 
+    # One per open stream: slots, not a dict of two dozen members.
+    __slots__ = (
+        "_closed_waiters",
+        "_complete",
+        "_exchange",
+        "_head_bytes",
+        "_headers",
+        "_keep_alive",
+        "_max_head_bytes",
+        "_max_headers",
+        "_no_body",
+        "_parser",
+        "_parts",
+        "_paused",
+        "_phrase",
+        "_received",
+        "_response",
+        "_sender",
+        "_state",
+        "_until_close",
+        "idle_since",
+        "on_idle",
+        "on_lost",
+    )
+
     def __init__(self, max_headers: int, max_head_bytes: int) -> None:
         self._max_headers = max_headers
         self._max_head_bytes = max_head_bytes
@@ -248,7 +292,7 @@ class HTTP11Connection(Protocol):
         self._complete = False
         self._keep_alive = False
         self._until_close = False
-        self._closed_waiters: list[Deferred[None]] = []
+        self._closed_waiters: list[Deferred[None]] | None = None
 
     def connectionMade(self) -> None:
         # A request goes out at once, not after the upstream's ACK of the previous one.
@@ -306,6 +350,8 @@ class HTTP11Connection(Protocol):
         if self._state == _CLOSED and self.transport is None:
             d.callback(None)
             return d
+        if self._closed_waiters is None:
+            self._closed_waiters = []
         self._closed_waiters.append(d)
         if self._state == _IDLE:
             self._state = _CLOSED
@@ -328,7 +374,20 @@ class HTTP11Connection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         state = self._state
         if state == _BODY:
-            if self._parse(data):
+            # The per-chunk path: L{_parse} and L{_deliver} inlined for a body piece that
+            # goes straight to the reader.
+            try:
+                self._parser.feed_data(data)
+            except _PARSER_ERRORS as e:
+                if not self._parse_failed(e):
+                    return
+            parts = self._parts
+            response = self._response
+            if parts and not self._complete and response is not None and response._protocol is not None:
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts.clear()
+                response._protocol.dataReceived(body)
+            else:
                 self._deliver(state)
         elif state == _HEAD:
             self._received = True
@@ -360,7 +419,14 @@ class HTTP11Connection(Protocol):
         """Parse C{data}; False if the response failed (the connection is then closed)."""
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
+        except _PARSER_ERRORS as e:
+            return self._parse_failed(e)
+        return True
+
+    def _parse_failed(self, e: Exception) -> bool:
+        """The parser raised C{e}: False if the response failed (the connection is closed)."""
+        error: Exception
+        if isinstance(e, httptools.HttpParserCallbackError):
             cause = e.__context__
             if isinstance(cause, _SkipBody):
                 self._complete = True
@@ -371,12 +437,10 @@ class HTTP11Connection(Protocol):
                 if isinstance(cause, (HeadTooLarge, MalformedResponse))
                 else MalformedResponse(f"invalid response ({type(cause).__name__})")
             )
-        except httptools.HttpParserUpgrade:
+        elif isinstance(e, httptools.HttpParserUpgrade):
             error = MalformedResponse("unexpected protocol switch")
-        except httptools.HttpParserError as e:
-            error = MalformedResponse(f"invalid response ({e})")
         else:
-            return True
+            error = MalformedResponse(f"invalid response ({e})")
         if self._complete:
             # After the whole response: bytes nobody asked for.  Not reusable.
             self._keep_alive = False
@@ -391,8 +455,9 @@ class HTTP11Connection(Protocol):
             return
         parts = self._parts
         if parts:
-            self._parts = []
-            response._data(parts[0] if len(parts) == 1 else b"".join(parts))
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            response._data(body)
         if state == _HEAD:
             exchange = self._exchange
             self._exchange = None
@@ -452,7 +517,7 @@ class HTTP11Connection(Protocol):
                 response._finished(Failure(ResponseFailed([reason])))
         if self.on_lost is not None:
             self.on_lost(self)
-        waiters, self._closed_waiters = self._closed_waiters, []
+        waiters, self._closed_waiters = self._closed_waiters or [], None
         for d in waiters:
             d.callback(None)
         self.transport = None
@@ -462,7 +527,7 @@ class HTTP11Connection(Protocol):
     def on_message_begin(self) -> None:
         if self._complete:
             raise MalformedResponse("a second response")
-        self._headers = []
+        self._headers.clear()
         self._phrase = b""
 
     def on_status(self, status: bytes) -> None:
@@ -502,7 +567,7 @@ class HTTP11Connection(Protocol):
         for lower, name, value in kept:
             if listed is None or lower not in listed:
                 headers.addRawHeader(name, value)
-        self._headers = []
+        self._headers.clear()
         version = parser.get_http_version()
         response = UpstreamResponse(
             (b"HTTP", int(version[0]), int(version[-1])), code, self._phrase, headers, length

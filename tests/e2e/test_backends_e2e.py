@@ -93,6 +93,7 @@ async def test_weights_spread_requests_and_a_429_moves_to_the_other(
     more = await deferToThread(spread)  # no error reaches the client
     assert more == ["west"] * 40
     assert len(east.requests) - served.count("east") == 1  # one 429, then east cools for a minute
+    await wait_log(daemon, "backend=west attempts=2")  # written after the answer's bytes leave
     assert daemon.log().count("backend=west attempts=2") == 1
     # Only that deployment cools: another model still goes to east too.
     assert "east" in await deferToThread(lambda: [chat(client, "gpt-4o-mini") for _ in range(20)])
@@ -117,6 +118,7 @@ async def test_a_cooled_backend_returns_when_retry_after_ms_ends_and_later_429s_
         throttled, back = east.requests[-2], east.requests[-1]
         assert back.received_at - throttled.received_at >= ms / 1000
         assert [b for b, _ in served[:-1]] == ["west"] * (len(served) - 1)
+    await wait_log(daemon, "backend=west attempts=2", 2)
     assert daemon.log().count("backend=west attempts=2") == 2
 
 
@@ -150,10 +152,12 @@ async def test_all_busy_is_429_with_a_retry_after_the_sdk_honours(
 
     # The SDK's first try finds them still cooling; it waits Retry-After (not its own shorter
     # backoff, which would meet a second 429 and fail) and its one retry succeeds.
+    # The access line is written after the answer's bytes leave: wait for it.
+    await wait_log(daemon, 'error="all_backends_busy"')
     busy = daemon.log().count('error="all_backends_busy"')
     assert await deferToThread(chat, sdk(daemon, max_retries=1)) in ("east", "west")
-    log = daemon.log()
-    assert log.count('error="all_backends_busy"') == busy + 1
+    await wait_log(daemon, 'error="all_backends_busy"', busy + 1)
+    assert daemon.log().count('error="all_backends_busy"') == busy + 1
     assert len(east.requests) + len(west.requests) == 3
 
 
@@ -176,6 +180,7 @@ async def test_a_killed_backend_opens_its_circuit_and_a_restarted_one_is_probed_
         return [chat(client) for _ in range(5)]
 
     assert await deferToThread(failing_over) == ["west"] * 5
+    await wait_log(daemon, "backend=west attempts=1", 2)  # the last access line follows the answer
     log = daemon.log()
     # Three refused connections in a row open east's circuit: then only west is tried.
     assert log.count("backend=west attempts=2") == 3

@@ -372,6 +372,7 @@ async def test_socket_activation(fake: FakeAzure, socket_activated: Callable[...
     daemon = socket_activated("--endpoint", fake.url)
     assert await post(daemon.url) == 200
     assert fake.requests[0].path == "/openai/deployments/gpt-4o/chat/completions"
+    await wait_log(daemon, '"POST /v1/chat/completions" 200 ')  # written after the answer leaves
     log = daemon.log()
     assert "listening on systemd:domain=INET:name=aoaiproxy" in log
     assert '"POST /v1/chat/completions" 200 ' in log
