@@ -104,6 +104,19 @@ def _recorder(request: Request) -> Recorder:
     return recorder if recorder is not None else NullMetrics()
 
 
+def when_gone(request: Request, callback: Callable[[], object]) -> None:
+    """
+    Call C{callback} if the client leaves before the response is finished: by the request's
+    own hook when it has one (L{aoaiproxy.site.ProxyRequest.when_gone}, no L{Deferred}),
+    else by C{notifyFinish}'s errback.
+    """
+    hook = getattr(request, "when_gone", None)
+    if hook is not None:
+        hook(callback)
+    else:
+        request.notifyFinish().addErrback(lambda _: callback())
+
+
 @implementer(IPushProducer)
 class BodyRelay(Protocol):
     """
@@ -170,7 +183,7 @@ class BodyRelay(Protocol):
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
         self._start_timer()
-        self.request.notifyFinish().addErrback(self._client_lost)
+        when_gone(self.request, self._client_lost)
         if self._recorder is not None:
             self._recorder.stream_opened()
 
@@ -190,7 +203,7 @@ class BodyRelay(Protocol):
     def stopProducing(self) -> None:
         self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]
 
-    def _client_lost(self, _: Failure) -> None:
+    def _client_lost(self) -> None:
         self._client_gone = True
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined,union-attr]
@@ -276,7 +289,7 @@ class BodyRelay(Protocol):
             transport.abortConnection()
             return
         timer = self._reactor.callLater(CUT_GRACE_SECONDS, transport.abortConnection)
-        request.notifyFinish().addBoth(lambda _: timer.cancel() if timer.active() else None)
+        request.notifyFinish().addBoth(lambda _: timer.cancel() if timer.active() else None)  # rare
         request.loseConnection()
 
 

@@ -12,7 +12,6 @@ import io
 import mmap
 import sys
 import traceback
-from collections.abc import Callable
 from typing import IO, Any, TypeVar, cast
 
 import attrs
@@ -32,7 +31,7 @@ from aoaiproxy.gateway import BACKEND_HEADER, Answer, Attempts, Backends, Replay
 from aoaiproxy.log import note as note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
-from aoaiproxy.relay import BodyRelay
+from aoaiproxy.relay import BodyRelay, when_gone
 from aoaiproxy.upstream import UpstreamClient
 
 CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -102,19 +101,6 @@ def close_map(body: object) -> None:
 def raw_headers(request: Request) -> list[tuple[bytes, bytes]]:
     """The request's headers as (name, value) pairs, in order."""
     return [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
-
-
-def when_gone(request: Request, callback: Callable[[], object]) -> None:
-    """
-    Call C{callback} if the client leaves before the response is finished: by the request's
-    own hook when it has one (L{aoaiproxy.site.ProxyRequest.when_gone}, no L{Deferred}),
-    else by C{notifyFinish}'s errback.
-    """
-    hook = getattr(request, "when_gone", None)
-    if hook is not None:
-        hook(callback)
-    else:
-        request.notifyFinish().addErrback(lambda _: callback())
 
 
 def write_error(request: Request, error: ProxyError) -> None:
@@ -386,6 +372,11 @@ class ApiResource(Resource):
         strip_usage: bool,
     ) -> None:
         """The attempts are over: relay the upstream's answer, or write the proxy's error."""
+        # No attempt will send the body again: a long stream does not keep it (nor its file).
+        content = request.content
+        if content is not None:
+            request.content = None
+            content.close()
         info: dict[str, Any] = {"attempts": answer.attempts}
         if answer.backend is not None:
             info.update(backend=answer.backend, deployment=answer.deployment)

@@ -58,6 +58,10 @@ async def test_first_chunks_arrive_while_upstream_holds_the_last(
     assert fake.held_streams == 1
     assert b"[DONE]" not in client.received
     assert b"text/event-stream" in client.received.split(b"\r\n\r\n", 1)[0].lower()
+    # Once the attempts are over no attempt sends the body again: a held stream keeps none.
+    [channel] = proxy.site.connections.open
+    [request] = channel.requests
+    assert request.content is None
     fake.release()
     raw = await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
     body = dechunk(raw)
