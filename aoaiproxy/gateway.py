@@ -52,6 +52,7 @@ from aoaiproxy.config import BackendConfig, Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.upstream import UpstreamClient
+from aoaiproxy.upstream.client import Pending
 
 __all__ = ["Answer", "Attempts", "Backends", "ReplayBody", "discard"]
 
@@ -367,7 +368,11 @@ class Attempts:
         #: The attempt taken and not yet reported to the pool.
         self._open: Attempt[BackendConfig] | None = None
         #: What the request waits for: the upstream's response head, or the first tokens.
-        self._inflight: Deferred[Any] | None = None
+        self._inflight: Pending | Deferred[Any] | None = None
+        #: The attempt sent last, with its token; and the number (L{sent}) of the last one
+        #: answered (C{send} may answer before it returns).
+        self._sending: tuple[Attempt[BackendConfig], str | None] | None = None
+        self._replied = 0
         #: The last response that would fail over, kept unread: the answer if nothing follows.
         self._kept: tuple[Attempt[BackendConfig], IResponse] | None = None
         #: A 401 held while a new token is fetched.
@@ -411,17 +416,19 @@ class Attempts:
         upstream = rewrite.for_backend(self._config, self._client, backend, attempt.deployment or None, auth)
         body = upstream.body if upstream.body is not None else self._body.fresh()
         self.sent += 1
-        d = self._upstream.request(
+        self._sending = (attempt, token)
+        number = self.sent
+        pending = self._upstream.send(
             upstream.method,
             upstream.url,
             upstream.headers,
             body,
+            self,
             connect_timeout=self._config.connect_timeout,
             header_timeout=self._config.upstream_timeout,
         )
-        self._inflight = d
-        d.addCallbacks(self._got, self._failed, callbackArgs=(attempt, token), errbackArgs=(attempt,))
-        d.addErrback(self._bug)
+        if self._replied < number:  # not answered at once
+            self._inflight = pending
 
     def _inflight_wait(self, waiting: Deferred[None], attempt: Attempt[BackendConfig]) -> None:
         """Wait for the first tokens (start-up), then send C{attempt}."""
@@ -437,13 +444,33 @@ class Attempts:
         self._inflight = waiting
         waiting.addCallbacks(ready, cancelled).addErrback(self._bug)
 
-    def _got(self, response: IResponse, attempt: Attempt[BackendConfig], token: str | None) -> None:
+    # -- the upstream's answers (L{aoaiproxy.upstream.client.Receiver}) --------------------------
+
+    def answered(self, response: IResponse) -> None:
+        self._replied = self.sent
         self._inflight = None
+        assert self._sending is not None
+        try:
+            self._got(response, *self._sending)
+        except Exception:
+            self._bug(Failure())
+
+    def failed(self, error: ProxyError) -> None:
+        self._replied = self.sent
+        self._inflight = None
+        assert self._sending is not None
+        try:
+            self._failed(error, self._sending[0])
+        except Exception:
+            self._bug(Failure())
+
+    def _got(self, response: IResponse, attempt: Attempt[BackendConfig], token: str | None) -> None:
         name = attempt.backend.name
         status = response.code
+        outcome = outcome_for_status(status)
         recorder = self._backends.recorder
         recorder.ratelimit(name, attempt.deployment, response.headers)
-        recorder.attempt(name, _metric(outcome_for_status(status)))
+        recorder.attempt(name, _metric(outcome))
         if status == 401 and token is not None and not self._refreshed:
             source = self._backends.tokens.for_backend(attempt.backend)
             if source is not None:
@@ -454,7 +481,7 @@ class Attempts:
                 d.addCallback(self._token_refreshed, attempt, token)
                 d.addErrback(self._bug)
                 return
-        self._record(attempt, outcome_for_status(status), response.headers)
+        self._record(attempt, outcome, response.headers)
         if fails_over(status):
             self._keep(attempt, response)
             self._next()
@@ -472,13 +499,9 @@ class Attempts:
         self._record(attempt, "401", response.headers)
         self._answer(attempt, response)
 
-    def _failed(self, failure: Failure, attempt: Attempt[BackendConfig]) -> None:
-        self._inflight = None
-        if self._gone:
+    def _failed(self, error: ProxyError, attempt: Attempt[BackendConfig]) -> None:
+        if self._gone:  # pragma: no cover - a cancelled request hears nothing
             return
-        error = failure.value
-        if not isinstance(error, ProxyError):
-            error = errors.upstream_unreachable(type(failure.value).__name__)
         outcome: Outcome = "timeout" if error.status == 504 else "connect_error"
         self._backends.recorder.attempt(attempt.backend.name, outcome)
         self._record(attempt, outcome)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from aoaiproxy.backends.cooldown import PROBE_LEASE
-from aoaiproxy.backends.pool import Attempt, Pool, fails_over, outcome_for_status
+from aoaiproxy.backends.pool import Attempt, Plan, Pool, fails_over, outcome_for_status
 
 START = 1_700_000_000.0
 
@@ -352,3 +355,117 @@ def test_replace_settings() -> None:
 def test_outcomes_of_statuses(status: int, outcome: str, over: bool) -> None:
     assert outcome_for_status(status) == outcome
     assert fails_over(status) is over
+
+
+# -- the choice against the straightforward one it replaced -------------------------------------
+
+
+class Reference(Pool[B]):
+    """The pool with its choice written the plain way (filters and sums), and no remembered
+    deployments: L{Pool}'s one-pass choice must give the same attempts and use its random
+    source the same way."""
+
+    def plan(self, model: str, max_attempts: int | None = None) -> Plan[B]:
+        self._deployments = {}
+        return super().plan(model, max_attempts)
+
+    def _choose(self, deployments: Mapping[str, str], tried: set[str]) -> tuple[B, bool] | None:
+        now = self._clock.seconds()
+        ready = [
+            b
+            for b in self._backends
+            if b.name in deployments
+            and b.name not in tried
+            and self._cooldowns.until((b.name, deployments[b.name])) <= now
+            and self._circuits[b.name].available(now)
+        ]
+        if not ready:
+            return None
+        best = min(b.priority for b in ready)
+        chosen = self._draw([b for b in ready if b.priority == best])
+        return chosen, self._circuits[chosen.name].take(now)
+
+    def _draw(self, group: list[B]) -> B:
+        total = sum(max(b.weight, 0) for b in group)
+        if total <= 0:
+            return group[self._rng.randrange(len(group))]
+        point = self._rng.random() * total
+        for b in group:
+            point -= max(b.weight, 0)
+            if point < 0:
+                return b
+        return next(b for b in reversed(group) if b.weight > 0)
+
+
+backend_lists = st.lists(
+    st.builds(
+        B,
+        name=st.sampled_from("abcdef"),
+        priority=st.integers(0, 2),
+        weight=st.integers(-1, 3),
+        models=st.one_of(st.none(), st.dictionaries(st.sampled_from(["gpt-4o", "o1"]), st.just("d"))),
+    ),
+    min_size=1,
+    max_size=5,
+    unique_by=lambda b: b.name,
+)
+# Between plans: an outcome for one backend, time passing, or a reload with other backends.
+events = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("record"),
+            st.sampled_from("abcdef"),
+            st.sampled_from(["ok", "429", "5xx", "connect_error", "abandoned"]),
+        ),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 3, 6, 40])),
+        st.tuples(st.just("model"), st.sampled_from(["gpt-4o", "o1", "bad/model"])),
+        st.tuples(st.just("replace"), backend_lists),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(backend_lists, events, st.integers(1, 4))
+def test_the_same_attempts_as_the_plain_choice(
+    backends: list[B], script: list[tuple[Any, ...]], max_attempts: int
+) -> None:
+    clock = Clock()
+    clock.advance(START)
+    pools = [
+        kind(
+            backends,
+            clock,
+            60,
+            random.Random(7),
+            global_deployment=global_deployment,
+            max_attempts=max_attempts,
+        )
+        for kind in (Pool, Reference)
+    ]
+    model = "gpt-4o"
+
+    def attempts(pool: Pool[B]) -> tuple[Any, ...]:
+        try:
+            plan = pool.plan(model)
+        except ValueError:
+            return ("refused",)
+        taken = [(a.backend.name, a.deployment, a.number, a.probe) for a in plan]
+        for a in plan:  # pragma: no cover - a plan is exhausted above
+            taken.append(a.backend.name)
+        return (taken, plan.served, plan.attempts, plan.retry_after(), pool._rng.random())
+
+    for event in script:
+        if event[0] == "record":
+            for pool in pools:
+                backend = next((b for b in pool.backends if b.name == event[1]), None)
+                if backend is not None:
+                    pool.record(Attempt(backend, "gpt-4o", 1, False), event[2], [(b"retry-after", b"4")])
+        elif event[0] == "advance":
+            clock.advance(event[1])
+        elif event[0] == "model":
+            model = event[1]
+        else:
+            for pool in pools:
+                pool.replace(event[1])
+        assert attempts(pools[0]) == attempts(pools[1])

@@ -23,14 +23,16 @@ import attrs
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from aoaiproxy import errors, rewrite
 from aoaiproxy.backends import TokenSources
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
-from aoaiproxy.gateway import Backends, ReplayBody
+from aoaiproxy.gateway import Attempts, Backends, ReplayBody
 from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.metrics import NullMetrics
 from aoaiproxy.resource import ApiResource
@@ -582,3 +584,54 @@ async def test_metrics_hear_of_each_attempt(
     code, _, _ = await gw.post("/v1/chat/completions")
     assert code == 200
     assert recorder.calls[:2] == [("attempt", "east", "connect_error"), ("available", "east", True)]
+
+
+class Scripted:
+    """
+    An upstream client whose first request fails before C{send} returns (a connection
+    refused at once) and whose later ones wait; it notes which it was asked to cancel.
+    """
+
+    def __init__(self) -> None:
+        self.urls: list[bytes] = []
+        self.cancelled: list[int] = []
+
+    def send(self, method: bytes, url: bytes, headers: Any, body: Any, receiver: Any, **timeouts: Any) -> Any:
+        number = len(self.urls)
+        self.urls.append(url)
+        if number == 0:
+            receiver.failed(errors.upstream_unreachable("connection refused"))
+        cancelled = self.cancelled
+
+        class Pending:
+            def cancel(self) -> None:
+                cancelled.append(number)
+
+        return Pending()
+
+
+def test_an_attempt_that_fails_inside_send_is_not_the_one_cancelled(tmp_path: Path) -> None:
+    """
+    The upstream client may report a failure before C{send} returns: the next attempt, sent
+    from inside it, is the one in flight, and the one a client that leaves cancels.
+    """
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "allow_anonymous = true\n"
+        '[[backend]]\nname = "east"\nendpoint = "https://east.example"\napi_key = "k"\n'
+        '[[backend]]\nname = "west"\nendpoint = "https://west.example"\napi_key = "k"\npriority = 1\n'
+    )
+    live = LiveConfig(load_config({"config": str(path)}, {}))
+    clock = Clock()
+    backends = Backends(live, clock, tokens=TokenSources(clock, None), rng=random.Random(1))
+    route = rewrite.classify(live.config, "POST", "/v1/chat/completions")
+    client = rewrite.plan_client(live.config, route, b"POST", b"", [], b'{"model": "gpt-4o"}')
+    upstream = Scripted()
+    d = Attempts(backends, upstream, live.config, client, ReplayBody(client.body)).start()  # type: ignore[arg-type]
+    assert [url.split(b"/")[2] for url in upstream.urls] == [b"east.example", b"west.example"]
+    outcome: list[Any] = []
+    d.addErrback(outcome.append)
+    d.cancel()
+    assert upstream.cancelled == [1]
+    assert outcome[0].check(CancelledError)
+    assert backends.pool.available("east")  # one connection failure: not enough to open its circuit

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import succeed
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -296,15 +295,15 @@ async def test_duplicate_model_and_adversarial_structure_are_400_and_not_sent(
 class Exploding(UpstreamClient):
     """An upstream client with a bug: it raises, with the client's key in the message."""
 
-    def request(self, method: bytes, url: bytes, headers: Any, *args: Any, **kwargs: Any) -> Any:
+    def send(self, method: bytes, url: bytes, headers: Any, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"boom with {dict(headers)[b'api-key']!r}")
 
 
 class Nonsense(UpstreamClient):
     """An upstream client with a bug: it answers with something that is not a response."""
 
-    def request(self, *args: Any, **kwargs: Any) -> Any:
-        return succeed(object())
+    def send(self, method: bytes, url: bytes, headers: Any, body: Any, receiver: Any, **kwargs: Any) -> Any:
+        receiver.answered(object())
 
 
 @pytest.mark.parametrize("upstream_class", [Exploding, Nonsense])

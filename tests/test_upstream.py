@@ -23,6 +23,7 @@ from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport, SynchronousResolver
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -781,3 +782,91 @@ def test_upstream_url_parsing(prefix: bytes, parsed: tuple[str, str, int, bytes]
     else:
         target = parse_target(prefix)
         assert (target.scheme, target.host, target.port, target.host_line) == parsed
+
+
+class Asked(SynchronousResolver):
+    """Resolves every name to 127.0.0.1 at once, noting the names asked."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, *args: Any, **kwargs: Any) -> Any:
+        self.names.append(hostName)
+        return super().resolveHostName(receiver, hostName, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("url", "asked", "address"),
+    [
+        (b"http://127.0.0.1:8080/v1", [], ("127.0.0.1", 8080)),
+        (b"https://[::1]/v1", [], ("::1", 443)),
+        (b"http://upstream.example/v1", ["upstream.example"], ("127.0.0.1", 80)),
+    ],
+)
+def test_an_ip_address_is_dialled_without_a_name_lookup(
+    url: bytes, asked: list[str], address: tuple[str, int]
+) -> None:
+    """An upstream given by address is dialled at once (no lookup in a thread first)."""
+    reactor = MemoryReactorClock()
+    resolver = Asked()
+    reactor.installNameResolver(resolver)
+    client = UpstreamClient(reactor)
+    outcome: list[Any] = []
+    client.request(b"GET", url, [], None, connect_timeout=7, header_timeout=30).addBoth(outcome.append)
+    assert resolver.names == asked
+    [(host, port, _, timeout, _)] = reactor.tcpClients
+    assert (host, port, timeout) == (*address, 7)
+    assert outcome == []
+
+
+def test_each_request_waits_for_its_head_its_own_timeout_on_one_timer() -> None:
+    """
+    Each request fails with a 504 exactly when its own header timeout is up (its connection
+    aborted), however many are in flight; one answered in time is untouched when its time
+    comes; and the client keeps one timer for all of them.
+    """
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor)
+    outcomes: dict[str, tuple[float, Any]] = {}
+
+    def send(name: str, timeout: float) -> tuple[StringTransport, Any]:
+        d = client.request(
+            b"GET", b"http://127.0.0.1:8080/x", [], None, connect_timeout=5, header_timeout=timeout
+        )
+        d.addBoth(lambda result: outcomes.setdefault(name, (reactor.seconds(), result)))
+        factory = reactor.tcpClients[-1][2]
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        return transport, protocol
+
+    def timed_out(name: str) -> tuple[float, str, bool]:
+        when, result = outcomes[name]
+        assert isinstance(result, Failure) and isinstance(result.value, ProxyError)
+        return when, result.value.message, transports[name].disconnected
+
+    transports = {}
+    transports["a"], _ = send("a", 30)
+    reactor.advance(10)
+    transports["b"], _ = send("b", 30)
+    transports["c"], _ = send("c", 5)  # due before the others
+    transports["answered"], answered = send("answered", 5)
+    assert all(t.value().startswith(b"GET /x HTTP/1.1\r\n") for t in transports.values())
+    answered.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert outcomes["answered"][1].code == 204
+    # One timer for the four requests' heads, and the pool's for its idle connection.
+    assert sorted(call.getTime() for call in reactor.getDelayedCalls()) == [15, 60]
+    reactor.advance(4.9)
+    assert set(outcomes) == {"answered"}
+    reactor.advance(0.1)
+    assert timed_out("c") == (15, "Upstream timed out: no response headers within 5s", True)
+    assert not transports["answered"].disconnected  # answered in time: kept for reuse
+    reactor.advance(14.9)
+    assert set(outcomes) == {"answered", "c"}
+    reactor.advance(0.1)
+    assert timed_out("a") == (30, "Upstream timed out: no response headers within 30s", True)
+    reactor.advance(9.9)
+    assert "b" not in outcomes
+    reactor.advance(0.1)
+    assert timed_out("b") == (40, "Upstream timed out: no response headers within 30s", True)
+    assert [call.getTime() for call in reactor.getDelayedCalls()] == [60]  # the pool's

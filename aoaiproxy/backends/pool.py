@@ -58,6 +58,9 @@ __all__ = [
 #: What became of one attempt.  "abandoned": it ended with no outcome (the client went away).
 Outcome = Literal["ok", "429", "5xx", "4xx", "401", "connect_error", "timeout", "abandoned"]
 
+#: Models whose deployments per backend L{Pool.plan} remembers (client-chosen names: bounded).
+_MODELS_CACHED = 256
+
 _FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CIRCUIT_FAILURES: frozenset[Outcome] = frozenset({"5xx", "connect_error", "timeout"})
 
@@ -176,6 +179,8 @@ class Pool(Generic[B]):
         self._backends: tuple[B, ...] = ()
         self._circuits: dict[str, Circuit] = {}
         self._cooldowns = Cooldowns()
+        #: The deployments of each model asked for (L{plan}), until the next L{replace}.
+        self._deployments: dict[str, dict[str, str]] = {}
         self.replace(backends)
 
     @property
@@ -207,12 +212,23 @@ class Pool(Generic[B]):
             self._global_deployment = global_deployment
         if max_attempts is not None:
             self.max_attempts = max_attempts
+        self._deployments = {}
 
     def plan(self, model: str, max_attempts: int | None = None) -> Plan[B]:
         """
         The attempts for a request for C{model}.  Raises what C{global_deployment} raises for a
         bad model name (only when a backend without a model map serves it).
         """
+        deployments = self._deployments.get(model)
+        if deployments is None:
+            deployments = self._deployments_for(model)
+            if len(self._deployments) >= _MODELS_CACHED:
+                self._deployments.clear()
+            self._deployments[model] = deployments
+        return Plan(self, model, deployments, self.max_attempts if max_attempts is None else max_attempts)
+
+    def _deployments_for(self, model: str) -> dict[str, str]:
+        """Each backend serving C{model}, and its deployment for it (a plan's, never changed)."""
         deployments: dict[str, str] = {}
         everyone: str | None = None
         for b in self._backends:
@@ -222,7 +238,7 @@ class Pool(Generic[B]):
                 deployments[b.name] = everyone
             elif model in b.models:
                 deployments[b.name] = b.models[model]
-        return Plan(self, model, deployments, self.max_attempts if max_attempts is None else max_attempts)
+        return deployments
 
     def record(self, attempt: Attempt[B], outcome: Outcome, headers: ResponseHeaders = ()) -> None:
         """
@@ -276,24 +292,50 @@ class Pool(Generic[B]):
         return max(self._cooldowns.until((name, deployment)), self._circuits[name].available_at(now))
 
     def _choose(self, deployments: Mapping[str, str], tried: set[str]) -> tuple[B, bool] | None:
+        """
+        The backend of the next attempt: among those serving the model (C{deployments}), not
+        C{tried}, and available, the lowest priority number, then a weighted draw.
+        """
         now = self._clock.seconds()
-        ready = [
-            b
-            for b in self._backends
-            if b.name in deployments
-            and b.name not in tried
-            and self._cooldowns.until((b.name, deployments[b.name])) <= now
-            and self._circuits[b.name].available(now)
-        ]
-        if not ready:
+        cooldowns = self._cooldowns
+        circuits = self._circuits
+        best = 0
+        group: list[B] = []
+        for b in self._backends:
+            name = b.name
+            deployment = deployments.get(name)
+            if (
+                deployment is None
+                or name in tried
+                or cooldowns.until((name, deployment)) > now
+                or not circuits[name].available(now)
+            ):
+                continue
+            if not group or b.priority < best:
+                best = b.priority
+                group = [b]
+            elif b.priority == best:
+                group.append(b)
+        if not group:
             return None
-        best = min(b.priority for b in ready)
-        chosen = self._draw([b for b in ready if b.priority == best])
-        return chosen, self._circuits[chosen.name].take(now)
+        chosen = self._draw(group)
+        return chosen, circuits[chosen.name].take(now)
 
     def _draw(self, group: list[B]) -> B:
         """A weighted random choice (uniform when no weight is positive)."""
-        total = sum(max(b.weight, 0) for b in group)
+        if len(group) == 1:
+            # The same draw as for a larger group (so that a seeded source gives the same
+            # choices after it), without the arithmetic.
+            only = group[0]
+            if only.weight > 0:
+                self._rng.random()
+            else:
+                self._rng.randrange(1)
+            return only
+        total = 0
+        for b in group:
+            if b.weight > 0:
+                total += b.weight
         if total <= 0:
             return group[self._rng.randrange(len(group))]
         point = self._rng.random() * total

@@ -22,20 +22,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import IO, Any
+from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import error as ierror
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IStreamClientEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 from aoaiproxy import errors
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.upstream.pool import Key, Pool
 from aoaiproxy.upstream.protocol import (
@@ -57,8 +64,11 @@ except ImportError:  # pragma: no cover - no TLS support installed
 #: Idle pooled connections are closed after this many seconds: below the idle timeout of
 #: Azure's front ends, so that a reused connection is rarely stale.
 CACHED_CONNECTION_TIMEOUT = 50.0
-#: Idle connections kept per upstream (not a limit on connections in use).
-MAX_PERSISTENT_PER_HOST = 32
+#: Idle connections kept per upstream (not a limit on connections in use).  Above the usual
+#: number of requests in flight at once: when more answers arrive together than are kept, the
+#: extra connections are closed and made again for the next requests (at 32, wrk -c64 made a
+#: new connection, with its name lookup in a thread, for one request in six).
+MAX_PERSISTENT_PER_HOST = 256
 #: Limits on a response head, the same as the daemon's defaults for request heads
 #: (C{--max-headers}, C{--max-header-size}): beyond them the request fails with a 502.
 MAX_RESPONSE_HEADERS = 100
@@ -131,7 +141,8 @@ class UpstreamClient:
     @param tls_policy: verifies https upstreams (default: the system's trust roots, as a
         browser does).
     @param endpoints: makes the endpoint for each new connection (default: a
-        L{HostnameEndpoint} on C{reactor}, wrapped in TLS for https).
+        L{HostnameEndpoint} on C{reactor}, or a TCP one for an IP address, wrapped in TLS
+        for https).
     @param max_headers: most headers in a response head (each 1xx head counted alone).
     @param max_head_bytes: longest response head, 1xx heads included.
     @param max_idle_per_host: idle connections kept per upstream.
@@ -155,6 +166,8 @@ class UpstreamClient:
         self._max_headers = max_headers
         self._max_head_bytes = max_head_bytes
         self._pool = Pool(reactor, max_idle_per_host, idle_timeout)
+        #: The response head timeouts of the requests in flight.
+        self._deadlines = Deadlines(reactor)
         self._targets: dict[bytes, Target] = {}
         self._creators: dict[tuple[str, int], IOpenSSLClientConnectionCreator] = {}
 
@@ -172,12 +185,44 @@ class UpstreamClient:
         Send one request.  The Deferred fires with the response once its head arrived, or
         fails with a L{ProxyError} (502 or 504).  Cancelling it cancels the request (it then
         fails with C{CancelledError}); once it has fired, the body's transport's
-        C{stopProducing} does.
+        C{stopProducing} does.  (L{send} is the same without a Deferred.)
 
         @param headers: sent as they are, but for C{Content-Length} (set from C{body}) and
             C{Host} (added from C{url} unless there).
         @param body: bytes, a seekable file positioned at the body's start (it is re-read on
             a retry and never closed here), or None for no body.
+        """
+        receiver = _Deferring()
+        d: Deferred[IResponse] = Deferred(receiver.cancel)
+        receiver.deferred = d
+        receiver.pending = self.send(
+            method,
+            url,
+            headers,
+            body,
+            receiver,
+            connect_timeout=connect_timeout,
+            header_timeout=header_timeout,
+        )
+        return d
+
+    def send(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | IO[bytes] | None,
+        receiver: Receiver,
+        *,
+        connect_timeout: float,
+        header_timeout: float,
+    ) -> Pending:
+        """
+        Send one request (as L{request}), telling C{receiver} of its outcome: C{answered}
+        with the response once its head arrived, or C{failed} with a L{ProxyError} (502 or
+        504); once, and perhaps before this returns (a request that cannot be made, a
+        connection refused at once).  L{Pending.cancel} cancels it: the receiver then hears
+        nothing.
         """
         length: int | None = None
         if body is not None:
@@ -194,9 +239,13 @@ class UpstreamClient:
             target, path = self._target(url)
             head = _head(method, path, target, headers, length)
         except ProxyError as e:
-            return fail(e)
-        exchange = _Exchange(self, target, method, head, body, length or 0, connect_timeout, header_timeout)
-        return exchange.start()
+            receiver.failed(e)
+            return _NOTHING_PENDING
+        exchange = _Exchange(
+            self, receiver, target, method, head, body, length or 0, connect_timeout, header_timeout
+        )
+        exchange.start()
+        return exchange
 
     def close(self) -> Deferred[None]:
         """Close every idle pooled connection (and those that become idle later)."""
@@ -220,7 +269,13 @@ class UpstreamClient:
         return target, path
 
     def _tcp_endpoint(self, scheme: str, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):  # no name to look up (in a thread, as HostnameEndpoint would)
+            endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        elif isIPv6Address(host) and "%" not in host:  # a scope needs getaddrinfo
+            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
         if scheme == "https":
             creator = self._creators.get((host, port))
             if creator is None:
@@ -276,8 +331,59 @@ def _head(
     return head
 
 
+class Receiver(TypingProtocol):
+    """Who hears of a request's outcome (L{UpstreamClient.send}): one of these, once."""
+
+    def answered(self, response: UpstreamResponse) -> None:
+        """The response head arrived."""
+
+    def failed(self, error: ProxyError) -> None:
+        """The request failed before a response head (a 502 or 504)."""
+
+
+class Pending(TypingProtocol):
+    """A request sent with L{UpstreamClient.send}."""
+
+    def cancel(self) -> None:
+        """Stop waiting for its response: close its connection; its receiver hears nothing."""
+
+
+class _NothingPending:
+    """A request that failed at once: nothing to cancel."""
+
+    def cancel(self) -> None:
+        pass
+
+
+_NOTHING_PENDING = _NothingPending()
+
+
+class _Deferring:
+    """The receiver of L{UpstreamClient.request}: fires its Deferred."""
+
+    __slots__ = ("deferred", "pending")
+
+    def __init__(self) -> None:
+        self.deferred: Deferred[IResponse] | None = None
+        self.pending: Pending = _NOTHING_PENDING
+
+    def answered(self, response: UpstreamResponse) -> None:
+        assert self.deferred is not None
+        self.deferred.callback(response)
+
+    def failed(self, error: ProxyError) -> None:
+        assert self.deferred is not None
+        self.deferred.errback(Failure(error))
+
+    def cancel(self, d: Deferred[IResponse]) -> None:
+        self.pending.cancel()  # the Deferred then fails with CancelledError
+
+
 class _Exchange:
-    """One request: its connection attempts (two at most), its head timer, its Deferred."""
+    """
+    One request: its connection attempts (two at most), its head timeout (on the client's
+    L{Deadlines}), its receiver.
+    """
 
     __slots__ = (
         "_body",
@@ -285,23 +391,22 @@ class _Exchange:
         "_conn",
         "_connect_timeout",
         "_connecting",
-        "_deferred",
         "_done",
         "_head",
         "_header_timeout",
         "_length",
         "_method",
+        "_receiver",
         "_retried",
         "_reused",
         "_start",
         "_target",
-        "_timed_out",
-        "_timer",
     )
 
     def __init__(
         self,
         client: UpstreamClient,
+        receiver: Receiver,
         target: Target,
         method: bytes,
         head: bytes,
@@ -311,6 +416,7 @@ class _Exchange:
         header_timeout: float,
     ) -> None:
         self._client = client
+        self._receiver = receiver
         self._target = target
         self._method = method
         self._head = head
@@ -319,19 +425,15 @@ class _Exchange:
         self._length = length
         self._connect_timeout = connect_timeout
         self._header_timeout = header_timeout
-        self._deferred: Deferred[IResponse] = Deferred(self._cancel)
-        self._timer: IDelayedCall | None = None
         self._conn: HTTP11Connection | None = None
         self._connecting: Deferred[Any] | None = None
         self._done = False
-        self._timed_out = False
         self._retried = False
         self._reused = False
 
-    def start(self) -> Deferred[IResponse]:
-        self._timer = self._client._reactor.callLater(self._header_timeout, self._timeout)
+    def start(self) -> None:
+        self._client._deadlines.add(self, self._header_timeout)
         self._attempt(True)
-        return self._deferred
 
     def _attempt(self, reuse: bool) -> None:
         client = self._client
@@ -370,8 +472,10 @@ class _Exchange:
     # -- from the connection ---------------------------------------------------------------
 
     def head_received(self, response: UpstreamResponse) -> None:
+        if self._done:
+            return
         self._finish()
-        self._deferred.callback(response)
+        self._receiver.answered(response)
 
     def failed(self, error: Exception) -> None:
         if self._done:
@@ -395,33 +499,34 @@ class _Exchange:
     def _finish(self) -> None:
         self._done = True
         self._conn = None
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._client._deadlines.remove(self)
 
     def _fail(self, error: BaseException) -> None:
         self._finish()
-        proxy_error = classify(error, self._connect_timeout)
-        self._deferred.errback(Failure(proxy_error))
+        self._receiver.failed(classify(error, self._connect_timeout))
 
-    def _timeout(self) -> None:
-        self._timed_out = True
-        self._deferred.cancel()
-
-    def _cancel(self, d: Deferred[IResponse]) -> None:
-        if self._done:
+    def expired(self) -> None:
+        """No response head within the header timeout."""
+        if self._done:  # pragma: no cover - removed from the deadlines when done
             return
+        self._stop()
+        self._receiver.failed(
+            errors.upstream_timeout(f"no response headers within {self._header_timeout:g}s")
+        )
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._stop()
+
+    def _stop(self) -> None:
+        """End the request where it is: the connection being made, or the one in use."""
         conn, connecting = self._conn, self._connecting
         self._finish()
+        self._connecting = None
         if connecting is not None:
             connecting.cancel()
         if conn is not None:
             conn.abort()
-        if self._timed_out:
-            d.errback(
-                Failure(errors.upstream_timeout(f"no response headers within {self._header_timeout:g}s"))
-            )
-        # Otherwise the Deferred fails with CancelledError.
 
 
 def classify(error: BaseException, connect_timeout: float) -> ProxyError:
