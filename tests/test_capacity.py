@@ -165,12 +165,7 @@ def test_units_give_descriptors_a_backlog_and_a_stop_for_the_main_process() -> N
 
 
 def test_the_collector_settles_once_serving() -> None:
-    # Start-up's garbage is collected before the rest is frozen (else it would stay for
-    # good), then the young generation's threshold is raised.
+    # Start-up's garbage is collected before the rest is frozen (else it would stay for good).
     calls: list[object] = []
-    settle_collector(
-        collect=lambda: calls.append("collect"),
-        freeze=lambda: calls.append("freeze"),
-        set_threshold=lambda *t: calls.append(t),
-    )
-    assert calls == ["collect", "freeze", (7000, 10, 10)]
+    settle_collector(collect=lambda: calls.append("collect"), freeze=lambda: calls.append("freeze"))
+    assert calls == ["collect", "freeze"]
