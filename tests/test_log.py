@@ -284,7 +284,8 @@ def test_access_event_is_the_one_logger_info_publishes() -> None:
 # -- twistd ----------------------------------------------------------------------------------
 
 
-def twistd_options(*argv: str) -> ServerOptions:
+def twistd_options(*argv: str, plugin: tuple[str, ...] = ()) -> ServerOptions:
+    """twistd's options for C{twistd ARGV aoaiproxy ... PLUGIN}."""
     options = ServerOptions()
     options.parseOptions(
         [
@@ -295,6 +296,7 @@ def twistd_options(*argv: str) -> ServerOptions:
             "http://127.0.0.1:1",
             "--listen",
             "tcp:0:interface=127.0.0.1",
+            *plugin,
         ]
     )
     return options
@@ -326,20 +328,8 @@ def test_logs_to_stdout_without_twistd() -> None:
 )
 def test_twistd_application_gets_the_cheaper_text_observer(argv: list[str], observer: str | None) -> None:
     """Only where twistd would write text to standard output; --logfile stays twistd's."""
-    plugin_argv = [a for a in argv if a.startswith("--log-format")]
-    options = ServerOptions()
-    options.parseOptions(
-        [
-            *(a for a in argv if a not in plugin_argv),
-            "--pidfile=",
-            "aoaiproxy",
-            "--endpoint",
-            "http://127.0.0.1:1",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            *plugin_argv,
-        ]
-    )
+    plugin_argv = tuple(a for a in argv if a.startswith("--log-format"))
+    options = twistd_options(*(a for a in argv if a not in plugin_argv), plugin=plugin_argv)
     application = Application("aoaiproxy")
     makeService(options.subOptions).setServiceParent(application)
     found = application.getComponent(ILogObserver, None)
