@@ -161,6 +161,14 @@ class Daemon:
             self.proc.wait()
             raise
 
+    def stop_cleanly(self, timeout: float = 10.0) -> None:
+        """SIGTERM, and fail unless it exits with 0 within C{timeout} (its log's tail shown)."""
+        try:
+            code = self.stop(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"twistd did not stop on SIGTERM\n{self.log()[-3000:]}") from None
+        assert code == 0, self.log()[-3000:]
+
 
 def twistd_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a daemon subprocess: this source tree first on the path."""

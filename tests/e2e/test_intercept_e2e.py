@@ -133,11 +133,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
                 echo_ca.write(directory / "echo-ca.pem"),
                 state,
             )
-            try:
-                code = daemon.stop(timeout=10)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"twistd did not stop on SIGTERM\n{daemon.log()[-3000:]}") from None
-            assert code == 0, daemon.log()[-3000:]
+            daemon.stop_cleanly()
     finally:
         await fake.stop()
         await echo.stopListening()

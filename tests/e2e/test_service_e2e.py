@@ -41,9 +41,10 @@ STREAM = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "cont
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def wait_log(daemon: Daemon, text: str, count: int = 1) -> None:
+async def wait_log(daemon: Daemon, text: str, count: int = 1, timeout: float = 10.0) -> None:
+    """Wait (bounded) until the daemon's log holds C{text} C{count} times."""
     try:
-        await wait_until(lambda: daemon.log().count(text) >= count, repr(text))
+        await wait_until(lambda: daemon.log().count(text) >= count, repr(text), timeout=timeout)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{daemon.log()}") from None
 
@@ -317,13 +318,10 @@ async def test_json_log_lines_and_no_keys(
 # -- systemd ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(tmp_path / "notify"))
-    s.settimeout(20)
-    yield s
-    s.close()
+async def notified(notify: socket.socket) -> bytes:
+    """The next notification the daemon sends (bounded by the socket's timeout)."""
+    state: bytes = await deferToThread(notify.recv, 200)
+    return state
 
 
 @pytest_twisted.ensureDeferred
@@ -331,14 +329,14 @@ async def test_ready_reloading_and_stopping_are_notified(
     fake: FakeAzure, start_daemon: Callable[..., Daemon], tmp_path: Path, notify_socket: socket.socket
 ) -> None:
     daemon = start_daemon("--endpoint", fake.url, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
-    assert await deferToThread(notify_socket.recv, 100) == b"READY=1\nSTATUS=serving"
+    assert await notified(notify_socket) == b"READY=1\nSTATUS=serving"
     daemon.proc.send_signal(signal.SIGHUP)
-    reloading = await deferToThread(notify_socket.recv, 100)
+    reloading = await notified(notify_socket)
     # systemd 253+ wants the monotonic time with RELOADING=1 (checked in tests/test_service.py).
     assert re.fullmatch(rb"RELOADING=1\nMONOTONIC_USEC=[0-9]+", reloading), reloading
-    assert await deferToThread(notify_socket.recv, 100) == b"READY=1"
+    assert await notified(notify_socket) == b"READY=1"
     daemon.proc.send_signal(signal.SIGTERM)
-    assert await deferToThread(notify_socket.recv, 100) == b"STOPPING=1"
+    assert await notified(notify_socket) == b"STOPPING=1"
     assert await wait_exit(daemon) == 0
 
 

@@ -38,10 +38,12 @@ from .test_service_e2e import (
     SERVER_KEY,
     STREAM,
     headers,
+    notified,
     refused,
     server_certificate,
     wait_exit,
 )
+from .test_service_e2e import wait_log as service_wait_log
 
 WORKERS = ("--workers", "2")
 
@@ -50,27 +52,7 @@ LOG_WAIT = 60.0
 
 
 async def wait_log(daemon: Daemon, text: str, count: int = 1) -> None:
-    """Wait (bounded) until the daemon's log holds C{text} C{count} times."""
-    try:
-        await wait_until(lambda: daemon.log().count(text) >= count, repr(text), timeout=LOG_WAIT)
-    except AssertionError as e:
-        raise AssertionError(f"{e}\n{daemon.log()}") from None
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    """The socket systemd would listen on for C{sd_notify} (C{$NOTIFY_SOCKET})."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(tmp_path / "notify"))
-    s.settimeout(60)
-    yield s
-    s.close()
-
-
-async def notified(notify: socket.socket) -> bytes:
-    """The next notification the daemon sends (bounded by the socket's timeout)."""
-    state: bytes = await deferToThread(notify.recv, 200)
-    return state
+    await service_wait_log(daemon, text, count, timeout=LOG_WAIT)
 
 
 @pytest.fixture
