@@ -13,11 +13,6 @@ private, also checked against Twisted 26.10:
     OpenAI's shape and lingers, where Twisted's writes a bare status line and closes
     (tests/test_limits.py).
 
-Known private uses outside the modules that route through here (their owners may move them
-here; each has the public alternative noted):
-
-  - C{aoaiproxy.resource}: C{request._disconnected} (public: C{request.channel is None} after
-    C{Request.connectionLost}, or C{request.notifyFinish()}).
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ from twisted.web import resource
 from twisted.web.http import HTTPChannel
 
 __all__ = [
+    "client_gone",
     "encodes",
     "pending_write_bytes",
     "pipelined_length",
@@ -167,3 +163,18 @@ def encodes(leaf: object) -> bool:
     tests/test_channel.py (C{test_leaf_root_is_processed_like_twisted}).
     """
     return bool(resource._IEncodingResource.providedBy(leaf))
+
+
+def client_gone(request: Any) -> bool:
+    """
+    Whether C{request}'s connection was lost (C{Request._disconnected}).
+
+    Why: the public signs do not serve here.  C{request.channel} is None after
+    C{connectionLost}, but a finished request has no C{channel} attribute at all (C{_cleanup}
+    deletes it); C{notifyFinish()} answers later, with a L{Deferred}, where the relay and the
+    resource must know now (and per chunk, L{aoaiproxy.site.ProxyRequest.write}).  Checked
+    against Twisted 26.10 (C{Request.connectionLost}, C{Request.write}).  Exercised by
+    tests/test_streaming.py and tests/test_reverse.py (clients that leave).
+    """
+    gone: bool = request._disconnected
+    return gone

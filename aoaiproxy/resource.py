@@ -24,7 +24,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from aoaiproxy import errors, rewrite
+from aoaiproxy import _twisted, errors, rewrite
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.gateway import BACKEND_HEADER, Answer, Attempts, Backends, ReplayBody, discard
@@ -151,7 +151,7 @@ def relay_response(
     @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
         proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
     """
-    if request._disconnected:  # type: ignore[attr-defined]
+    if _twisted.client_gone(request):
         # Close the upstream connection rather than leave its body unread.
         discard(response)
         return
@@ -302,7 +302,7 @@ class ApiResource(Resource):
     def _plan_in_thread(
         self, request: Request, *plan: Any
     ) -> Deferred[tuple[rewrite.ClientRequest, bytes | None, bool]]:
-        if request._disconnected:  # type: ignore[attr-defined]
+        if _twisted.client_gone(request):
             return fail(CancelledError())  # it left while waiting for a thread
         if not self._scanning:
             # The reactor waits for the interpreter lock after each system call while a scan
@@ -329,7 +329,7 @@ class ApiResource(Resource):
     ) -> None:
         """The request is read and planned: send it to the backends, one after another."""
         client, asked, strip_usage = planned
-        if request._disconnected:  # type: ignore[attr-defined]
+        if _twisted.client_gone(request):
             return  # it left while its body was scanned
         note(request, model=client.model)
         if isinstance(client.body, mmap.mmap):  # kept to splice its model per backend
@@ -356,7 +356,7 @@ class ApiResource(Resource):
 
     def _failed(self, failure: Failure, request: Request) -> None:
         """A body scanned in a thread was refused (the proxy's error), or a bug."""
-        if request._disconnected:  # type: ignore[attr-defined]
+        if _twisted.client_gone(request):
             return  # it left (and its body's map was closed under the scan)
         if failure.check(ProxyError):
             self._error(request, cast(ProxyError, failure.value))
@@ -399,7 +399,7 @@ class ApiResource(Resource):
 
     def _error(self, request: Request, error: ProxyError) -> None:
         """Write the proxy's error, unless the client left or a response has begun."""
-        if request._disconnected or request.finished:  # type: ignore[attr-defined]
+        if _twisted.client_gone(request) or request.finished:
             return
         if request.startedWriting:  # pragma: no cover - defensive
             request.channel.transport.abortConnection()  # type: ignore[union-attr]
@@ -418,7 +418,7 @@ class ApiResource(Resource):
             path=request.path.decode("latin-1")[:200],
             where="".join(traceback.format_tb(failure.getTracebackObject())).rstrip(),
         )
-        if request._disconnected or request.finished:  # type: ignore[attr-defined]
+        if _twisted.client_gone(request) or request.finished:
             return
         if request.startedWriting:  # type: ignore[attr-defined]
             request.channel.transport.abortConnection()  # type: ignore[union-attr]

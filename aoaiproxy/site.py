@@ -702,7 +702,7 @@ class ProxyRequest(server.Request):
         self.log_started = self._site.reactor.seconds()
 
     def write(self, data: bytes) -> None:
-        if self.startedWriting and not self.finished and not self._disconnected:
+        if self.startedWriting and not self.finished and not _twisted.client_gone(self):
             # The head is out: a body chunk (a stream's event), as Request.write frames it.
             self.sentLength += len(data)
             if data:
