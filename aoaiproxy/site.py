@@ -702,15 +702,6 @@ class ProxyRequest(server.Request):
         self.log_started = self._site.reactor.seconds()
 
     def write(self, data: bytes) -> None:
-        if self.startedWriting and not self.finished and not _twisted.client_gone(self):
-            # The head is out: a body chunk (a stream's event), as Request.write frames it.
-            self.sentLength += len(data)
-            if data:
-                if self.chunked:
-                    self.channel.write(b"%x\r\n%b\r\n" % (len(data), data))
-                else:
-                    self.channel.write(data)
-            return
         # Twisted writes the head with the first body bytes (finish() writes b"" for a
         # response without a body): that is the first byte, a stream's first chunk.
         if not self.startedWriting:
