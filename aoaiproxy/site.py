@@ -704,8 +704,10 @@ class ProxyRequest(server.Request):
     def write(self, data: bytes) -> None:
         # Twisted writes the head with the first body bytes (finish() writes b"" for a
         # response without a body): that is the first byte, a stream's first chunk.
-        if not self.startedWriting:
-            self.first_byte_at = self._site.reactor.seconds()
+        if self.startedWriting:
+            super().write(data)
+            return
+        self.first_byte_at = self._site.reactor.seconds()
         super().write(data)
         channel = self.channel
         if isinstance(channel, ProxyChannel):
