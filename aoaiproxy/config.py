@@ -600,10 +600,8 @@ class Config:
     listen: tuple[str, ...] = option(
         default=("tcp:8080",),
         kind="list",
-        flag="listen",
         metavar="ENDPOINT",
         env=("AZURE_OPENAI_PROXY_ADDRESS",),
-        key="listen",
         parse=_listeners,
         reload=False,
         default_text="``tcp:8080`` (all interfaces)",
@@ -613,20 +611,15 @@ class Config:
     )
     mode: Mode = option(
         default="azure",
-        flag="mode",
         metavar="azure|openai",
         env=("AZURE_OPENAI_PROXY_MODE",),
-        key="mode",
         parse=choice("azure", "openai"),
-        default_text="``azure``",
         help="Convert requests to Azure OpenAI (azure), or relay them unchanged (openai)",
     )
     endpoint: str = option(
         default="",
-        flag="endpoint",
         metavar="URL",
         env=("AZURE_OPENAI_ENDPOINT",),
-        key="endpoint",
         parse=_endpoint,
         default_text=(
             "required in azure mode (without ``[[backend]]``); ``https://api.openai.com`` in openai mode"
@@ -635,10 +628,8 @@ class Config:
     )
     api_version: str = option(
         default=DEFAULT_API_VERSION,
-        flag="api-version",
         metavar="V",
         env=("AZURE_OPENAI_APIVERSION", "AZURE_OPENAI_API_VER"),
-        key="api_version",
         parse=_api_version,
         default_text=f"``{DEFAULT_API_VERSION}``",
         help="Azure api-version of the per-deployment routes",
@@ -649,7 +640,6 @@ class Config:
         flag="model-mapper",
         metavar="MAP",
         env=("AZURE_OPENAI_MODEL_MAPPER",),
-        key="models",
         parse=_model_table,
         default_text="``gpt-3.5-turbo=gpt-35-turbo`` and its dated variants",
         help="""``model=deployment`` pairs, comma-separated; extend and override the defaults, model
@@ -671,21 +661,18 @@ class Config:
     )
     auth: Auth = option(
         default="key",
-        flag="auth",
         metavar="key|entra",
         env=("AZURE_OPENAI_AUTH",),
-        key="auth",
         parse=choice("key", "entra"),
-        default_text="``key``",
         help="""How the one-backend form authenticates upstream: with a key (the server key, or
         the client's without one), or with Entra ID tokens""",
     )
     entra_scope: str = option(
         default=DEFAULT_ENTRA_SCOPE,
-        key="entra_scope",
         parse=_path,
         default_text=f"``{DEFAULT_ENTRA_SCOPE}``",
         help="The scope Entra ID tokens are requested for",
+        flag=None,
     )
     backends: tuple[BackendConfig, ...] = option(
         default=attrs.Factory(_default_backend, takes_self=True),
@@ -694,6 +681,7 @@ class Config:
         parse=_backends,
         default_text="one backend, ``default``, from ``--endpoint`` and its credential",
         help="Several Azure resources, with failover and cooldown",
+        flag=None,
     )
     #: The client keys: those of C{client_names} (which names each).
     client_keys: frozenset[str] = attrs.field(default=frozenset(), repr=False)
@@ -712,16 +700,12 @@ class Config:
     allow_anonymous: bool = option(
         default=False,
         kind="flag",
-        flag="allow-anonymous",
-        key="allow_anonymous",
         parse=boolean,
-        default_text="off",
         help="With a server credential and no client keys, let anyone use it (an open relay)",
     )
     forward_allow: tuple[str, ...] = option(
         default=(),
         kind="list",
-        flag="forward-allow",
         metavar="HOST:PORT",
         env=("AOAIPROXY_FORWARD_ALLOW",),
         key="forward.allow",
@@ -732,7 +716,6 @@ class Config:
     )
     forward_users: Mapping[str, str] = option(
         default=MappingProxyType({}),
-        flag="forward-users",
         metavar="PATH",
         env=("AOAIPROXY_FORWARD_USERS",),
         key="forward.users_file",
@@ -749,68 +732,50 @@ class Config:
         parse=_path,
         default_text="none",
         help="TOML config file",
+        key=None,
     )
     max_body: int = option(
         default=DEFAULT_MAX_BODY,
-        flag="max-body",
         metavar="BYTES",
-        key="max_body",
         parse=_whole(least=1, unit="byte"),
         default_text="67108864 (64 MiB)",
         help="Largest request body in bytes",
     )
     log_format: LogFormat = option(
         default="text",
-        flag="log-format",
         metavar="text|json",
-        key="log_format",
         parse=choice("text", "json"),
         reload=False,
-        default_text="``text``",
         help="Log lines as text, or as one JSON object a line",
     )
     drain_timeout: float = option(
         default=30.0,
-        flag="drain-timeout",
         metavar="SECONDS",
-        key="drain_timeout",
         parse=number(),
-        default_text="30",
         help="Seconds to let requests in flight finish on SIGTERM",
     )
     keep_filter_frames: bool = option(
         default=False,
         kind="flag",
-        flag="keep-filter-frames",
-        key="keep_filter_frames",
         parse=boolean,
-        default_text="off",
         help="Keep Azure's filter-only SSE frames (dropped by default)",
     )
     connect_timeout: float = option(
         default=10.0,
-        flag="connect-timeout",
         metavar="SECONDS",
-        key="connect_timeout",
         parse=number(above_zero=True),
-        default_text="10",
         help="Seconds to connect upstream",
     )
     upstream_timeout: float = option(
         default=600.0,
-        flag="upstream-timeout",
         metavar="SECONDS",
-        key="upstream_timeout",
         parse=number(above_zero=True),
-        default_text="600",
         help="Longest wait for upstream response headers, and longest silence inside a body",
     )
     #: Longest request line (method, target, version) in bytes: 414 beyond it.
     max_request_line: int = option(
         default=DEFAULT_MAX_REQUEST_LINE,
-        flag="max-request-line",
         metavar="BYTES",
-        key="max_request_line",
         parse=_whole(least=16),
         default_text=str(DEFAULT_MAX_REQUEST_LINE),
         help="Longest request line in bytes; longer gets 414",
@@ -818,9 +783,7 @@ class Config:
     #: Longest request head (request line and every header line) in bytes: 431 beyond it.
     max_header_size: int = option(
         default=DEFAULT_MAX_HEADER_SIZE,
-        flag="max-header-size",
         metavar="BYTES",
-        key="max_header_size",
         parse=_whole(least=64),
         default_text=f"{DEFAULT_MAX_HEADER_SIZE} (16 KiB)",
         help="Longest request head (request line and headers) in bytes; longer gets 431",
@@ -828,9 +791,7 @@ class Config:
     #: Most header fields in one request: 431 beyond it.
     max_headers: int = option(
         default=DEFAULT_MAX_HEADERS,
-        flag="max-headers",
         metavar="N",
-        key="max_headers",
         parse=_whole(least=1),
         default_text=str(DEFAULT_MAX_HEADERS),
         help="Most header fields in a request; more gets 431",
@@ -838,9 +799,7 @@ class Config:
     #: Seconds from the first byte of a request head to its end: 408 and close beyond it.
     header_timeout: float = option(
         default=DEFAULT_HEADER_TIMEOUT,
-        flag="header-timeout",
         metavar="SECONDS",
-        key="header_timeout",
         parse=number(above_zero=True),
         default_text=f"{DEFAULT_HEADER_TIMEOUT:g}",
         help="Seconds a client may take to send a request head; slower gets 408 and is disconnected",
@@ -849,9 +808,7 @@ class Config:
     #: sending a body: closed beyond it.
     idle_timeout: float = option(
         default=DEFAULT_IDLE_TIMEOUT,
-        flag="idle-timeout",
         metavar="SECONDS",
-        key="idle_timeout",
         parse=number(above_zero=True),
         default_text=f"{DEFAULT_IDLE_TIMEOUT:g}",
         help="""Seconds a client connection may stay silent between requests (keep-alive) or
@@ -860,9 +817,7 @@ class Config:
     #: Seconds a CONNECT tunnel may stay silent both ways: closed beyond it.
     tunnel_idle_timeout: float = option(
         default=DEFAULT_TUNNEL_IDLE_TIMEOUT,
-        flag="tunnel-idle-timeout",
         metavar="SECONDS",
-        key="tunnel_idle_timeout",
         parse=number(above_zero=True),
         default_text=f"{DEFAULT_TUNNEL_IDLE_TIMEOUT:g}",
         help="Seconds a CONNECT tunnel may stay silent both ways before it is closed",
@@ -871,9 +826,7 @@ class Config:
     #: beyond it.  By default what the open-file limit carries (L{aoaiproxy.capacity}).
     max_connections: int = option(
         default=attrs.Factory(lambda: connections_for(open_file_limit())),
-        flag="max-connections",
         metavar="N",
-        key="max_connections",
         parse=_whole(least=1),
         default_text="(open-file limit - 100) // 2 (9950 with 20,000 descriptors)",
         help="""Most open client connections per process (each worker its own); more get 503
@@ -882,30 +835,22 @@ class Config:
     )
     max_attempts: int = option(
         default=3,
-        flag="max-attempts",
         metavar="N",
-        key="max_attempts",
         parse=_whole(least=1),
-        default_text="3",
         help="Most backends one request is tried on (failover)",
     )
     max_cooldown: float = option(
         default=60.0,
-        flag="max-cooldown",
         metavar="SECONDS",
-        key="max_cooldown",
         parse=number(above_zero=True),
-        default_text="60",
         help="Longest time a backend is kept out after a 429 or repeated failures",
     )
     intercept: bool = option(
         default=False,
         kind="flag",
-        flag="intercept",
         key="intercept.enabled",
         parse=boolean,
         reload=False,
-        default_text="off",
         help="""Serve CONNECTs to ``api.openai.com:443`` (and ``[intercept] hosts``) as API requests,
         with TLS from the proxy's own CA (azure mode)""",
     )
@@ -916,6 +861,7 @@ class Config:
         parse=_intercept_hosts,
         default_text=f"``{DEFAULT_INTERCEPT_HOST}`` only (a host without a port is on 443)",
         help="Further hosts to intercept: ``host`` or ``host:port``",
+        flag=None,
     )
     intercept_ca_cert: str | None = option(
         default=None,
@@ -923,6 +869,7 @@ class Config:
         parse=_path,
         default_text="generated in the state directory (``ca.pem``)",
         help="The interception CA's certificate (PEM), given with ``ca_key``",
+        flag=None,
     )
     intercept_ca_key: str | None = option(
         default=None,
@@ -930,13 +877,12 @@ class Config:
         parse=_path,
         default_text="generated in the state directory (``ca-key.pem``)",
         help="The interception CA's private key (PEM), given with ``ca_cert``",
+        flag=None,
     )
     state_dir: str = option(
         default=attrs.Factory(lambda: default_state_dir(os.environ)),
-        flag="state-dir",
         metavar="PATH",
         env=("STATE_DIRECTORY",),
-        key="state_dir",
         parse=_state_dir,
         env_default=default_state_dir,
         reload=False,
@@ -945,9 +891,7 @@ class Config:
     )
     metrics_listen: str | None = option(
         default=None,
-        flag="metrics-listen",
         metavar="ENDPOINT",
-        key="metrics_listen",
         parse=_optional_listener,
         reload=False,
         default_text="off",
@@ -955,12 +899,9 @@ class Config:
     )
     workers: int = option(
         default=1,
-        flag="workers",
         metavar="N|auto",
-        key="workers",
         parse=_workers,
         reload=False,
-        default_text="1",
         help="""Worker processes sharing the listeners, each a whole proxy, supervised by the
         daemon's first process (``auto``: one per CPU it may use)""",
     )

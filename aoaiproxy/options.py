@@ -16,12 +16,14 @@ parser ever echoes the value of a secret option, and no type error echoes any va
 from __future__ import annotations
 
 import datetime
+import enum
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import attrs
 
 __all__ = [
+    "FROM_NAME",
     "ConfigError",
     "Given",
     "Option",
@@ -58,6 +60,17 @@ Parser = Callable[[Any, str], Any]
 Kind = Literal["value", "flag", "list", "table", "tables"]
 
 _METADATA_KEY = "aoaiproxy.option"
+
+
+class _FromName(enum.Enum):
+    """The type of L{FROM_NAME}."""
+
+    FROM_NAME = "from the field's name"
+
+
+#: For L{option}'s C{flag} and C{key}: made from the field's name (C{max_body}: the flag
+#: C{max-body}, the key C{max_body}), the default of both.
+FROM_NAME: Final = _FromName.FROM_NAME
 
 
 class ConfigError(Exception):
@@ -139,13 +152,13 @@ def option(
     default: Any,
     help: str,
     parse: Parser,
-    default_text: str,
+    default_text: str | None = None,
     kind: Kind = "value",
-    flag: str | None = None,
+    flag: str | _FromName | None = FROM_NAME,
     short: str | None = None,
     metavar: str | None = None,
     env: tuple[str, ...] = (),
-    key: str | None = None,
+    key: str | _FromName | None = FROM_NAME,
     file_flag: str | None = None,
     file_key: str | None = None,
     read_file: Parser | None = None,
@@ -156,18 +169,20 @@ def option(
 ) -> Any:
     """
     Declare a L{Config} field as an option (see L{Option} for the arguments).  C{default} is
-    the field's attrs default (a value or an C{attrs.Factory}).
+    the field's attrs default (a value or an C{attrs.Factory}).  C{flag} and C{key} are made
+    from the field's name unless given (C{None}: the option has none); C{default_text} is
+    made from a plain C{default} (L{_default_text}) unless given.
     """
     declaration = Option(
         help=" ".join(help.split()),
         parse=parse,
-        default_text=default_text,
+        default_text=_default_text(default) if default_text is None else default_text,
         kind=kind,
-        flag=flag,
+        flag=None if flag is FROM_NAME else flag,
         short=short,
         metavar=metavar,
         env=env,
-        key=key,
+        key=None if key is FROM_NAME else key,
         file_flag=file_flag,
         file_key=file_key,
         read_file=read_file,
@@ -176,16 +191,50 @@ def option(
         note=note,
         env_default=env_default,
     )
-    return attrs.field(default=default, repr=not secret, metadata={_METADATA_KEY: declaration})
+    named = (flag is FROM_NAME, key is FROM_NAME)
+    return attrs.field(
+        default=default,
+        repr=not secret,
+        metadata={_METADATA_KEY: declaration, _NAMED_KEY: named},
+    )
+
+
+_NAMED_KEY = "aoaiproxy.option.named"
+
+
+def _default_text(default: Any) -> str:
+    """
+    How a plain default is shown: C{off}/C{on}, a number as written (C{30}, C{0.5}), a
+    string as an RST literal.  Any other default needs its C{default_text} given.
+    """
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, int):
+        return str(default)
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, str) and default:
+        return f"``{default}``"
+    raise TypeError(f"default_text must be given for a default of {default!r}")
 
 
 def options_of(cls: type) -> tuple[Option, ...]:
     """The options declared as fields of the attrs class C{cls}, in field order."""
-    return tuple(
-        attrs.evolve(f.metadata[_METADATA_KEY], name=f.name)
-        for f in attrs.fields(cls)
-        if _METADATA_KEY in f.metadata
-    )
+    declared = []
+    for f in attrs.fields(cls):
+        if _METADATA_KEY not in f.metadata:
+            continue
+        flag_named, key_named = f.metadata[_NAMED_KEY]
+        declaration: Option = f.metadata[_METADATA_KEY]
+        declared.append(
+            attrs.evolve(
+                declaration,
+                name=f.name,
+                flag=f.name.replace("_", "-") if flag_named else declaration.flag,
+                key=f.name if key_named else declaration.key,
+            )
+        )
+    return tuple(declared)
 
 
 # -- parsers ----------------------------------------------------------------------------------

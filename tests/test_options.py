@@ -16,7 +16,7 @@ from docutils.core import publish_doctree
 from twisted.python.usage import UsageError
 
 from aoaiproxy.config import BACKEND_OPTIONS, OPTIONS, Config, backend_table, load_config, options_table
-from aoaiproxy.options import file_keys, readme_rows
+from aoaiproxy.options import file_keys, option, options_of, readme_rows
 from aoaiproxy.tap import Options
 
 from .conftest import REPO
@@ -271,3 +271,24 @@ def test_example_config_names_only_known_keys() -> None:
             elif not table:
                 assert key in layout, line
     assert seen > 30
+
+
+def test_flag_key_and_default_text_are_made_from_the_field_unless_given() -> None:
+    """A declaration says only what differs from its field's name and default."""
+
+    @attrs.frozen
+    class Declared:
+        max_things: int = option(default=8, help="h", parse=str)
+        warm: bool = option(default=True, kind="flag", help="h", parse=str, key="table.warm")
+        ratio: float = option(default=0.5, help="h", parse=str, flag=None, key=None)
+        colour: str = option(default="blue", help="h", parse=str, default_text="``blue`` (sky)")
+
+    made = {o.name: (o.flag, o.key, o.default_text) for o in options_of(Declared)}
+    assert made == {
+        "max_things": ("max-things", "max_things", "8"),
+        "warm": ("warm", "table.warm", "on"),
+        "ratio": (None, None, "0.5"),
+        "colour": ("colour", "colour", "``blue`` (sky)"),
+    }
+    with pytest.raises(TypeError, match="default_text must be given"):
+        option(default=attrs.Factory(list), help="h", parse=str)
