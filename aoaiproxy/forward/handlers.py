@@ -105,7 +105,8 @@ class Forwarder:
 
     def _admit(self, config: Config, request: Request) -> Admitted:
         header = request.getHeader(b"proxy-authorization")
-        request.requestHeaders.removeHeader(b"proxy-authorization")  # never relayed
+        if header is not None:
+            request.requestHeaders.removeHeader(b"proxy-authorization")  # never relayed
         return admit(config, request.method, request.uri, header)
 
     def _answer_error(self, request: Request, error: ProxyError, close: bool = False) -> None:
