@@ -22,6 +22,8 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import error as ierror
+from twisted.internet import tcp
+from twisted.internet.base import BaseConnector
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -524,6 +526,41 @@ def test_dialing_times_out_as_a_whole() -> None:
     assert forward.refusal(failure, 10).status == 504
     assert cancelled == ["connect"]
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_connect_is_freed_without_the_garbage_collector(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """
+    A CONNECT's objects (its target's connection and connector, the dial, the tunnel) are
+    freed by reference counting once both connections are gone: none is left in a cycle for
+    the cyclic collector (Twisted's connector and its transport keep each other).
+    """
+    port, _ = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+
+    async def one_connect() -> None:
+        client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
+        await client.wait_for(lambda r: r.endswith(b"\r\n\r\n"))
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed
+        await wait_until(lambda: not proxy.forwarder.tunnels, "the tunnel closed")
+
+    await one_connect()  # anything made once, on the first use, is made now
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            await one_connect()
+        gc.collect()
+        kinds = (tcp.Client, BaseConnector, forward.TargetFactory, forward.TargetProtocol, forward.Tunnel)
+        assert [type(o).__name__ for o in gc.garbage if isinstance(o, kinds)] == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def _dial_by(api: str, ending: str) -> tuple[Any, ...]:
