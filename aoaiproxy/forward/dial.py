@@ -6,7 +6,8 @@ to the name again (no DNS rebinding).
 Every failure here is a L{Refused} carrying the answer for the client (L{refusal}: 403, 502
 or 504).  Reaching a destination is one small state machine (L{_Dial}) with one timer for the
 whole of it (the connect timeout): an IP literal is never resolved, and the default
-connector (L{tcp_connector}) connects without wrapping the target's protocol.
+connector (L{tcp_connector}) connects without wrapping the target's protocol and, for
+L{Dialer.dial}, without a Deferred.
 """
 
 from __future__ import annotations
