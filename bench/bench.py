@@ -146,55 +146,66 @@ def nonstream(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]
 
 def profile(h: Harness, a: argparse.Namespace, up: int) -> None:
     """py-spy samples of the proxy under the wrk -c64 load, summed by function and by module."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists() and shutil.which(spy) is None:
-        note("profile: skipped, py-spy is missing (pip install py-spy)")
-        return
-    raw = h.workdir / "profile.txt"
     with h.proxy(up, a.proxy_arg) as (port, proc):
         assert proc is not None
         h.run_wrk(port, 64, 1)
-        load = subprocess.Popen(
-            h.wrk_argv(port, 64, a.profile + 4),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=dict(os.environ, BENCH_BODY=str(h.files["request"])),
+        raw = spy(h, a, proc.pid, h.wrk_argv(port, 64, a.profile + 4), BENCH_BODY=str(h.files["request"]))
+    if raw is not None:
+        keep_profile(raw, a.profile_out)
+        print_profile(raw, a.profile_top, "wrk -c64")
+
+
+def spy(h: Harness, a: argparse.Namespace, pid: int, load_argv: list[str], **env: str) -> Path | None:
+    """
+    py-spy's collapsed stacks of process C{pid} for C{a.profile} seconds, while C{load_argv}
+    runs (it must last that long); None without py-spy.
+    """
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists() and shutil.which(exe) is None:
+        note("profile: skipped, py-spy is missing (pip install py-spy)")
+        return None
+    raw = h.workdir / "profile.txt"
+    load = subprocess.Popen(
+        load_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **env)
+    )
+    try:
+        subprocess.run(
+            h.pinned(
+                [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    f"{a.profile:g}",
+                    "--rate",
+                    "250",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=a.profile + 60,
         )
-        try:
-            subprocess.run(
-                h.pinned(
-                    [
-                        spy,
-                        "record",
-                        "--pid",
-                        str(proc.pid),
-                        "--duration",
-                        f"{a.profile:g}",
-                        "--rate",
-                        "250",
-                        "--nonblocking",
-                        "--format",
-                        "raw",
-                        "--output",
-                        str(raw),
-                    ]
-                ),
-                check=True,
-                capture_output=True,
-                timeout=a.profile + 60,
-            )
-        finally:
-            load.wait(a.profile + 30)
-    if a.profile_out:
-        shutil.copyfile(raw, a.profile_out)
-    print_profile(raw, a.profile_top)
+    finally:
+        load.wait(a.profile + 30)
+    return raw
 
 
-def print_profile(raw: Path, top: int) -> None:
+def keep_profile(raw: Path, out: str | None) -> None:
+    if out:
+        shutil.copyfile(raw, out)
+
+
+def print_profile(raw: Path, top: int, under: str = "wrk -c64") -> None:
     """The top functions and modules by CPU time in py-spy's collapsed stacks."""
     total, functions, modules = profile_tables(parse_collapsed(raw.read_text().splitlines()), top)
     print(
-        f"\nProfile of aoaiproxy under wrk -c64 (py-spy, {total} samples of CPU time, self %, inclusive %):\n"
+        f"\nProfile of aoaiproxy under {under} (py-spy, {total} samples of CPU time, self %, inclusive %):\n"
     )
     for title, rows in (("function", functions), ("module", modules)):
         print(f"| {title} | self % | inclusive % |\n|---|---:|---:|")
@@ -383,7 +394,25 @@ def connect(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
                     f"{s['rate']:,.0f} TLS/s, {b.get('mb_per_s', 0):,.0f} MB/s, "
                     f"errors {r['errors']} {s['errors']}"
                 )
+        if a.profile:
+            connect_profile(h, a, raw, allow)
     return [setups, setup_cpu, tunnels, mbps]
+
+
+def connect_profile(h: Harness, a: argparse.Namespace, sink: int, allow: list[str]) -> None:
+    """py-spy samples of the proxy under loadtool connect -c N (a new connection each)."""
+    assert h.loadtool is not None
+    with h.proxy(sink, [*allow, *a.proxy_arg]) as (port, proc):
+        assert proc is not None
+        tunnel_load(h, port, "connect", sink, "-c", "8", seconds=1)  # warm-up
+        via = ["-proxy", f"127.0.0.1:{port}", "-target", f"127.0.0.1:{sink}", "-c", str(a.connect_c)]
+        load = h.pinned([str(h.loadtool), "connect", *via, "-d", f"{a.profile + 4:g}s"])
+        raw = spy(h, a, proc.pid, load)
+    if raw is not None:
+        # With nonstream's profile in the same run, this one is kept beside it.
+        both = "nonstream" in a.scenarios and a.profile_out
+        keep_profile(raw, f"{a.profile_out}.connect" if both else a.profile_out)
+        print_profile(raw, a.profile_top, f"loadtool connect -c{a.connect_c}")
 
 
 RUNNERS = {"nonstream": nonstream, "streams": streams, "held": held, "chunks": chunks, "connect": connect}
@@ -474,7 +503,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = arguments(argv)
     if a.profile_from:
-        print_profile(Path(a.profile_from), a.profile_top)
+        print_profile(Path(a.profile_from), a.profile_top, "the recorded load")
         return 0
     cores = os.sched_getaffinity(0)
     pin = {a.proxy_core, a.load_core} <= cores and a.proxy_core != a.load_core and shutil.which("taskset")

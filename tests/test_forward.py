@@ -22,11 +22,13 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import error as ierror
+from twisted.internet import tcp
+from twisted.internet.base import BaseConnector
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -524,6 +526,110 @@ def test_dialing_times_out_as_a_whole() -> None:
     assert forward.refusal(failure, 10).status == 504
     assert cancelled == ["connect"]
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whole_connect_is_freed_without_the_garbage_collector(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """
+    A CONNECT's objects (its target's connection and connector, the dial, the tunnel) are
+    freed by reference counting once both connections are gone: none is left in a cycle for
+    the cyclic collector (Twisted's connector and its transport keep each other).
+    """
+    port, _ = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+
+    async def one_connect() -> None:
+        client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
+        await client.wait_for(lambda r: r.endswith(b"\r\n\r\n"))
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed
+        await wait_until(lambda: not proxy.forwarder.tunnels, "the tunnel closed")
+
+    await one_connect()  # anything made once, on the first use, is made now
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            await one_connect()
+        gc.collect()
+        assert [type(o).__name__ for o in gc.garbage if _of_a_connect(o)] == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+def _of_a_connect(thing: object) -> bool:
+    """Whether C{thing} is one of a CONNECT's objects (not, say, another test's client)."""
+    if isinstance(thing, tcp.Client):
+        thing = getattr(thing, "connector", None)
+    if isinstance(thing, BaseConnector):
+        thing = thing.factory
+    return isinstance(thing, (forward.TargetFactory, forward.TargetProtocol, forward.Tunnel))
+
+
+def _dial_by(api: str, ending: str) -> tuple[Any, ...]:
+    """
+    One CONNECT dial over the default TCP connector (a memory reactor), through C{api}
+    (C{Dialer.connect}'s Deferred, or C{Dialer.dial}'s callbacks), ending as C{ending} says:
+    what the caller was told, and what was left of the connection attempt.
+    """
+    reactor = MemoryReactorClock()
+    told: list[Any] = []
+    dialer = forward.Dialer(reactor, connector=forward.tcp_connector(reactor))
+    config = Config(forward_allow=("192.0.2.7:443",), connect_timeout=10)
+    factory = forward.TargetFactory()
+    if api == "deferred":
+        d = dialer.connect(config, "192.0.2.7", 443, factory)
+        d.addBoth(told.append)
+        cancel = d.cancel
+    else:
+        attempt = dialer.dial(config, "192.0.2.7", 443, factory, told.append, told.append)
+        cancel = attempt.cancel
+    [(host, port, connecting_factory, timeout, _)] = reactor.tcpClients
+    [connector] = reactor.connectors
+    assert (host, port, connecting_factory, timeout) == ("192.0.2.7", 443, factory, None)
+    if ending == "connected":
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+    elif ending == "refused":
+        factory.clientConnectionFailed(connector, Failure(ierror.ConnectionRefusedError()))
+    elif ending == "timeout":
+        reactor.advance(10)
+    else:
+        cancel()
+    if connector.stoppedConnecting:  # what a real connector then tells its factory
+        factory.clientConnectionFailed(connector, Failure(ierror.UserError()))
+    outcome: Any = told
+    if told and isinstance(told[0], Failure):
+        outcome = type(told[0].value).__name__
+        if isinstance(told[0].value, forward.Refused):
+            outcome = told[0].value.error.status
+    elif told:
+        outcome = type(told[0]).__name__
+    return outcome, connector.stoppedConnecting, reactor.getDelayedCalls()
+
+
+@pytest.mark.parametrize("ending", ["connected", "refused", "timeout", "cancelled"])
+def test_dialing_with_callbacks_tells_what_the_deferred_does(ending: str) -> None:
+    """
+    C{Dialer.dial} (callbacks, no Deferred: the CONNECT path) and C{Dialer.connect} (a
+    Deferred) give the same verdicts and stop the same way; cancelled, the callbacks are told
+    nothing (the Deferred fails with CancelledError).
+    """
+    expected = {
+        "connected": ("TargetProtocol", False),
+        "refused": (502, False),
+        "timeout": (504, True),
+        "cancelled": ("CancelledError", True),
+    }[ending]
+    by_deferred = _dial_by("deferred", ending)
+    by_callbacks = _dial_by("callbacks", ending)
+    assert by_deferred == (expected[0], expected[1], [])
+    assert by_callbacks == ([] if ending == "cancelled" else expected[0], expected[1], [])
 
 
 @pytest_twisted.ensureDeferred

@@ -6,6 +6,7 @@ or an authority inject into the upstream request.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import string
@@ -29,6 +30,7 @@ from aoaiproxy.config import (
     valid_deployment,
 )
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.forward import policy
 
 from .rawnet import get_reactor
 
@@ -349,3 +351,67 @@ def test_parse_authority_reads_what_clients_send(host: str, port: int) -> None:
     except ValueError:
         expected = host
     assert parsed_host == expected
+
+
+# -- a CONNECT's verdict, remembered ---------------------------------------------------------
+
+connect_hosts = st.sampled_from(
+    [
+        "svc.example",
+        "a.svc.example",
+        "SVC.example.",
+        "192.0.2.7",
+        "[::1]",
+        "[0::1]",
+        "api.openai.com",
+        "b.example",
+    ]
+)
+connect_authorities = st.tuples(connect_hosts, st.sampled_from([443, 80, 8443])).map(
+    lambda hp: f"{hp[0]}:{hp[1]}".encode()
+)
+malformed_targets = st.sampled_from(
+    [b"bad host:443", b"[::1:443", b"svc.example:0", b"svc.example:70000", b"svc.example:", b"\xc3\xa9.x:443"]
+)
+connect_targets = st.one_of(connect_authorities, st.one_of(malformed_targets, st.binary(max_size=30)))
+allow_entries = ["svc.example:443", "*.svc.example:443", "192.0.2.7:8443", "[::1]:443", "127.0.0.1:80"]
+intercept_entries = ["api.openai.com:443", "svc.example:443", "[::1]:443", "b.example:80"]
+proxy_authorizations = st.sampled_from(
+    [None, b"Basic " + base64.b64encode(b"u:p"), b"Basic " + base64.b64encode(b"u:x"), b"Bearer x"]
+)
+
+
+def _verdict(admit: Any, config: Config, target: bytes, authorization: bytes | None) -> Any:
+    try:
+        return admit(config, b"CONNECT", target, authorization)
+    except forward.Refused as e:
+        return (e.error.status, e.error.message, e.error.code, e.error.headers)
+
+
+@settings(PROPERTIES, max_examples=500)
+@given(
+    st.lists(connect_targets, min_size=1, max_size=6),
+    st.lists(st.sampled_from(allow_entries), max_size=3, unique=True),
+    st.booleans(),
+    st.lists(st.sampled_from(intercept_entries), max_size=3, unique=True),
+    st.booleans(),
+    proxy_authorizations,
+)
+def test_a_remembered_connect_verdict_is_the_one_made_afresh(
+    targets: list[bytes],
+    allow: list[str],
+    intercept: bool,
+    intercept_hosts: list[str],
+    users: bool,
+    authorization: bytes | None,
+) -> None:
+    """C{admit} remembers a CONNECT's verdict; it is always the one C{admit_uncached} makes."""
+    config = Config(
+        forward_allow=tuple(allow),
+        intercept=intercept,
+        intercept_hosts=tuple(intercept_hosts),
+        forward_users={"u": "p"} if users else {},
+    )
+    for target in targets * 2:  # each asked again: the second answer is remembered
+        expected = _verdict(policy.admit_uncached, config, target, authorization)
+        assert _verdict(forward.admit, config, target, authorization) == expected

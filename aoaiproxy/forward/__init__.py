@@ -23,11 +23,13 @@ Errors are OpenAI-shaped JSON with C{Access-Control-Allow-Origin: *}.
 
 The modules: L{policy} (the decisions, pure), L{dial} (resolve, check, connect; the one
 failure classification, L{refusal}), L{tunnel} (the byte relay), L{handlers} (the requests).
-Secrets are compared with L{aoaiproxy.compare.equal_to_any}.  A CONNECT costs little: one
-timer bounds resolving and connecting together (an IP literal is not resolved), the target's
-protocol is not wrapped, a tunnel's idleness is one timer checked against the time of its
-last byte (not reset per chunk), and its chunks go to the socket at once when nothing is
-buffered (L{aoaiproxy._twisted.write_through}).
+Secrets are compared with L{aoaiproxy.compare.equal_to_any}.  A CONNECT costs little: its
+head's verdict (but for proxy authentication) is remembered per request-target, one timer
+bounds resolving and connecting together (an IP literal is not resolved), the connection is
+waited for without a Deferred (L{Dialer.dial}) and its protocol is not wrapped, nothing of
+it is left in a reference cycle, a tunnel's idleness is one timer checked against the time
+of its last byte (not reset per chunk), and its chunks go to the socket at once when
+nothing is buffered (L{aoaiproxy._twisted.write_through}).
 
 A refused C{CONNECT} is answered with C{Connection: close} and its connection closed: what
 the client sent behind it is tunnel data, never parsed as HTTP (but for a 407 with nothing

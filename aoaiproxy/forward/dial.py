@@ -6,7 +6,8 @@ to the name again (no DNS rebinding).
 Every failure here is a L{Refused} carrying the answer for the client (L{refusal}: 403, 502
 or 504).  Reaching a destination is one small state machine (L{_Dial}) with one timer for the
 whole of it (the connect timeout): an IP literal is never resolved, and the default
-connector (L{tcp_connector}) connects without wrapping the target's protocol.
+connector (L{tcp_connector}) connects without wrapping the target's protocol and, for
+L{Dialer.dial}, without a Deferred.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import error as ierror
+from twisted.internet.base import BaseConnector
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
@@ -84,24 +86,46 @@ def reactor_resolver(reactor: Any) -> Resolver:
 class ConnectingFactory(ClientFactory):
     """
     A client factory whose protocols say when their connection is made (L{connected}, from
-    their C{connectionMade}), so that L{tcp_connector}'s endpoints fire without wrapping each
-    protocol in another, as Twisted's endpoints do (a wrapper costs a call per chunk and
-    Deferreds per connection).  Quiet: no "Starting factory" log lines.
+    their C{connectionMade}), so that L{tcp_connector}'s connections are reported without
+    wrapping each protocol in another, as Twisted's endpoints do (a wrapper costs a call per
+    chunk and Deferreds per connection).  Quiet: no "Starting factory" log lines.
     """
 
     noisy = False
-    _waiting: Deferred[IProtocol] | None = None
+    _on_connected: Callable[[IProtocol], object] | None = None
+    _on_failed: Callable[[Failure], object] | None = None
+
+    def await_connection(
+        self, on_connected: Callable[[IProtocol], object], on_failed: Callable[[Failure], object]
+    ) -> None:
+        """Call C{on_connected} with the protocol once connected, or C{on_failed} with why not."""
+        self._on_connected = on_connected
+        self._on_failed = on_failed
+
+    def stop_waiting(self) -> None:
+        """Call neither of what L{await_connection} was given (the attempt was given up)."""
+        self._on_connected = self._on_failed = None
 
     def connected(self, protocol: IProtocol) -> None:
         """Called by each protocol's C{connectionMade}."""
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(protocol)
+        on_connected = self._on_connected
+        self._on_connected = self._on_failed = None
+        if on_connected is not None:
+            on_connected(protocol)
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.errback(reason)
+        on_failed = self._on_failed
+        self._on_connected = self._on_failed = None
+        if on_failed is not None:
+            on_failed(reason)
+
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
+        # Twisted's connector keeps its (public) transport once the connection is lost, and
+        # the transport keeps its connector: a reference cycle per connection, left to the
+        # cyclic collector.  Dropped here, as Twisted does itself when a connection fails
+        # (BaseConnector.connectionFailed; checked against Twisted 26.10).
+        if isinstance(connector, BaseConnector):
+            connector.transport = None
 
 
 @implementer(IStreamClientEndpoint)
@@ -127,15 +151,29 @@ class _TCPEndpoint:
         connector: IConnector | None = None
 
         def cancel(d: Deferred[IProtocol]) -> None:
-            factory._waiting = None
+            factory.stop_waiting()
             d.errback(ierror.ConnectingCancelledError(connector.getDestination()))  # type: ignore[union-attr]
             connector.stopConnecting()  # type: ignore[union-attr]
 
         d: Deferred[IProtocol] = Deferred(cancel)
-        factory._waiting = d
-        # No timeout of its own (Twisted's connector tests None): the Dialer's bounds it.
-        connector = self._reactor.connectTCP(self._ip, self._port, factory, timeout=None)
+        connector = self.dial(factory, d.callback, d.errback)
         return d
+
+    def dial(
+        self,
+        factory: ConnectingFactory,
+        on_connected: Callable[[IProtocol], object],
+        on_failed: Callable[[Failure], object],
+    ) -> IConnector:
+        """
+        L{connect} without a Deferred: C{factory} calls C{on_connected} or C{on_failed} (never
+        before this returns); C{stopConnecting()} on the connector returned, after
+        C{factory.stop_waiting()}, gives the attempt up.
+        """
+        factory.await_connection(on_connected, on_failed)
+        # No timeout of its own (Twisted's connector tests None): the Dialer's bounds it.
+        connector: IConnector = self._reactor.connectTCP(self._ip, self._port, factory, timeout=None)
+        return connector
 
 
 def tcp_connector(reactor: Any) -> Connector:
@@ -192,7 +230,7 @@ class Dialer:
         connect timeout; fails with L{Refused} (403 when a name leads to a non-public address,
         502, 504).
         """
-        return _Dial(self, config, host, port, None).result
+        return _Dial(self, config, host, port, None).deferred()
 
     def connect(self, config: Config, host: str, port: int, factory: IProtocolFactory) -> Deferred[IProtocol]:
         """
@@ -200,50 +238,98 @@ class Dialer:
         accepts, all within the connect timeout; fires with the connected protocol C{factory}
         built, or fails with L{Refused} (403, 502, 504).  Cancelling it stops the attempt.
         """
-        return _Dial(self, config, host, port, factory).result
+        return _Dial(self, config, host, port, factory).deferred()
+
+    def dial(
+        self,
+        config: Config,
+        host: str,
+        port: int,
+        factory: IProtocolFactory,
+        on_connected: Callable[[IProtocol], object],
+        on_failed: Callable[[Failure], object],
+    ) -> Attempt:
+        """
+        L{connect} without a Deferred: calls C{on_connected} with the connected protocol, or
+        C{on_failed} with a L{Refused} failure, once (perhaps before this returns).
+        C{cancel()} on the attempt returned stops it and calls neither.
+        """
+        attempt = _Dial(self, config, host, port, factory)
+        attempt.start(on_connected, on_failed)
+        return attempt
 
 
 class _Dial:
     """
     One destination being reached, in steps: resolve (a name; an IP literal is not resolved),
     check, then connect to each checked address in turn until one accepts (when there is a
-    C{factory}), all bounded by one timer of the connect timeout.  C{result} fires with the
-    connected protocol (or, without a factory, the checked addresses), or fails with
-    L{Refused}; cancelling it stops the step in progress.
+    C{factory}), all bounded by one timer of the connect timeout.  Once L{start}ed, it calls
+    back with the connected protocol (or, without a factory, the checked addresses), or with
+    a L{Refused} failure; L{cancel} stops the step in progress.
+
+    A connection by L{tcp_connector} (to a L{ConnectingFactory}) is waited for without a
+    Deferred; another connector's endpoint, and a resolver, give Deferreds.
     """
 
     __slots__ = (
         "_config",
+        "_connecting",
         "_dialer",
         "_done",
         "_factory",
         "_host",
+        "_on_done",
+        "_on_failed",
         "_port",
         "_remaining",
         "_step",
         "_timeout",
         "_timer",
-        "result",
     )
 
     def __init__(
         self, dialer: Dialer, config: Config, host: str, port: int, factory: IProtocolFactory | None
     ) -> None:
-        self.result: Deferred[Any] = Deferred(self._cancel)
         self._dialer = dialer
         self._config = config
         self._host = host
         self._port = port
         self._factory = factory
         self._timeout = config.connect_timeout
+        self._on_done: Callable[[Any], object] | None = None
+        self._on_failed: Callable[[Failure], object] | None = None
         self._step: Deferred[Any] | None = None
+        #: A L{tcp_connector} connection being made: its factory and connector.
+        self._connecting: tuple[ConnectingFactory, IConnector] | None = None
         self._remaining: list[str] = []
         self._done = False
-        self._timer: IDelayedCall | None = dialer._reactor.callLater(self._timeout, self._timed_out)
-        if ip_literal(host) is not None:
-            self._checked([host])
+        self._timer: IDelayedCall | None = None
+
+    def deferred(self) -> Deferred[Any]:
+        """Start, firing the Deferred returned (whose cancellation L{cancel}s)."""
+        result: Deferred[Any] = Deferred(self._cancelled)
+        self.start(result.callback, result.errback)
+        return result
+
+    def start(self, on_done: Callable[[Any], object], on_failed: Callable[[Failure], object]) -> None:
+        self._on_done = on_done
+        self._on_failed = on_failed
+        self._timer = self._dialer._reactor.callLater(self._timeout, self._timed_out)
+        if ip_literal(self._host) is not None:
+            self._checked([self._host])
         else:
-            self._wait(defer.maybeDeferred(dialer._resolve, host), self._resolved)
+            self._wait(defer.maybeDeferred(self._dialer._resolve, self._host), self._resolved)
+
+    def cancel(self) -> None:
+        """The caller gave up (its client left): stop, and call back neither way."""
+        self._done = True
+        self._on_done = self._on_failed = None
+        self._stop_timer()
+        self._stop_step()
+
+    def _cancelled(self, result: Deferred[Any]) -> None:
+        # Deferred.cancel then fails the result itself.
+        self.cancel()
 
     def _wait(self, step: Deferred[Any], then: Callable[[Any], None]) -> None:
         self._step = step
@@ -271,12 +357,16 @@ class _Dial:
         self._next_address()
 
     def _next_address(self) -> None:
-        assert self._factory is not None
+        factory = self._factory
+        assert factory is not None
         endpoint = self._dialer._connector(self._remaining.pop(0), self._port, self._timeout)
-        self._wait(endpoint.connect(self._factory), self._connected)
+        if isinstance(endpoint, _TCPEndpoint) and isinstance(factory, ConnectingFactory):
+            self._connecting = (factory, endpoint.dial(factory, self._connected, self._step_failed))
+        else:
+            self._wait(endpoint.connect(factory), self._connected)
 
     def _connected(self, protocol: IProtocol) -> None:
-        self._step = None
+        self._step = self._connecting = None
         if self._done:  # cancelled or timed out meanwhile: a late connection is not used
             transport: Any = getattr(protocol, "transport", None)
             if transport is not None:
@@ -285,7 +375,7 @@ class _Dial:
         self._finish(protocol)
 
     def _step_failed(self, failure: Failure) -> None:
-        self._step = None
+        self._step = self._connecting = None
         if self._done:
             return
         if self._remaining and not failure.check(CancelledError, ierror.ConnectingCancelledError):
@@ -298,19 +388,17 @@ class _Dial:
         self._finish(Failure(defer.TimeoutError()))
         self._stop_step()
 
-    def _cancel(self, result: Deferred[Any]) -> None:
-        # The caller gave up (its client left): Deferred.cancel fails the result.
-        self._done = True
-        self._stop_timer()
-        self._stop_step()
-
     def _finish(self, outcome: Any) -> None:
         self._done = True
         self._stop_timer()
+        on_done, on_failed = self._on_done, self._on_failed
+        # Nothing kept: the callbacks lead back to the caller, which may keep this attempt.
+        self._on_done = self._on_failed = None
         if isinstance(outcome, Failure):
-            self.result.errback(Failure(Refused(refusal(outcome, self._timeout))))
-        else:
-            self.result.callback(outcome)
+            if on_failed is not None:
+                on_failed(Failure(Refused(refusal(outcome, self._timeout))))
+        elif on_done is not None:
+            on_done(outcome)
 
     def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -321,3 +409,12 @@ class _Dial:
         step, self._step = self._step, None
         if step is not None:
             step.cancel()
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            factory, connector = connecting
+            factory.stop_waiting()
+            connector.stopConnecting()
+
+
+#: A destination being reached (L{Dialer.dial}): C{cancel()} gives it up.
+Attempt = _Dial

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -104,7 +105,8 @@ class Forwarder:
 
     def _admit(self, config: Config, request: Request) -> Admitted:
         header = request.getHeader(b"proxy-authorization")
-        request.requestHeaders.removeHeader(b"proxy-authorization")  # never relayed
+        if header is not None:
+            request.requestHeaders.removeHeader(b"proxy-authorization")  # never relayed
         return admit(config, request.method, request.uri, header)
 
     def _answer_error(self, request: Request, error: ProxyError, close: bool = False) -> None:
@@ -134,25 +136,11 @@ class Forwarder:
                 return
             self._intercept(config, request, self._interceptor.creator(host))
             return
-        d = self._dialer.connect(config, host, port, TargetFactory())
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-
-        def connected(target: TargetProtocol) -> None:
-            if request.channel is None:  # the client left while we connected
-                transport: Any = target.transport
-                transport.abortConnection()
-                return
-            tunnel = Tunnel(
-                self._reactor,
-                target,
-                config.tunnel_idle_timeout,
-                self._tunnel_closed(request),
-                self._recorder,
-            )
-            self.tunnels.add(tunnel)
-            request.establish(tunnel)
-
-        d.addCallbacks(connected, self._failed(request, close=True))
+        connecting = _Connecting(self, config, request)
+        attempt = self._dialer.dial(
+            config, host, port, TargetFactory(), connecting.connected, connecting.failed
+        )
+        request.when_gone(attempt.cancel)
 
     def _intercept(self, config: Config, request: ProxyRequest, creator: CertificateOptions) -> None:
         """
@@ -180,14 +168,6 @@ class Forwarder:
 
         request.notifyFinish().addBoth(ended)
 
-    def _tunnel_closed(self, request: Request) -> Callable[[Tunnel], None]:
-        def closed(tunnel: Tunnel) -> None:
-            self.tunnels.discard(tunnel)
-            # For the access-log line the channel writes when the connection is gone.
-            note(request, bytes=tunnel.bytes_down)
-
-        return closed
-
     # -- absolute-form
 
     def _relay(self, config: Config, request: Request, admitted: Admitted) -> None:
@@ -213,3 +193,40 @@ class Forwarder:
         relayed = d.addCallback(send)
         relayed.addCallback(relay_response, request, self._reactor, config.upstream_timeout)
         relayed.addErrback(self._failed(request))
+
+
+class _Connecting:
+    """A C{CONNECT} whose target is being dialled: its tunnel once connected, or its error."""
+
+    __slots__ = ("_config", "_forwarder", "_request")
+
+    def __init__(self, forwarder: Forwarder, config: Config, request: ProxyRequest) -> None:
+        self._forwarder = forwarder
+        self._config = config
+        self._request = request
+
+    def connected(self, target: IProtocol) -> None:
+        request = self._request
+        if request.channel is None:  # the client left while we connected
+            transport: Any = target.transport
+            transport.abortConnection()
+            return
+        forwarder = self._forwarder
+        tunnel = Tunnel(
+            forwarder._reactor,
+            cast(TargetProtocol, target),
+            self._config.tunnel_idle_timeout,
+            self.closed,
+            forwarder._recorder,
+        )
+        forwarder.tunnels.add(tunnel)
+        request.establish(tunnel)
+
+    def failed(self, failure: Failure) -> None:
+        error = refusal(failure, self._config.connect_timeout)
+        self._forwarder._answer_error(self._request, error, close=True)
+
+    def closed(self, tunnel: Tunnel) -> None:
+        self._forwarder.tunnels.discard(tunnel)
+        # For the access-log line the channel writes when the connection is gone.
+        note(self._request, bytes=tunnel.bytes_down)

@@ -174,7 +174,10 @@ def _rules(entries: tuple[str, ...]) -> _Rules:
 
 def destination_allowed(config: Config, host: str, port: int) -> bool:
     """Whether C{host:port} (as returned by L{parse_authority}) is on the allowlist."""
-    rules = _rules(config.forward_allow)
+    return _allowed(_rules(config.forward_allow), host, port)
+
+
+def _allowed(rules: _Rules, host: str, port: int) -> bool:
     if (host, port) in rules.exact:
         return True
     if ip_literal(host) is not None:
@@ -286,7 +289,30 @@ def admit(config: Config, method: bytes, target: bytes, proxy_authorization: byt
     request-target (400), proxy authentication (407), then the allowlist (403), which an
     absolute-form API request (L{Admitted.api}) and an intercepted C{CONNECT}
     (L{Admitted.intercept}) do not need.  Raises L{Refused}.
+
+    A C{CONNECT}'s verdict but for authentication depends on its request-target and the
+    configuration alone, so it is remembered (L{_connect_verdict}); L{admit_uncached}
+    decides every request afresh, with the same verdicts.
     """
+    if method != b"CONNECT":
+        return admit_uncached(config, method, target, proxy_authorization)
+    try:
+        admitted, allowed = _connect_verdict(
+            target, config.forward_allow, config.intercept, config.intercept_hosts
+        )
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(bad_target()) from None
+    if config.forward_users and not proxy_authorized(config, proxy_authorization):
+        raise Refused(proxy_auth_required())
+    if allowed:
+        return admitted
+    raise Refused(forbidden(f"{admitted.host}:{admitted.port}"))
+
+
+def admit_uncached(
+    config: Config, method: bytes, target: bytes, proxy_authorization: bytes | None
+) -> Admitted:
+    """L{admit}, every step taken for every request (absolute-form requests are always)."""
     absolute = None
     try:
         if method == b"CONNECT":
@@ -304,6 +330,21 @@ def admit(config: Config, method: bytes, target: bytes, proxy_authorization: byt
     if not admitted.api and not destination_allowed(config, host, port):
         raise Refused(forbidden(f"{host}:{port}"))
     return admitted
+
+
+@functools.lru_cache(maxsize=1024)  # the same few targets, CONNECT after CONNECT
+def _connect_verdict(
+    target: bytes, forward_allow: tuple[str, ...], intercept: bool, intercept_hosts: tuple[str, ...]
+) -> tuple[Admitted, bool]:
+    """
+    A C{CONNECT} to C{target}, and whether it may go there (intercepted, or allowed), as
+    L{admit_uncached} decides with a configuration holding these settings.  Raises
+    L{ValueError} for a malformed target.
+    """
+    host, port = parse_authority(target)
+    if intercept and (host, port) in _intercepted_hosts(intercept_hosts):
+        return Admitted(host, port, None, intercept=True), True
+    return Admitted(host, port, None), _allowed(_rules(forward_allow), host, port)
 
 
 @functools.lru_cache(maxsize=32)
