@@ -725,6 +725,13 @@ class ProxyRequest(server.Request):
         else:
             self._gone.append(callback)
 
+    def finish(self) -> None:
+        super().finish()
+        # Finished: no callback is due any more, and none keeps the request in a reference
+        # cycle (a relay's callback holds its request), so that it is freed at once, not by
+        # the cyclic collector.
+        self._gone = None
+
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream
         # cut, drain deadline): still one access line, marked aborted.

@@ -57,6 +57,9 @@ FILE_CHUNK = 64 * 1024
 UNREAD_BODY_LIMIT = 64 * 1024
 
 _DONE = Failure(ResponseDone("Response body fully received"))
+#: A response's reader once it has been told the end: the reader itself is not kept (it holds
+#: the response through its transport, a cycle only the cyclic collector would free).
+_ENDED = Protocol()
 _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
@@ -183,6 +186,7 @@ class UpstreamResponse:
             self._unread = None
             protocol.dataReceived(data)
         if self._end is not None:
+            self._protocol = _ENDED
             protocol.connectionLost(self._end)
 
     def _data(self, data: bytes) -> None:
@@ -202,8 +206,10 @@ class UpstreamResponse:
         if self._end is not None:
             return
         self._end = reason
-        if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+        protocol = self._protocol
+        if protocol is not None:
+            self._protocol = _ENDED
+            protocol.connectionLost(reason)
 
 
 @implementer(IPullProducer)
