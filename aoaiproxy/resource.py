@@ -346,13 +346,18 @@ class ApiResource(Resource):
         else:
             content.seek(0)
             replay = ReplayBody(content)
-        d = Attempts(self._backends, self._upstream, config, client, replay).start()
-        if not d.called:
-            when_gone(request, d.cancel)
-        d.addCallback(self._answer, request, client, config, strip_usage)
-        # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
-        # is a bug.
-        d.addErrback(lambda f: None if f.check(CancelledError) else self._unexpected(f, request))
+        attempts = Attempts(self._backends, self._upstream, config, client, replay)
+
+        def answered(answer: Answer) -> None:
+            try:
+                self._answer(answer, request, client, config, strip_usage)
+            except Exception:
+                self._unexpected(Failure(), request)  # a bug while relaying
+
+        # A failure in the attempts is a bug; cancelled (the client left), they report nothing.
+        attempts.run(answered, lambda f: self._unexpected(f, request))
+        if not attempts.over:
+            when_gone(request, attempts.cancel)
 
     def _failed(self, failure: Failure, request: Request) -> None:
         """A body scanned in a thread was refused (the proxy's error), or a bug."""
