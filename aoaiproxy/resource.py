@@ -12,7 +12,8 @@ import io
 import mmap
 import sys
 import traceback
-from typing import IO, Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
@@ -33,6 +34,9 @@ from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
 from aoaiproxy.relay import BodyRelay, when_gone
 from aoaiproxy.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from aoaiproxy.admission import Admitted
 
 CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_DEFAULT_HEADERS = (
@@ -71,9 +75,10 @@ def _plan(
     route: rewrite.Route,
     method: bytes,
     query: bytes,
-    headers: list[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]],
     body: bytes | mmap.mmap | None,
     model_from_form: str | None,
+    presented: bytes | Literal[rewrite.Unchecked.UNCHECKED] | None,
 ) -> tuple[rewrite.ClientRequest, bytes | None, bool]:
     """
     L{rewrite.plan_client} and L{rewrite.usage_request} on a request (pure: it may run in a
@@ -82,7 +87,9 @@ def _plan(
     """
     scanned = cast(bytes | None, body)
     try:
-        client = rewrite.plan_client(config, route, method, query, headers, scanned, model_from_form)
+        client = rewrite.plan_client(
+            config, route, method, query, headers, scanned, model_from_form, presented=presented
+        )
         asked, strip_usage = rewrite.usage_request(config, route, scanned, client.top)
     except BaseException:
         close_map(body)
@@ -239,18 +246,33 @@ class ApiResource(Resource):
 
     def _render(self, request: Request) -> None:
         config = self._live.config
-        method = request.method.decode("ascii", "replace")
-        path = request.path.decode("latin-1")
-        if method == "OPTIONS":
+        if request.method == b"OPTIONS":
             self._preflight(request)
             return
-        route = rewrite.classify(config, method, path)
+        admitted: Admitted | None = getattr(request, "admitted", None)
+        presented: bytes | Literal[rewrite.Unchecked.UNCHECKED] | None = rewrite.UNCHECKED
+        if (
+            admitted is not None
+            and admitted.config is config
+            and admitted.method == request.method
+            and admitted.path == request.path
+        ):
+            # Its head was judged (site.ProxyRequest) under this configuration: its route,
+            # headers and key are what the same functions would give again.
+            route = admitted.route
+            headers = admitted.headers
+            presented = admitted.presented
+        else:
+            route = rewrite.classify(
+                config, request.method.decode("ascii", "replace"), request.path.decode("latin-1")
+            )
+            headers = raw_headers(request)
         if route.kind == "health":
             self._local(request, rewrite.HEALTH)
             return
-        headers = raw_headers(request)
         if route.kind in ("models", "model"):
-            rewrite.client_credential(config, headers)
+            if presented is rewrite.UNCHECKED:
+                rewrite.client_credential(config, headers)
             names = self._backends.models()
             if route.kind == "models":
                 self._local(request, rewrite.models_list(names))
@@ -273,7 +295,8 @@ class ApiResource(Resource):
                     model_from_form = form_field(content, content_type or b"", b"model")
                     content.seek(0)
                     if model_from_form is None:
-                        rewrite.client_credential(config, headers)  # a 401 comes before a 400
+                        if presented is rewrite.UNCHECKED:
+                            rewrite.client_credential(config, headers)  # a 401 comes before a 400
                         raise errors.missing_model()
             else:
                 # Any other body on these routes must be a JSON object, whatever its type
@@ -287,7 +310,7 @@ class ApiResource(Resource):
             and rewrite.is_json(content_type)
         ):
             body = read_body(content)  # only to see whether it asks for a stream
-        plan = (config, route, request.method, query, headers, body, model_from_form)
+        plan = (config, route, request.method, query, headers, body, model_from_form, presented)
         if body is None or isinstance(body, bytes):
             self._send(_plan(*plan), request, config, content)
             return

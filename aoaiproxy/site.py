@@ -690,6 +690,9 @@ class ProxyRequest(server.Request):
     first_byte_at: float | None = None
     #: What to call if the client leaves before the response is finished (L{when_gone}).
     _gone: list[Callable[[], object]] | None = None
+    #: What the head of an API request with a body decided (L{admission.judge}), for its
+    #: route to take rather than decide again.
+    admitted: admission.Admitted | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -776,8 +779,11 @@ class ProxyRequest(server.Request):
             return None, False
         method, target = line
         config = self._site.live.config
-        error = admission.refusal(config, method, target, raw_headers(self))
-        return error, error is None and admission.body_unused(method, target)
+        verdict = admission.judge(config, method, target, raw_headers(self))
+        if isinstance(verdict, ProxyError):
+            return verdict, False
+        self.admitted = verdict
+        return None, admission.body_unused(method, target)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
