@@ -47,6 +47,7 @@ from aoaiproxy.backends import (
     outcome_for_status,
     reactor_threads,
 )
+from aoaiproxy.backends.cooldown import ResponseHeaders
 from aoaiproxy.backends.entra import RETRY_INTERVAL
 from aoaiproxy.config import BackendConfig, Config, LiveConfig
 from aoaiproxy.errors import ProxyError
@@ -486,7 +487,8 @@ class Attempts:
         status = response.code
         outcome = outcome_for_status(status)
         recorder = self._backends.recorder
-        recorder.ratelimit(name, attempt.deployment, response.headers)
+        if type(recorder) is not NullMetrics:  # which reads nothing: no Headers made for it
+            recorder.ratelimit(name, attempt.deployment, response.headers)
         recorder.attempt(name, _metric(outcome))
         if status == 401 and token is not None and not self._refreshed:
             source = self._backends.tokens.for_backend(attempt.backend)
@@ -498,7 +500,7 @@ class Attempts:
                 d.addCallback(self._token_refreshed, attempt, token)
                 d.addErrback(self._bug)
                 return
-        self._record(attempt, outcome, response.headers)
+        self._record(attempt, outcome, _pairs(response))
         if fails_over(status):
             self._keep(attempt, response)
             self._next()
@@ -513,7 +515,7 @@ class Attempts:
             discard(response)
             self._send(attempt, token)
             return
-        self._record(attempt, "401", response.headers)
+        self._record(attempt, "401", _pairs(response))
         self._answer(attempt, response)
 
     def _failed(self, error: ProxyError, attempt: Attempt[BackendConfig]) -> None:
@@ -592,6 +594,16 @@ class Attempts:
             if response is not None:
                 discard(response)
         self._held = self._kept = None
+
+
+def _pairs(response: IResponse) -> ResponseHeaders:
+    """
+    A response's headers as the pool reads them: the upstream client's raw pairs
+    (L{aoaiproxy.upstream.protocol.UpstreamResponse.raw_headers}: no C{Headers} made), else
+    its C{headers}.
+    """
+    raw: ResponseHeaders | None = getattr(response, "raw_headers", None)
+    return raw if raw is not None else response.headers
 
 
 def _metric(outcome: Outcome) -> str:

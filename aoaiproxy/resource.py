@@ -134,6 +134,30 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
     return None if empty else content
 
 
+def relayed_head(raw: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, list[bytes]]], bytes, bool]:
+    """
+    What L{relay_response} takes of an upstream response's headers C{raw} (pairs, in order):
+    the headers to relay, less hop-by-hop ones, each name with its values (grouped whatever
+    the case of the name, as a C{Headers} groups them, in order of first sight); the first
+    C{Content-Type} (lower case, C{b""} if none); whether a C{Content-Encoding} other than
+    C{identity} applies.
+    """
+    grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in rewrite.strip_hop_by_hop(raw):
+        lower = name.lower()
+        group = grouped.get(lower)
+        if group is None:
+            grouped[lower] = (name, [value])
+        else:
+            group[1].append(value)
+    group = grouped.get(b"content-type")
+    content_type = group[1][0].lower() if group is not None else b""
+    group = grouped.get(b"content-encoding")
+    codings = b",".join(group[1]).lower() if group is not None else b""
+    encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
+    return list(grouped.values()), content_type, encoded
+
+
 def relay_response(
     response: IResponse,
     request: Request,
@@ -163,23 +187,20 @@ def relay_response(
         discard(response)
         return
     request.setResponseCode(response.code, response.phrase)
-    # Twisted's client keeps Connection and the other connection-control headers out of
-    # response.headers, so the names a response's Connection header lists cannot be seen
-    # here; the rest of the hop-by-hop set can.
-    kept = rewrite.strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
-    grouped: dict[bytes, list[bytes]] = {}
-    for name, value in kept:
-        grouped.setdefault(name, []).append(value)
+    # The upstream client keeps Connection and the other connection-control headers out of a
+    # response's headers (and the names its Connection header lists); the rest of the
+    # hop-by-hop set is dropped here.  Its raw pairs, when it has them, make no Headers.
+    raw: list[tuple[bytes, bytes]] | None = getattr(response, "raw_headers", None)
+    if raw is None:
+        raw = [(n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs]
+    relayed, content_type, encoded = relayed_head(raw)
     headers = request.responseHeaders  # what request.setHeader sets, one call less each
-    for name, values in grouped.items():
+    for name, values in relayed:
         headers.setRawHeaders(name, values)
     headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
     if backend is not None:
         headers.setRawHeaders(BACKEND_HEADER, [backend.encode("ascii")])
     request.defaultContentType = None  # type: ignore[attr-defined]
-    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
-    codings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).lower()
-    encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
         headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
