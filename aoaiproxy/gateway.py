@@ -229,8 +229,10 @@ class Backends:
     def record(self, attempt: Attempt[BackendConfig], outcome: Outcome, headers: Any = ()) -> None:
         """Report an attempt's outcome to the pool (and the availability gauge)."""
         self.pool.record(attempt, outcome, headers)
-        name = attempt.backend.name
-        self.recorder.backend_available(name, self.pool.available(name))
+        recorder = self.recorder
+        if type(recorder) is not NullMetrics:  # which keeps no gauge: nothing to work out for it
+            name = attempt.backend.name
+            recorder.backend_available(name, self.pool.available(name))
 
 
 def describe(backend: BackendConfig) -> str:

@@ -134,11 +134,14 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
     return None if empty else content
 
 
-def relayed_head(raw: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, list[bytes]]], bytes, bool]:
+def relayed_head(
+    raw: Sequence[tuple[bytes, bytes]],
+) -> tuple[dict[bytes, tuple[bytes, list[bytes]]], bytes, bool]:
     """
     What L{relay_response} takes of an upstream response's headers C{raw} (pairs, in order):
     the headers to relay, less hop-by-hop ones, each name with its values (grouped whatever
-    the case of the name, as a C{Headers} groups them, in order of first sight); the first
+    the case of the name, as a C{Headers} groups them, in order of first sight; keyed by the
+    name in lower case); the first
     C{Content-Type} (lower case, C{b""} if none); whether a C{Content-Encoding} other than
     C{identity} applies.
     """
@@ -155,7 +158,7 @@ def relayed_head(raw: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, 
     group = grouped.get(b"content-encoding")
     codings = b",".join(group[1]).lower() if group is not None else b""
     encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
-    return list(grouped.values()), content_type, encoded
+    return grouped, content_type, encoded
 
 
 def relay_response(
@@ -169,6 +172,7 @@ def relay_response(
     backend: str | None = None,
     usage: bool = False,
     strip_usage: bool = False,
+    cors_set: bool = False,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -181,6 +185,7 @@ def relay_response(
     @param backend: the backend that answered, for C{x-aoaiproxy-backend} (SPEC §11).
     @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
         proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
+    @param cors_set: C{Access-Control-Allow-Origin: *} was set already (L{ApiResource.render}).
     """
     if _twisted.client_gone(request):
         # Close the upstream connection rather than leave its body unread.
@@ -195,9 +200,10 @@ def relay_response(
         raw = [(n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs]
     relayed, content_type, encoded = relayed_head(raw)
     headers = request.responseHeaders  # what request.setHeader sets, one call less each
-    for name, values in relayed:
+    for name, values in relayed.values():
         headers.setRawHeaders(name, values)
-    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+    if not cors_set or b"access-control-allow-origin" in relayed:
+        headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
     if backend is not None:
         headers.setRawHeaders(BACKEND_HEADER, [backend.encode("ascii")])
     request.defaultContentType = None  # type: ignore[attr-defined]
@@ -426,10 +432,10 @@ class ApiResource(Resource):
         if content is not None:
             request.content = None
             content.close()
-        info: dict[str, Any] = {"attempts": answer.attempts}
         if answer.backend is not None:
-            info.update(backend=answer.backend, deployment=answer.deployment)
-        note(request, **info)
+            note(request, attempts=answer.attempts, backend=answer.backend, deployment=answer.deployment)
+        else:
+            note(request, attempts=answer.attempts)
         if answer.response is None:
             assert answer.error is not None
             self._error(request, answer.error)
@@ -444,6 +450,7 @@ class ApiResource(Resource):
             backend=answer.backend,
             usage=True,
             strip_usage=strip_usage,
+            cors_set=True,
         )
 
     def _error(self, request: Request, error: ProxyError) -> None:

@@ -819,7 +819,8 @@ class ProxyRequest(server.Request):
         headers.setRawHeaders(b"Server", [server.version])
         headers.setRawHeaders(b"Date", [site.date()])
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        # unquote_to_bytes gives a segment without "%" back as it is.
+        self.postpath = [unquote_to_bytes(s) if b"%" in s else s for s in self.path[1:].split(b"/")]
         self.sitepath: list[bytes] = []
         try:
             self.render(leaf)
