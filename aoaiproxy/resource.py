@@ -141,9 +141,8 @@ def relayed_head(
     What L{relay_response} takes of an upstream response's headers C{raw} (pairs, in order):
     the headers to relay, less hop-by-hop ones, each name with its values (grouped whatever
     the case of the name, as a C{Headers} groups them, in order of first sight; keyed by the
-    name in lower case); the first
-    C{Content-Type} (lower case, C{b""} if none); whether a C{Content-Encoding} other than
-    C{identity} applies.
+    name in lower case); the first C{Content-Type} (lower case, C{b""} if none); whether a
+    C{Content-Encoding} other than C{identity} applies.
     """
     grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
     for name, value in rewrite.strip_hop_by_hop(raw):
