@@ -15,14 +15,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
+
 from aoaiproxy import rewrite
 from aoaiproxy.config import Config
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.policy import Refused, admit
 
-__all__ = ["KEYLESS_PATHS", "body_unused", "needs_key", "refusal"]
+__all__ = ["KEYLESS_PATHS", "Admitted", "body_unused", "judge", "needs_key", "refusal"]
 
 Header = tuple[bytes, bytes]
+
+
+@attrs.frozen
+class Admitted:
+    """
+    What the head of an origin-form API request that L{judge} admitted decided, for its route
+    to take rather than decide again (L{aoaiproxy.resource.ApiResource}): valid only for the
+    same C{config} object (a reload swaps it whole), C{method} and C{path}.
+    """
+
+    config: Config
+    method: bytes
+    #: The request-target without its query.
+    path: bytes
+    route: rewrite.Route
+    #: The request's headers, as L{aoaiproxy.resource.raw_headers} gives them.
+    headers: Sequence[Header]
+    #: What L{rewrite.client_credential} returned for them.
+    presented: bytes | None = attrs.field(repr=False)
+
 
 #: Origin-form paths whose C{GET} and C{HEAD} are answered without a key: the health check,
 #: and the interception CA's certificate (C{/aoaiproxy/ca.pem}).  None of them reads a body.
@@ -54,7 +76,19 @@ def refusal(config: Config, method: bytes, target: bytes, headers: Sequence[Head
     The answer a request will get from its head alone, or None when that takes more (its
     body, its upstream).  C{target} is the request-target as sent; C{headers} the request's.
     """
-    if method == b"CONNECT" or not target.startswith(b"/"):
+    verdict = judge(config, method, target, headers)
+    return verdict if isinstance(verdict, ProxyError) else None
+
+
+def judge(
+    config: Config, method: bytes, target: bytes, headers: Sequence[Header]
+) -> ProxyError | Admitted | None:
+    """
+    L{refusal}'s answer, or for an origin-form API request that its route and key admit,
+    what they decided (L{Admitted}); None when the head decides neither.
+    """
+    origin_form = method != b"CONNECT" and target.startswith(b"/")
+    if not origin_form:
         authorization = next((v for n, v in headers if n.lower() == b"proxy-authorization"), None)
         try:
             admitted = admit(config, method, target, authorization)
@@ -66,12 +100,15 @@ def refusal(config: Config, method: bytes, target: bytes, headers: Sequence[Head
         target = admitted.absolute.origin
     if not needs_key(method, target):
         return None
-    if config.intercept and _path(target) == b"/aoaiproxy/ca.pem":
+    path = _path(target)
+    if config.intercept and path == b"/aoaiproxy/ca.pem":
         # Served by the interception's own route (GET and HEAD only; 405 for the rest).
         return None
     try:
-        rewrite.classify(config, method.decode("ascii", "replace"), _path(target).decode("latin-1"))
-        rewrite.client_credential(config, headers)
+        route = rewrite.classify(config, method.decode("ascii", "replace"), path.decode("latin-1"))
+        presented = rewrite.client_credential(config, headers)
     except ProxyError as e:
         return e
+    if origin_form:
+        return Admitted(config, method, path, route, headers, presented)
     return None

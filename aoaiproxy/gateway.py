@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import IO, Any, Protocol, cast
 
@@ -47,6 +47,7 @@ from aoaiproxy.backends import (
     outcome_for_status,
     reactor_threads,
 )
+from aoaiproxy.backends.cooldown import ResponseHeaders
 from aoaiproxy.backends.entra import RETRY_INTERVAL
 from aoaiproxy.config import BackendConfig, Config, LiveConfig
 from aoaiproxy.errors import ProxyError
@@ -228,8 +229,10 @@ class Backends:
     def record(self, attempt: Attempt[BackendConfig], outcome: Outcome, headers: Any = ()) -> None:
         """Report an attempt's outcome to the pool (and the availability gauge)."""
         self.pool.record(attempt, outcome, headers)
-        name = attempt.backend.name
-        self.recorder.backend_available(name, self.pool.available(name))
+        recorder = self.recorder
+        if type(recorder) is not NullMetrics:  # which keeps no gauge: nothing to work out for it
+            name = attempt.backend.name
+            recorder.backend_available(name, self.pool.available(name))
 
 
 def describe(backend: BackendConfig) -> str:
@@ -341,9 +344,10 @@ def discard(response: IResponse) -> None:
 
 class Attempts:
     """
-    One request's attempts (see the module docstring).  L{start} returns a Deferred that fires
-    with the L{Answer}; cancelling it (the client left) ends the attempt in flight, drops a
-    response kept, and reports the attempt as abandoned.
+    One request's attempts (see the module docstring).  L{run} calls back with the L{Answer}
+    (L{start}: a Deferred that fires with it); L{cancel} (the client left; cancelling
+    L{start}'s Deferred) ends the attempt in flight, drops a response kept, and reports the
+    attempt as abandoned.
 
     @raise ProxyError: (from the constructor) the global model map's 400 for a bad model name.
     """
@@ -362,7 +366,11 @@ class Attempts:
         self._client = client
         self._body = body
         self._plan = backends.plan(client.model)
-        self._deferred: Deferred[Answer] = Deferred(self._cancel)
+        #: Who hears of the answer, and of a bug (L{run}).
+        self._report: Callable[[Answer], object] | None = None
+        self._report_bug: Callable[[Failure], object] | None = None
+        #: Whether the answer (or a bug) was reported, or the attempts were cancelled.
+        self.over = False
         #: Requests sent upstream (a retry after a 401 counts).
         self.sent = 0
         #: The attempt taken and not yet reported to the pool.
@@ -382,9 +390,21 @@ class Attempts:
         self._refreshed = False
         self._gone = False
 
-    def start(self) -> Deferred[Answer]:
+    def run(self, answered: Callable[[Answer], object], bug: Callable[[Failure], object]) -> None:
+        """
+        Start the attempts: C{answered} is called once with the L{Answer} (perhaps before this
+        returns, then L{over} is true), or C{bug} with the failure of a bug; neither after
+        L{cancel}.
+        """
+        self._report = answered
+        self._report_bug = bug
         self._next()
-        return self._deferred
+
+    def start(self) -> Deferred[Answer]:
+        """L{run}, with a Deferred that fires with the L{Answer}; cancelling it is L{cancel}."""
+        d: Deferred[Answer] = Deferred(lambda _: self.cancel())
+        self.run(d.callback, d.errback)
+        return d
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -469,7 +489,8 @@ class Attempts:
         status = response.code
         outcome = outcome_for_status(status)
         recorder = self._backends.recorder
-        recorder.ratelimit(name, attempt.deployment, response.headers)
+        if type(recorder) is not NullMetrics:  # which reads nothing: no Headers made for it
+            recorder.ratelimit(name, attempt.deployment, response.headers)
         recorder.attempt(name, _metric(outcome))
         if status == 401 and token is not None and not self._refreshed:
             source = self._backends.tokens.for_backend(attempt.backend)
@@ -481,7 +502,7 @@ class Attempts:
                 d.addCallback(self._token_refreshed, attempt, token)
                 d.addErrback(self._bug)
                 return
-        self._record(attempt, outcome, response.headers)
+        self._record(attempt, outcome, _pairs(response))
         if fails_over(status):
             self._keep(attempt, response)
             self._next()
@@ -496,7 +517,7 @@ class Attempts:
             discard(response)
             self._send(attempt, token)
             return
-        self._record(attempt, "401", response.headers)
+        self._record(attempt, "401", _pairs(response))
         self._answer(attempt, response)
 
     def _failed(self, error: ProxyError, attempt: Attempt[BackendConfig]) -> None:
@@ -545,18 +566,26 @@ class Attempts:
         self._finish(Answer(response, None, attempt.backend.name, attempt.deployment or None, self.sent))
 
     def _finish(self, answer: Answer) -> None:
-        if not self._deferred.called:
-            self._deferred.callback(answer)
+        report = self._report
+        if not self.over and report is not None:
+            self.over = True
+            report(answer)
         elif answer.response is not None:
             discard(answer.response)
 
     def _bug(self, failure: Failure) -> None:
-        if not self._deferred.called:
-            self._deferred.errback(failure)
+        report = self._report_bug
+        if not self.over and report is not None:
+            self.over = True
+            report(failure)
         else:
             _log.failure("after a request's answer", failure)
 
-    def _cancel(self, _: Deferred[Answer]) -> None:
+    def cancel(self) -> None:
+        """The client left: nothing is reported; the attempt in flight ends, a response kept is dropped."""
+        if self.over:
+            return
+        self.over = True
         self._gone = True
         if self._open is not None:
             self._record(self._open, "abandoned")
@@ -567,6 +596,16 @@ class Attempts:
             if response is not None:
                 discard(response)
         self._held = self._kept = None
+
+
+def _pairs(response: IResponse) -> ResponseHeaders:
+    """
+    A response's headers as the pool reads them: the upstream client's raw pairs
+    (L{aoaiproxy.upstream.protocol.UpstreamResponse.raw_headers}: no C{Headers} made), else
+    its C{headers}.
+    """
+    raw: ResponseHeaders | None = getattr(response, "raw_headers", None)
+    return raw if raw is not None else response.headers
 
 
 def _metric(outcome: Outcome) -> str:

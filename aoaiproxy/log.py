@@ -170,19 +170,24 @@ def format_text(fields: Mapping[str, Any]) -> str:
     deployment=prod-4o upstream=200 backend=east attempts=2 prompt_tokens=12 completion_tokens=5
     client_name=alice}.
     """
-    line = (
+    parts = [
         f'{fields["client"]} "{fields["method"]} {fields["path"]}" {fields["status"]}'
         f" bytes={fields['bytes']} duration={fields['duration']:.3f}s"
-    )
+    ]
     for key, name in _TEXT_INFO:
-        if key in fields:
-            value = str(fields[key])
-            if key == "error" or " " in value or '"' in value:
-                value = json.dumps(value)
-            line += f" {name}={value}"
+        if key not in fields:
+            continue
+        value = fields[key]
+        if type(value) is int and key != "error":
+            parts.append(f"{name}={value}")  # digits: neither a space nor a quote
+            continue
+        text = str(value)
+        if key == "error" or " " in text or '"' in text:
+            text = json.dumps(text)
+        parts.append(f"{name}={text}")
     if fields.get("aborted"):
-        line += " aborted"
-    return line
+        parts.append("aborted")
+    return " ".join(parts)
 
 
 def _format_json(fields: Mapping[str, Any]) -> str:
@@ -427,9 +432,16 @@ class ClassicText:
         self._time_format = time_format
         self._second: float | None = None
         self._stamp = ""
+        #: Times in [_low, _high) show the second of the stamp kept (well inside it: no
+        #: rounding to the next second there).
+        self._low = self._high = 0.0
+        #: The system shown for each namespace and level of access events.
+        self._systems: dict[tuple[str, Any], str] = {}
 
     def time(self, when: float | None) -> str:
         """C{twisted.logger.formatTime(when, time_format)}, made once per second shown."""
+        if when is not None and self._low <= when < self._high:
+            return self._stamp
         if when is None or not math.isfinite(when):
             return formatTime(when, self._time_format)
         # The second datetime.fromtimestamp shows: it rounds to the microsecond (half to
@@ -443,6 +455,10 @@ class ClassicText:
         if second != self._second:
             self._stamp = formatTime(when, self._time_format)
             self._second = second
+            if second >= 0:
+                self._low, self._high = second, second + 0.99999
+            else:
+                self._low = self._high = 0.0
         return self._stamp
 
     def __call__(self, event: dict[str, Any]) -> str | None:
@@ -459,7 +475,13 @@ class ClassicText:
         system = event.get("log_system")
         if system is None:
             level = event.get("log_level")
-            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+            namespace = event.get("log_namespace", "-")
+            key = (namespace, level)
+            system = self._systems.get(key) if type(namespace) is str else None
+            if system is None:
+                system = f"{namespace}#{'-' if level is None else level.name}"
+                if type(namespace) is str and len(self._systems) < 64:
+                    self._systems[key] = system
         else:
             try:
                 system = str(system)

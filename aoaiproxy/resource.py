@@ -12,7 +12,8 @@ import io
 import mmap
 import sys
 import traceback
-from typing import IO, Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
@@ -33,6 +34,9 @@ from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
 from aoaiproxy.relay import BodyRelay, when_gone
 from aoaiproxy.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from aoaiproxy.admission import Admitted
 
 CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_DEFAULT_HEADERS = (
@@ -71,9 +75,10 @@ def _plan(
     route: rewrite.Route,
     method: bytes,
     query: bytes,
-    headers: list[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]],
     body: bytes | mmap.mmap | None,
     model_from_form: str | None,
+    presented: bytes | Literal[rewrite.Unchecked.UNCHECKED] | None,
 ) -> tuple[rewrite.ClientRequest, bytes | None, bool]:
     """
     L{rewrite.plan_client} and L{rewrite.usage_request} on a request (pure: it may run in a
@@ -82,7 +87,9 @@ def _plan(
     """
     scanned = cast(bytes | None, body)
     try:
-        client = rewrite.plan_client(config, route, method, query, headers, scanned, model_from_form)
+        client = rewrite.plan_client(
+            config, route, method, query, headers, scanned, model_from_form, presented=presented
+        )
         asked, strip_usage = rewrite.usage_request(config, route, scanned, client.top)
     except BaseException:
         close_map(body)
@@ -127,6 +134,32 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
     return None if empty else content
 
 
+def relayed_head(
+    raw: Sequence[tuple[bytes, bytes]],
+) -> tuple[dict[bytes, tuple[bytes, list[bytes]]], bytes, bool]:
+    """
+    What L{relay_response} takes of an upstream response's headers C{raw} (pairs, in order):
+    the headers to relay, less hop-by-hop ones, each name with its values (grouped whatever
+    the case of the name, as a C{Headers} groups them, in order of first sight; keyed by the
+    name in lower case); the first C{Content-Type} (lower case, C{b""} if none); whether a
+    C{Content-Encoding} other than C{identity} applies.
+    """
+    grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in rewrite.strip_hop_by_hop(raw):
+        lower = name.lower()
+        group = grouped.get(lower)
+        if group is None:
+            grouped[lower] = (name, [value])
+        else:
+            group[1].append(value)
+    group = grouped.get(b"content-type")
+    content_type = group[1][0].lower() if group is not None else b""
+    group = grouped.get(b"content-encoding")
+    codings = b",".join(group[1]).lower() if group is not None else b""
+    encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
+    return grouped, content_type, encoded
+
+
 def relay_response(
     response: IResponse,
     request: Request,
@@ -138,6 +171,7 @@ def relay_response(
     backend: str | None = None,
     usage: bool = False,
     strip_usage: bool = False,
+    cors_set: bool = False,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -150,29 +184,28 @@ def relay_response(
     @param backend: the backend that answered, for C{x-aoaiproxy-backend} (SPEC §11).
     @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
         proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
+    @param cors_set: C{Access-Control-Allow-Origin: *} was set already (L{ApiResource.render}).
     """
     if _twisted.client_gone(request):
         # Close the upstream connection rather than leave its body unread.
         discard(response)
         return
     request.setResponseCode(response.code, response.phrase)
-    # Twisted's client keeps Connection and the other connection-control headers out of
-    # response.headers, so the names a response's Connection header lists cannot be seen
-    # here; the rest of the hop-by-hop set can.
-    kept = rewrite.strip_hop_by_hop((n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs)
-    grouped: dict[bytes, list[bytes]] = {}
-    for name, value in kept:
-        grouped.setdefault(name, []).append(value)
+    # The upstream client keeps Connection and the other connection-control headers out of a
+    # response's headers (and the names its Connection header lists); the rest of the
+    # hop-by-hop set is dropped here.  Its raw pairs, when it has them, make no Headers.
+    raw: list[tuple[bytes, bytes]] | None = getattr(response, "raw_headers", None)
+    if raw is None:
+        raw = [(n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs]
+    relayed, content_type, encoded = relayed_head(raw)
     headers = request.responseHeaders  # what request.setHeader sets, one call less each
-    for name, values in grouped.items():
+    for name, values in relayed.values():
         headers.setRawHeaders(name, values)
-    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+    if not cors_set or b"access-control-allow-origin" in relayed:
+        headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
     if backend is not None:
         headers.setRawHeaders(BACKEND_HEADER, [backend.encode("ascii")])
     request.defaultContentType = None  # type: ignore[attr-defined]
-    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
-    codings = b",".join(response.headers.getRawHeaders(b"content-encoding", [])).lower()
-    encoded = bool(codings) and any(c.strip() not in (b"", b"identity") for c in codings.split(b","))
     event_stream = event_streams and content_type.startswith(b"text/event-stream") and not encoded
     if not event_stream and isinstance(response.length, int):
         headers.setRawHeaders(b"Content-Length", [b"%d" % response.length])
@@ -239,18 +272,33 @@ class ApiResource(Resource):
 
     def _render(self, request: Request) -> None:
         config = self._live.config
-        method = request.method.decode("ascii", "replace")
-        path = request.path.decode("latin-1")
-        if method == "OPTIONS":
+        if request.method == b"OPTIONS":
             self._preflight(request)
             return
-        route = rewrite.classify(config, method, path)
+        admitted: Admitted | None = getattr(request, "admitted", None)
+        presented: bytes | Literal[rewrite.Unchecked.UNCHECKED] | None = rewrite.UNCHECKED
+        if (
+            admitted is not None
+            and admitted.config is config
+            and admitted.method == request.method
+            and admitted.path == request.path
+        ):
+            # Its head was judged (site.ProxyRequest) under this configuration: its route,
+            # headers and key are what the same functions would give again.
+            route = admitted.route
+            headers = admitted.headers
+            presented = admitted.presented
+        else:
+            route = rewrite.classify(
+                config, request.method.decode("ascii", "replace"), request.path.decode("latin-1")
+            )
+            headers = raw_headers(request)
         if route.kind == "health":
             self._local(request, rewrite.HEALTH)
             return
-        headers = raw_headers(request)
         if route.kind in ("models", "model"):
-            rewrite.client_credential(config, headers)
+            if presented is rewrite.UNCHECKED:
+                rewrite.client_credential(config, headers)
             names = self._backends.models()
             if route.kind == "models":
                 self._local(request, rewrite.models_list(names))
@@ -273,7 +321,8 @@ class ApiResource(Resource):
                     model_from_form = form_field(content, content_type or b"", b"model")
                     content.seek(0)
                     if model_from_form is None:
-                        rewrite.client_credential(config, headers)  # a 401 comes before a 400
+                        if presented is rewrite.UNCHECKED:
+                            rewrite.client_credential(config, headers)  # a 401 comes before a 400
                         raise errors.missing_model()
             else:
                 # Any other body on these routes must be a JSON object, whatever its type
@@ -287,7 +336,7 @@ class ApiResource(Resource):
             and rewrite.is_json(content_type)
         ):
             body = read_body(content)  # only to see whether it asks for a stream
-        plan = (config, route, request.method, query, headers, body, model_from_form)
+        plan = (config, route, request.method, query, headers, body, model_from_form, presented)
         if body is None or isinstance(body, bytes):
             self._send(_plan(*plan), request, config, content)
             return
@@ -346,13 +395,18 @@ class ApiResource(Resource):
         else:
             content.seek(0)
             replay = ReplayBody(content)
-        d = Attempts(self._backends, self._upstream, config, client, replay).start()
-        if not d.called:
-            when_gone(request, d.cancel)
-        d.addCallback(self._answer, request, client, config, strip_usage)
-        # Cancelled: the client left.  Any other failure, in the attempts or while relaying,
-        # is a bug.
-        d.addErrback(lambda f: None if f.check(CancelledError) else self._unexpected(f, request))
+        attempts = Attempts(self._backends, self._upstream, config, client, replay)
+
+        def answered(answer: Answer) -> None:
+            try:
+                self._answer(answer, request, client, config, strip_usage)
+            except Exception:
+                self._unexpected(Failure(), request)  # a bug while relaying
+
+        # A failure in the attempts is a bug; cancelled (the client left), they report nothing.
+        attempts.run(answered, lambda f: self._unexpected(f, request))
+        if not attempts.over:
+            when_gone(request, attempts.cancel)
 
     def _failed(self, failure: Failure, request: Request) -> None:
         """A body scanned in a thread was refused (the proxy's error), or a bug."""
@@ -377,10 +431,10 @@ class ApiResource(Resource):
         if content is not None:
             request.content = None
             content.close()
-        info: dict[str, Any] = {"attempts": answer.attempts}
         if answer.backend is not None:
-            info.update(backend=answer.backend, deployment=answer.deployment)
-        note(request, **info)
+            note(request, attempts=answer.attempts, backend=answer.backend, deployment=answer.deployment)
+        else:
+            note(request, attempts=answer.attempts)
         if answer.response is None:
             assert answer.error is not None
             self._error(request, answer.error)
@@ -395,6 +449,7 @@ class ApiResource(Resource):
             backend=answer.backend,
             usage=True,
             strip_usage=strip_usage,
+            cors_set=True,
         )
 
     def _error(self, request: Request, error: ProxyError) -> None:

@@ -19,6 +19,7 @@ L{ProxyError}s.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import re
@@ -429,6 +430,16 @@ class ClientRequest:
     top: jsonbody.TopLevel | None = attrs.field(default=None, repr=False, eq=False)
 
 
+class Unchecked(enum.Enum):
+    """The type of L{UNCHECKED}."""
+
+    UNCHECKED = "unchecked"
+
+
+#: L{plan_client}'s C{presented} when the client's key is checked there.
+UNCHECKED = Unchecked.UNCHECKED
+
+
 def plan_client(
     config: Config,
     route: Route,
@@ -437,6 +448,8 @@ def plan_client(
     headers: Sequence[Header],
     body: bytes | None,
     model_from_form: str | None = None,
+    *,
+    presented: bytes | Literal[Unchecked.UNCHECKED] | None = UNCHECKED,
 ) -> ClientRequest:
     """
     Check the client's key and read what the request asks for (once per request).
@@ -444,8 +457,11 @@ def plan_client(
     @param body: the client's body when the route needs to look into it (JSON routes, and a
         JSON body on an Azure-shaped route, for C{stream}), else None.
     @param model_from_form: the C{model} field of a multipart body, read by the caller.
+    @param presented: what L{client_credential} returned for C{headers} under C{config}, when
+        the caller has it (L{aoaiproxy.admission.Admitted}); by default it is checked here.
     """
-    presented = client_credential(config, headers)
+    if presented is UNCHECKED:
+        presented = client_credential(config, headers)
     out_headers = forward_headers(headers, ())
     # Azure's filter-only frames are dropped from chat streams (relay.FilterFrames), which
     # cannot read an encoded stream: ask for none when the body asks for a stream.

@@ -690,6 +690,9 @@ class ProxyRequest(server.Request):
     first_byte_at: float | None = None
     #: What to call if the client leaves before the response is finished (L{when_gone}).
     _gone: list[Callable[[], object]] | None = None
+    #: What the head of an API request with a body decided (L{admission.judge}), for its
+    #: route to take rather than decide again.
+    admitted: admission.Admitted | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         # Never parse form bodies into request.args: Twisted does that for every POST
@@ -724,6 +727,13 @@ class ProxyRequest(server.Request):
             self._gone = [callback]
         else:
             self._gone.append(callback)
+
+    def finish(self) -> None:
+        super().finish()
+        # Finished: no callback is due any more, and none keeps the request in a reference
+        # cycle (a relay's callback holds its request), so that it is freed at once, not by
+        # the cyclic collector.
+        self._gone = None
 
     def connectionLost(self, reason: Failure) -> None:
         # The connection went away before the response was finished (client gone, stream
@@ -769,8 +779,11 @@ class ProxyRequest(server.Request):
             return None, False
         method, target = line
         config = self._site.live.config
-        error = admission.refusal(config, method, target, raw_headers(self))
-        return error, error is None and admission.body_unused(method, target)
+        verdict = admission.judge(config, method, target, raw_headers(self))
+        if isinstance(verdict, ProxyError):
+            return verdict, False
+        self.admitted = verdict
+        return None, admission.body_unused(method, target)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -806,7 +819,8 @@ class ProxyRequest(server.Request):
         headers.setRawHeaders(b"Server", [server.version])
         headers.setRawHeaders(b"Date", [site.date()])
         self.prepath = []
-        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
+        # unquote_to_bytes gives a segment without "%" back as it is.
+        self.postpath = [unquote_to_bytes(s) if b"%" in s else s for s in self.path[1:].split(b"/")]
         self.sitepath: list[bytes] = []
         try:
             self.render(leaf)

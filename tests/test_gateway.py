@@ -635,3 +635,28 @@ def test_an_attempt_that_fails_inside_send_is_not_the_one_cancelled(tmp_path: Pa
     assert upstream.cancelled == [1]
     assert outcome[0].check(CancelledError)
     assert backends.pool.available("east")  # one connection failure: not enough to open its circuit
+
+
+def test_run_reports_nothing_once_cancelled(tmp_path: Path) -> None:
+    """L{Attempts.run} (the resource's way, without a Deferred): a cancel ends it silently."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        "allow_anonymous = true\n"
+        '[[backend]]\nname = "east"\nendpoint = "https://east.example"\napi_key = "k"\n'
+        '[[backend]]\nname = "west"\nendpoint = "https://west.example"\napi_key = "k"\npriority = 1\n'
+    )
+    live = LiveConfig(load_config({"config": str(path)}, {}))
+    clock = Clock()
+    backends = Backends(live, clock, tokens=TokenSources(clock, None), rng=random.Random(1))
+    route = rewrite.classify(live.config, "POST", "/v1/chat/completions")
+    client = rewrite.plan_client(live.config, route, b"POST", b"", [], b'{"model": "gpt-4o"}')
+    upstream = Scripted()
+    attempts = Attempts(backends, upstream, live.config, client, ReplayBody(client.body))  # type: ignore[arg-type]
+    reported: list[Any] = []
+    attempts.run(reported.append, reported.append)
+    assert not attempts.over
+    attempts.cancel()
+    attempts.cancel()  # the client's leaving is heard once
+    assert attempts.over
+    assert upstream.cancelled == [1]
+    assert reported == []

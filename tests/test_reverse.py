@@ -362,3 +362,16 @@ async def test_an_encoded_event_stream_is_relayed_as_it_is(
     assert await readBody(response) == encoded
     assert response.length == len(encoded)  # Content-Length (Twisted moves it here)
     assert response.headers.getRawHeaders(b"content-encoding") == [coding.encode()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_cors_origin_is_replaced_by_ours(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    fake.respond_next(
+        200, {"object": "chat.completion"}, {"Access-Control-Allow-Origin": "https://upstream.example"}
+    )
+    code, headers, _ = await post(proxy.url + "/v1/chat/completions", CHAT)
+    assert code == 200
+    assert headers.getRawHeaders("access-control-allow-origin") == ["*"]

@@ -57,6 +57,9 @@ FILE_CHUNK = 64 * 1024
 UNREAD_BODY_LIMIT = 64 * 1024
 
 _DONE = Failure(ResponseDone("Response body fully received"))
+#: A response's reader once it has been told the end: the reader itself is not kept (it holds
+#: the response through its transport, a cycle only the cyclic collector would free).
+_ENDED = Protocol()
 _PARSER_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
@@ -134,28 +137,38 @@ class UpstreamResponse:
     __slots__ = (
         "_conn",
         "_end",
+        "_headers",
         "_protocol",
         "_unread",
         "_unread_bytes",
         "_waiting",
         "code",
-        "headers",
         "length",
         "phrase",
         "previousResponse",
+        "raw_headers",
         "request",
         "version",
     )
 
     def __init__(
-        self, version: tuple[bytes, int, int], code: int, phrase: bytes, headers: Headers, length: Any
+        self,
+        version: tuple[bytes, int, int],
+        code: int,
+        phrase: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        length: Any,
     ):
         self.request = None
         self.previousResponse: IResponse | None = None
         self.version = version
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        #: The response's headers, as (name, value) pairs in the order received, names as the
+        #: upstream spelled them, without the connection-control ones (and those its
+        #: C{Connection} header names): what L{headers} holds, with no L{Headers} made.
+        self.raw_headers = raw_headers
+        self._headers: Headers | None = None
         self.length: int | object = length
         #: The connection, while the body is still arriving.
         self._conn: HTTP11Connection | None = None
@@ -166,6 +179,16 @@ class UpstreamResponse:
         #: Whether the socket is not read until deliverBody (too much unread).
         self._waiting = False
         self._end: Failure | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """L{raw_headers} as a L{Headers} (made when first asked for: the relay reads the pairs)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers()
+            for name, value in self.raw_headers:
+                headers.addRawHeader(name, value)
+        return headers
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -183,6 +206,7 @@ class UpstreamResponse:
             self._unread = None
             protocol.dataReceived(data)
         if self._end is not None:
+            self._protocol = _ENDED
             protocol.connectionLost(self._end)
 
     def _data(self, data: bytes) -> None:
@@ -202,8 +226,10 @@ class UpstreamResponse:
         if self._end is not None:
             return
         self._end = reason
-        if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+        protocol = self._protocol
+        if protocol is not None:
+            self._protocol = _ENDED
+            protocol.connectionLost(reason)
 
 
 @implementer(IPullProducer)
@@ -547,14 +573,14 @@ class HTTP11Connection(Protocol):
                 raise MalformedResponse("unexpected protocol switch")
             return  # 1xx: informational, skipped (its message ends next)
         control = _CONTROL_FOR_HEAD if self._no_body else CONNECTION_CONTROL
-        headers = Headers()
         length: int | object = UNKNOWN_LENGTH
         chunked = False
         listed: set[bytes] | None = None
         kept = []
-        for name, value in self._headers:
-            lower = name.lower()
+        for header in self._headers:
+            lower = header[0].lower()
             if lower in control:
+                value = header[1]
                 if lower == b"content-length":
                     length = _content_length(value)
                 elif lower == b"transfer-encoding":
@@ -563,14 +589,13 @@ class HTTP11Connection(Protocol):
                     listed = listed or set()
                     listed.update(token.strip().lower() for token in value.split(b","))
             else:
-                kept.append((lower, name, value))
-        for lower, name, value in kept:
-            if listed is None or lower not in listed:
-                headers.addRawHeader(name, value)
+                kept.append(header)
+        if listed is not None:
+            kept = [header for header in kept if header[0].lower() not in listed]
         self._headers.clear()
         version = parser.get_http_version()
         response = UpstreamResponse(
-            (b"HTTP", int(version[0]), int(version[-1])), code, self._phrase, headers, length
+            (b"HTTP", int(version[0]), int(version[-1])), code, self._phrase, kept, length
         )
         self._response = response
         if self._no_body or code == 204 or code == 304:
