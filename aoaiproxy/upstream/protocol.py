@@ -268,6 +268,7 @@ class HTTP11Connection(Protocol):
         "idle_since",
         "on_idle",
         "on_lost",
+        "pool_key",
     )
 
     def __init__(self, max_headers: int, max_head_bytes: int) -> None:
@@ -277,6 +278,8 @@ class HTTP11Connection(Protocol):
         self.on_lost: Callable[[HTTP11Connection], None] | None = None
         #: When it last became idle (set by the pool).
         self.idle_since = 0.0
+        #: The key of the pool it belongs to, for C{on_idle} and C{on_lost} (set by the client).
+        self.pool_key: Any = None
         self._state = _IDLE
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: Exchange | None = None
