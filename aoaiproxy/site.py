@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -418,6 +419,16 @@ class ProxyChannel(http.HTTPChannel):
             host = self._host = super().getHost()
         return host
 
+    def relaying(self) -> None:
+        """
+        A response body is relayed from now on, for as long as its upstream sends it (a
+        stream, maybe for minutes): the connection's timer is stopped if it serves no
+        deadline (none, while a request is answered: the idle timeout is off until it ends)
+        rather than kept until it fires.  It is armed again for the next deadline set.
+        """
+        if self._head_at is None and self._body_at is None and self._idle_at is None:
+            self._stop_timer()
+
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
         if not self._lost and self.transport is not None:
@@ -730,6 +741,10 @@ def _head_too_large(limit: int) -> ProxyError:
     )
 
 
+#: The request headers a relayed stream keeps for its access line (L{rewrite.client_key}'s).
+_KEPT_FOR_LOG = (b"authorization", b"api-key")
+
+
 class ProxyRequest(server.Request):
     """One request on any listener."""
 
@@ -810,6 +825,30 @@ class ProxyRequest(server.Request):
         channel = self.channel
         if isinstance(channel, ProxyChannel):
             channel.flush_head()  # a head with no body bytes after it (HEAD, 204, b"")
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        if not self.responseHeaders.hasHeader(b"content-length"):
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        A body of no announced length (a stream) is relayed from now on, maybe for minutes:
+        let go of what the request no longer needs.  Its headers were read (the route, the
+        upstream request, persistence): only those the access line still reads (the client
+        key that names the client) are kept; the path segments are not traversed any more.
+        """
+        headers = self.requestHeaders
+        kept = Headers()
+        for name in _KEPT_FOR_LOG:
+            values = headers.getRawHeaders(name)
+            if values is not None:
+                kept.setRawHeaders(name, values)
+        self.requestHeaders = kept
+        self.postpath = []
+        channel = self.channel
+        if isinstance(channel, ProxyChannel):
+            channel.relaying()
 
     def when_gone(self, callback: Callable[[], object]) -> None:
         """
