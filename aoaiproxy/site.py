@@ -193,6 +193,7 @@ class ProxyChannel(http.HTTPChannel):
         "_max_request_line",
         "_peer",
         "_rejected",
+        "_relayed",
         "_tick_at_most",
         "_timer",
         "connected",
@@ -250,6 +251,8 @@ class ProxyChannel(http.HTTPChannel):
         self._body_timeout = BODY_TIMEOUT
         self._handed_to: IProtocol | None = None
         self._lost = False
+        #: The request whose response is relayed and whose head is not written yet.
+        self._relayed: http.Request | None = None
         #: The connection's addresses, asked of the transport once: every request asks for
         #: both (its C{client} and C{host}), and the local one costs a system call.
         self._peer: IAddress | None = None
@@ -419,15 +422,17 @@ class ProxyChannel(http.HTTPChannel):
             host = self._host = super().getHost()
         return host
 
-    def relaying(self) -> None:
+    def relaying(self, request: http.Request) -> None:
         """
-        A response body is relayed from now on, for as long as its upstream sends it (a
-        stream, maybe for minutes): the connection's timer is stopped if it serves no
-        deadline (none, while a request is answered: the idle timeout is off until it ends)
-        rather than kept until it fires.  It is armed again for the next deadline set.
+        The body of C{request}'s response is relayed from now on, for as long as its
+        upstream sends it (a stream, maybe for minutes): the connection's timer is stopped if
+        it serves no deadline (none, while a request is answered: the idle timeout is off
+        until it ends) rather than kept until it fires (it is armed again for the next
+        deadline set); the response headers, once L{writeHeaders} wrote them, are not kept.
         """
         if self._head_at is None and self._body_at is None and self._idle_at is None:
             self._stop_timer()
+        self._relayed = request
 
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
@@ -448,6 +453,12 @@ class ProxyChannel(http.HTTPChannel):
                 head.extend((name, b": ", value, b"\r\n"))
         head.append(b"\r\n")
         self._head = b"".join(head)
+        relayed = self._relayed
+        if relayed is not None:
+            # A relayed stream's headers are written: nothing reads them any more.
+            self._relayed = None
+            if relayed.responseHeaders is headers:
+                relayed.responseHeaders = Headers()
 
     def write(self, data: bytes) -> None:
         """Response bytes, straight to the socket when nothing is buffered (L{write_through})."""
@@ -565,6 +576,7 @@ class ProxyChannel(http.HTTPChannel):
             self.requests.remove(request)
             self._stop_http(REJECT_LINGER_SECONDS, REJECT_DISCARD_BYTES)
             return
+        self._relayed = None
         # The next request's head starts now (its bytes may already be buffered).
         self._in_head = True
         self._head_lines = 0
@@ -836,7 +848,8 @@ class ProxyRequest(server.Request):
         A body of no announced length (a stream) is relayed from now on, maybe for minutes:
         let go of what the request no longer needs.  Its headers were read (the route, the
         upstream request, persistence): only those the access line still reads (the client
-        key that names the client) are kept; the path segments are not traversed any more.
+        key that names the client) are kept; the path segments are not traversed any more;
+        the response headers are let go of once written (L{ProxyChannel.relaying}).
         """
         headers = self.requestHeaders
         kept = Headers()
@@ -848,7 +861,7 @@ class ProxyRequest(server.Request):
         self.postpath = []
         channel = self.channel
         if isinstance(channel, ProxyChannel):
-            channel.relaying()
+            channel.relaying(self)
 
     def when_gone(self, callback: Callable[[], object]) -> None:
         """

@@ -2,7 +2,8 @@
 What a held stream keeps (issue 13, memory per open stream), over real sockets: the channel's
 and the request's own state in slots (with Twisted's class defaults), and once a stream's
 body is relayed, its request headers let go of but the client key the access line names the
-client by, and the connection's timer stopped; the deadlines armed after it still fire.
+client by, its response headers once written, and the connection's timer stopped; the
+deadlines armed after it still fire.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ async def test_held_stream_keeps_only_the_client_key_and_logs_its_name(
     assert [(n.lower(), v) for n, v in request.requestHeaders.getAllRawHeaders()] == [
         (b"api-key", [b"sk-bob-2"])
     ]
+    # Its response head was sent (with every header), and is not kept.
+    head = client.received.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"content-type: text/event-stream" in head and b"access-control-allow-origin: *" in head
+    assert list(request.responseHeaders.getAllRawHeaders()) == []
     # Few enough names in their instance dictionaries for CPython to share their keys.
     assert len(vars(channel)) < 30 and len(vars(request)) < 30
     fake.release()
