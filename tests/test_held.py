@@ -3,11 +3,12 @@ What a held stream keeps (issue 13, memory per open stream), over real sockets: 
 and the request's own state in slots (with Twisted's class defaults), and once a stream's
 body is relayed, its request headers let go of but the client key the access line names the
 client by, its response headers once written, and the connection's timer stopped; the
-deadlines armed after it still fire.
+deadlines armed after it still fire; the upstream response's head is not kept either.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from twisted.web import http, server
 
 from aoaiproxy.site import ProxyChannel, ProxyRequest
 from aoaiproxy.testing import FakeAzure
+from aoaiproxy.upstream.protocol import UpstreamResponse
 
 from .conftest import Proxy
 from .rawnet import connect, get_reactor
@@ -85,6 +87,14 @@ async def test_held_stream_keeps_only_the_client_key_and_logs_its_name(
     head = client.received.split(b"\r\n\r\n", 1)[0].lower()
     assert b"content-type: text/event-stream" in head and b"access-control-allow-origin: *" in head
     assert list(request.responseHeaders.getAllRawHeaders()) == []
+    # Nor is the upstream's response head (its headers): only its body's state is.
+    gc.collect()
+    assert not [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, UpstreamResponse)
+        and getattr(getattr(getattr(o, "_body", o), "_protocol", None), "request", None) is request
+    ]
     # Few enough names in their instance dictionaries for CPython to share their keys.
     assert len(vars(channel)) < 30 and len(vars(request)) < 30
     fake.release()

@@ -101,7 +101,7 @@ class _BodyTransport:
 
     __slots__ = ("_response",)
 
-    def __init__(self, response: UpstreamResponse) -> None:
+    def __init__(self, response: _Body) -> None:
         self._response = response
 
     def pauseProducing(self) -> None:
@@ -129,15 +129,13 @@ class UpstreamResponse:
     L{deliverBody}: C{dataReceived} as it arrives, then C{connectionLost} with
     L{ResponseDone}, L{PotentialDataLoss} (a body delimited by the connection's close), or
     L{ResponseFailed} (cut short).  Bytes that arrive before C{deliverBody} are kept for it.
+
+    The connection and the body's reader hold only its L{_Body}, not the head: a long
+    stream does not keep the head (its headers) unless its caller does.
     """
 
     __slots__ = (
-        "_conn",
-        "_end",
-        "_protocol",
-        "_unread",
-        "_unread_bytes",
-        "_waiting",
+        "_body",
         "code",
         "headers",
         "length",
@@ -157,6 +155,21 @@ class UpstreamResponse:
         self.phrase = phrase
         self.headers = headers
         self.length: int | object = length
+        self._body = _Body()
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._body.deliver(protocol)
+
+
+class _Body:
+    """The body of an L{UpstreamResponse}, as it is delivered."""
+
+    __slots__ = ("_conn", "_end", "_protocol", "_unread", "_unread_bytes", "_waiting")
+
+    def __init__(self) -> None:
         #: The connection, while the body is still arriving.
         self._conn: HTTP11Connection | None = None
         self._protocol: Any = None
@@ -167,10 +180,7 @@ class UpstreamResponse:
         self._waiting = False
         self._end: Failure | None = None
 
-    def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response
-
-    def deliverBody(self, protocol: Any) -> None:
+    def deliver(self, protocol: Any) -> None:
         if self._protocol is not None:
             raise RuntimeError("deliverBody was already called")
         self._protocol = protocol
@@ -247,6 +257,7 @@ class HTTP11Connection(Protocol):
 
     # One per open stream: slots, not a dict of two dozen members.
     __slots__ = (
+        "_answer",
         "_closed_waiters",
         "_complete",
         "_exchange",
@@ -283,7 +294,10 @@ class HTTP11Connection(Protocol):
         self._state = _IDLE
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: Exchange | None = None
-        self._response: UpstreamResponse | None = None
+        #: The body of the response being read (from its head to its end).
+        self._response: _Body | None = None
+        #: The response whose head has arrived, until it is handed on (L{_deliver}).
+        self._answer: UpstreamResponse | None = None
         self._sender: _FileSender | None = None
         self._paused = False
         self._received = False
@@ -324,7 +338,7 @@ class HTTP11Connection(Protocol):
         self._received = False
         self._head_bytes = 0
         self._no_body = method == b"HEAD"
-        self._response = None
+        self._response = self._answer = None
         self._complete = False
         transport: Any = self.transport
         if body is None:
@@ -462,19 +476,19 @@ class HTTP11Connection(Protocol):
             parts.clear()
             response._data(body)
         if state == _HEAD:
-            exchange = self._exchange
-            self._exchange = None
+            exchange, answer = self._exchange, self._answer
+            self._exchange = self._answer = None
             if self._complete:
                 self._message_done(response)
             else:
                 self._state = _BODY
                 response._conn = self
-            if exchange is not None:
-                exchange.head_received(response)
+            if exchange is not None and answer is not None:
+                exchange.head_received(answer)
         elif self._complete:
             self._message_done(response)
 
-    def _message_done(self, response: UpstreamResponse) -> None:
+    def _message_done(self, response: _Body) -> None:
         """The response ended: pool the connection (or close it), then end its body."""
         self._response = None
         if self._state != _CLOSED:
@@ -496,7 +510,7 @@ class HTTP11Connection(Protocol):
         """The response cannot be read: tell whoever waits for it, and close."""
         exchange = self._exchange
         response = self._response
-        self._exchange = self._response = None
+        self._exchange = self._response = self._answer = None
         self._state = _CLOSED
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -510,7 +524,7 @@ class HTTP11Connection(Protocol):
         self._sender = None
         exchange = self._exchange
         response = self._response
-        self._exchange = self._response = None
+        self._exchange = self._response = self._answer = None
         if exchange is not None:
             exchange.failed(UpstreamClosed(reason, self._received))
         elif response is not None:
@@ -575,7 +589,8 @@ class HTTP11Connection(Protocol):
         response = UpstreamResponse(
             (b"HTTP", int(version[0]), int(version[-1])), code, self._phrase, headers, length
         )
-        self._response = response
+        self._answer = response
+        self._response = response._body
         if self._no_body or code == 204 or code == 304:
             response.length = 0
             self._until_close = False
