@@ -753,7 +753,8 @@ def _head_too_large(limit: int) -> ProxyError:
     )
 
 
-#: The request headers a relayed stream keeps for its access line (L{rewrite.client_key}'s).
+#: The request headers a relayed stream keeps for its access line (L{rewrite.client_key}'s),
+#: when the proxy names clients.
 _KEPT_FOR_LOG = (b"authorization", b"api-key")
 
 
@@ -848,15 +849,17 @@ class ProxyRequest(server.Request):
         A body of no announced length (a stream) is relayed from now on, maybe for minutes:
         let go of what the request no longer needs.  Its headers were read (the route, the
         upstream request, persistence): only those the access line still reads (the client
-        key that names the client) are kept; the path segments are not traversed any more;
-        the response headers are let go of once written (L{ProxyChannel.relaying}).
+        key that names the client, when the proxy names clients) are kept; the path segments
+        are not traversed any more; the response headers are let go of once written
+        (L{ProxyChannel.relaying}).
         """
         headers = self.requestHeaders
         kept = Headers()
-        for name in _KEPT_FOR_LOG:
-            values = headers.getRawHeaders(name)
-            if values is not None:
-                kept.setRawHeaders(name, values)
+        if self._site.live.config.client_names:
+            for name in _KEPT_FOR_LOG:
+                values = headers.getRawHeaders(name)
+                if values is not None:
+                    kept.setRawHeaders(name, values)
         self.requestHeaders = kept
         self.postpath = []
         channel = self.channel

@@ -106,6 +106,22 @@ async def test_held_stream_keeps_only_the_client_key_and_logs_its_name(
 
 
 @pytest_twisted.ensureDeferred
+async def test_held_stream_without_client_names_keeps_no_request_header(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = make_proxy()
+    fake.hold_last_chunk()
+    client = await connect(proxy, post(STREAM, b"Authorization: Bearer k"))
+    await client.wait_for(b"chunk2 ")
+    [channel] = proxy.site.connections.open
+    [request] = channel.requests
+    assert list(request.requestHeaders.getAllRawHeaders()) == []
+    fake.release()
+    await client.wait_for(lambda got: got.endswith(b"0\r\n\r\n"))
+    client.transport.loseConnection()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
 async def test_deadlines_after_a_stream_still_fire(fake: FakeAzure, make_proxy: Callable[..., Proxy]) -> None:
     """
     The stream stopped the connection's timer: the next request's head timeout, and then the
