@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -163,40 +164,100 @@ class ProxyChannel(http.HTTPChannel):
     """
 
     site: ProxySite
-    #: The listener this connection came from; None for one made inside another connection
-    #: (TLS interception serves HTTP inside a CONNECT): such a one counts for the drain, not
-    #: for a listener's cap.
-    listener: Listener | None = None
     #: Lines end with LF; a CR before it is removed (L{lineReceived}).
     delimiter = b"\n"
-    _in_head = True
-    _head_lines = 0
-    _head_size = 0
-    _header_count = 0
-    #: The connection's one timer (L{_tick}), and the deadlines it serves: the head's, the
-    #: body's, and the idle timeout's (C{TimeoutMixin}'s, L{setTimeout}).
-    _timer: IDelayedCall | None = None
-    _head_at: float | None = None
-    _body_at: float | None = None
-    _idle_at: float | None = None
-    #: The timer fires at most this long after it is armed (the shortest of the periods).
-    _tick_at_most = 30.0
-    _rejected = False
-    _discarded = 0
-    #: A response head written by L{writeHeaders}, sent with the body bytes that follow it.
-    _head: bytes | None = None
-    _discard_limit: int | None = REJECT_DISCARD_BYTES
-    _linger: IDelayedCall | None = None
-    _close_after: http.Request | None = None
-    _max_request_line = 8192
-    _header_timeout = 30.0
-    _body_timeout = BODY_TIMEOUT
-    _handed_to: IProtocol | None = None
-    _lost = False
-    #: The connection's addresses, asked of the transport once: every request asks for both
-    #: (its C{client} and C{host}), and the local one costs a system call.
-    _peer: IAddress | None = None
-    _host: IAddress | None = None
+
+    # One per open connection: this class's own state, and Twisted's public attributes that
+    # have class defaults, in slots, so that the instance dictionary holds few enough names
+    # (every name ever set on an instance counts, under CPython 3.11's 30) for it to stay a
+    # compact key-sharing one, not a dictionary of its own (~1.5 KB per open connection).
+    __slots__ = (
+        "MAX_LENGTH",
+        "_body_at",
+        "_body_timeout",
+        "_close_after",
+        "_discard_limit",
+        "_discarded",
+        "_handed_to",
+        "_head",
+        "_head_at",
+        "_head_lines",
+        "_head_size",
+        "_header_count",
+        "_header_timeout",
+        "_host",
+        "_idle_at",
+        "_in_head",
+        "_linger",
+        "_lost",
+        "_max_request_line",
+        "_peer",
+        "_rejected",
+        "_relayed",
+        "_tick_at_most",
+        "_timer",
+        "connected",
+        "factory",
+        "length",
+        "line_mode",
+        "listener",
+        "maxHeaders",
+        "paused",
+        "persistent",
+        "timeOut",
+        "totalHeadersSize",
+        "transport",
+    )
+
+    def __init__(self) -> None:
+        #: The listener this connection came from; None for one made inside another
+        #: connection (TLS interception serves HTTP inside a CONNECT): such a one counts for
+        #: the drain, not for a listener's cap.
+        self.listener: Listener | None = None
+        # What Twisted's classes have as class attributes (a slot hides them), the limits
+        # until connectionMade sets ours.
+        self.connected = 0
+        self.transport: Any = None
+        self.factory: Any = None
+        self.timeOut = None
+        self.length = 0
+        self.persistent = 1
+        self.line_mode = 1
+        self.paused = False
+        self.maxHeaders = 500
+        self.totalHeadersSize = 16384
+        self.MAX_LENGTH = 16384
+        self._in_head = True
+        self._head_lines = 0
+        self._head_size = 0
+        self._header_count = 0
+        #: The connection's one timer (L{_tick}), and the deadlines it serves: the head's,
+        #: the body's, and the idle timeout's (C{TimeoutMixin}'s, L{setTimeout}).
+        self._timer: IDelayedCall | None = None
+        self._head_at: float | None = None
+        self._body_at: float | None = None
+        self._idle_at: float | None = None
+        #: The timer fires at most this long after it is armed (the shortest of the periods).
+        self._tick_at_most = 30.0
+        self._rejected = False
+        self._discarded = 0
+        #: A response head written by L{writeHeaders}, sent with the body bytes that follow it.
+        self._head: bytes | None = None
+        self._discard_limit: int | None = REJECT_DISCARD_BYTES
+        self._linger: IDelayedCall | None = None
+        self._close_after: http.Request | None = None
+        self._max_request_line = 8192
+        self._header_timeout = 30.0
+        self._body_timeout = BODY_TIMEOUT
+        self._handed_to: IProtocol | None = None
+        self._lost = False
+        #: The request whose response is relayed and whose head is not written yet.
+        self._relayed: http.Request | None = None
+        #: The connection's addresses, asked of the transport once: every request asks for
+        #: both (its C{client} and C{host}), and the local one costs a system call.
+        self._peer: IAddress | None = None
+        self._host: IAddress | None = None
+        super().__init__()
 
     def connectionMade(self) -> None:
         config = self.site.live.config
@@ -361,6 +422,18 @@ class ProxyChannel(http.HTTPChannel):
             host = self._host = super().getHost()
         return host
 
+    def relaying(self, request: http.Request) -> None:
+        """
+        The body of C{request}'s response is relayed from now on, for as long as its
+        upstream sends it (a stream, maybe for minutes): the connection's timer is stopped if
+        it serves no deadline (none, while a request is answered: the idle timeout is off
+        until it ends) rather than kept until it fires (it is armed again for the next
+        deadline set); the response headers, once L{writeHeaders} wrote them, are not kept.
+        """
+        if self._head_at is None and self._body_at is None and self._idle_at is None:
+            self._stop_timer()
+        self._relayed = request
+
     def abort(self) -> None:
         """Cut the connection now (a stream in flight is visibly truncated)."""
         if not self._lost and self.transport is not None:
@@ -380,6 +453,12 @@ class ProxyChannel(http.HTTPChannel):
                 head.extend((name, b": ", value, b"\r\n"))
         head.append(b"\r\n")
         self._head = b"".join(head)
+        relayed = self._relayed
+        if relayed is not None:
+            # A relayed stream's headers are written: nothing reads them any more.
+            self._relayed = None
+            if relayed.responseHeaders is headers:
+                relayed.responseHeaders = Headers()
 
     def write(self, data: bytes) -> None:
         """Response bytes, straight to the socket when nothing is buffered (L{write_through})."""
@@ -497,6 +576,7 @@ class ProxyChannel(http.HTTPChannel):
             self.requests.remove(request)
             self._stop_http(REJECT_LINGER_SECONDS, REJECT_DISCARD_BYTES)
             return
+        self._relayed = None
         # The next request's head starts now (its bytes may already be buffered).
         self._in_head = True
         self._head_lines = 0
@@ -673,28 +753,74 @@ def _head_too_large(limit: int) -> ProxyError:
     )
 
 
+#: The request headers a relayed stream keeps for its access line (L{rewrite.client_key}'s),
+#: when the proxy names clients.
+_KEPT_FOR_LOG = (b"authorization", b"api-key")
+
+
 class ProxyRequest(server.Request):
     """One request on any listener."""
 
     site: ProxySite
-    _refused = False
-    #: Whether the body is discarded as it arrives (a route that never reads one).
-    _body_unused = False
-    _received = 0
-    #: For the access log: when the request started, and whether it has been logged.
-    log_started = 0.0
-    log_done = False
-    #: Whether this CONNECT was answered 200 and its connection handed over (L{establish}).
-    established = False
-    #: When the first byte of the answer was written (the metrics' time to first byte).
-    first_byte_at: float | None = None
-    #: What to call if the client leaves before the response is finished (L{when_gone}).
-    _gone: list[Callable[[], object]] | None = None
-    #: What the head of an API request with a body decided (L{admission.judge}), for its
-    #: route to take rather than decide again.
-    admitted: admission.Admitted | None = None
+
+    # One per request: this class's own state, and what Twisted sets on a request as it is
+    # answered, in slots, so that the instance dictionary holds only what Twisted sets at
+    # first, few enough names (under CPython's 30) for it to stay a compact key-sharing one,
+    # not a dictionary of its own (~1.5 KB per open stream).
+    __slots__ = (
+        "_body_unused",
+        "_gone",
+        "_received",
+        "_refused",
+        "_site",
+        "admitted",
+        "chunked",
+        "code",
+        "code_message",
+        "defaultContentType",
+        "established",
+        "finished",
+        "first_byte_at",
+        "log_done",
+        "log_info",
+        "log_started",
+        "postpath",
+        "prepath",
+        "producer",
+        "sentLength",
+        "sitepath",
+        "startedWriting",
+        "streamingProducer",
+    )
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # What twisted.web's classes have as class attributes (a slot hides them).
+        self.code = 200
+        self.code_message = b"OK"
+        self.startedWriting = 0
+        self.chunked = 0
+        self.sentLength = 0
+        self.producer: IPushProducer | None = None
+        self.finished = 0
+        self.defaultContentType: bytes | None = b"text/html"
+        self.prepath: list[bytes] | None = None
+        self.postpath: list[bytes] | None = None
+        self._refused = False
+        #: Whether the body is discarded as it arrives (a route that never reads one).
+        self._body_unused = False
+        self._received = 0
+        #: For the access log: whether the request has been logged, and its notes.
+        self.log_done = False
+        self.log_info: dict[str, Any] | None = None
+        #: Whether this CONNECT was answered 200 and its connection handed over (L{establish}).
+        self.established = False
+        #: When the first byte of the answer was written (the metrics' time to first byte).
+        self.first_byte_at: float | None = None
+        #: What to call if the client leaves before the response is finished (L{when_gone}).
+        self._gone: list[Callable[[], object]] | None = None
+        #: What the head of an API request with a body decided (L{admission.judge}), for its
+        #: route to take rather than decide again.
+        self.admitted: admission.Admitted | None = None
         # Never parse form bodies into request.args: Twisted does that for every POST
         # multipart/urlencoded body, in memory (a 20 MB upload cost 250 MB).  It must be
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
@@ -702,6 +828,7 @@ class ProxyRequest(server.Request):
         super().__init__(channel, *args, **kwargs)
         #: The channel's site (kept: Request.connectionLost drops the channel).
         self._site: ProxySite = channel.site
+        #: For the access log: when the request started.
         self.log_started = self._site.reactor.seconds()
 
     def write(self, data: bytes) -> None:
@@ -715,6 +842,33 @@ class ProxyRequest(server.Request):
         channel = self.channel
         if isinstance(channel, ProxyChannel):
             channel.flush_head()  # a head with no body bytes after it (HEAD, 204, b"")
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        if not self.responseHeaders.hasHeader(b"content-length"):
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        A body of no announced length (a stream) is relayed from now on, maybe for minutes:
+        let go of what the request no longer needs.  Its headers were read (the route, the
+        upstream request, persistence): only those the access line still reads (the client
+        key that names the client, when the proxy names clients) are kept; the path segments
+        are not traversed any more; the response headers are let go of once written
+        (L{ProxyChannel.relaying}).
+        """
+        headers = self.requestHeaders
+        kept = Headers()
+        if self._site.live.config.client_names:
+            for name in _KEPT_FOR_LOG:
+                values = headers.getRawHeaders(name)
+                if values is not None:
+                    kept.setRawHeaders(name, values)
+        self.requestHeaders = kept
+        self.postpath = []
+        channel = self.channel
+        if isinstance(channel, ProxyChannel):
+            channel.relaying(self)
 
     def when_gone(self, callback: Callable[[], object]) -> None:
         """

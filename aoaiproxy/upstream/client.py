@@ -166,6 +166,8 @@ class UpstreamClient:
         self._max_headers = max_headers
         self._max_head_bytes = max_head_bytes
         self._pool = Pool(reactor, max_idle_per_host, idle_timeout)
+        #: Every connection's C{on_idle} and C{on_lost} (bound once, shared).
+        self._pool_callbacks = (self._pooled, self._unpooled)
         #: The response head timeouts of the requests in flight.
         self._deadlines = Deadlines(reactor)
         self._targets: dict[bytes, Target] = {}
@@ -289,10 +291,17 @@ class UpstreamClient:
 
     def _connection(self, key: Key) -> HTTP11Connection:
         conn = HTTP11Connection(self._max_headers, self._max_head_bytes)
-        pool = self._pool
-        conn.on_idle = lambda c: pool.put(key, c)
-        conn.on_lost = lambda c: pool.lost(key, c)
+        # The pool's callbacks are the same for every connection (no closure per connection,
+        # which an open stream would keep): the connection carries its key.
+        conn.pool_key = key
+        conn.on_idle, conn.on_lost = self._pool_callbacks
         return conn
+
+    def _pooled(self, conn: HTTP11Connection) -> None:
+        self._pool.put(conn.pool_key, conn)
+
+    def _unpooled(self, conn: HTTP11Connection) -> None:
+        self._pool.lost(conn.pool_key, conn)
 
 
 def _head(

@@ -104,7 +104,7 @@ class _BodyTransport:
 
     __slots__ = ("_response",)
 
-    def __init__(self, response: UpstreamResponse) -> None:
+    def __init__(self, response: _Body) -> None:
         self._response = response
 
     def pauseProducing(self) -> None:
@@ -132,16 +132,14 @@ class UpstreamResponse:
     L{deliverBody}: C{dataReceived} as it arrives, then C{connectionLost} with
     L{ResponseDone}, L{PotentialDataLoss} (a body delimited by the connection's close), or
     L{ResponseFailed} (cut short).  Bytes that arrive before C{deliverBody} are kept for it.
+
+    The connection and the body's reader hold only its L{_Body}, not the head: a long
+    stream does not keep the head (its headers) unless its caller does.
     """
 
     __slots__ = (
-        "_conn",
-        "_end",
+        "_body",
         "_headers",
-        "_protocol",
-        "_unread",
-        "_unread_bytes",
-        "_waiting",
         "code",
         "length",
         "phrase",
@@ -170,15 +168,10 @@ class UpstreamResponse:
         self.raw_headers = raw_headers
         self._headers: Headers | None = None
         self.length: int | object = length
-        #: The connection, while the body is still arriving.
-        self._conn: HTTP11Connection | None = None
-        self._protocol: Any = None
-        #: Bytes that came before the reader (a list only when there are some).
-        self._unread: list[bytes] | None = None
-        self._unread_bytes = 0
-        #: Whether the socket is not read until deliverBody (too much unread).
-        self._waiting = False
-        self._end: Failure | None = None
+        self._body = _Body()
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
 
     @property
     def headers(self) -> Headers:
@@ -190,10 +183,27 @@ class UpstreamResponse:
                 headers.addRawHeader(name, value)
         return headers
 
-    def setPreviousResponse(self, response: IResponse) -> None:
-        self.previousResponse = response
-
     def deliverBody(self, protocol: Any) -> None:
+        self._body.deliver(protocol)
+
+
+class _Body:
+    """The body of an L{UpstreamResponse}, as it is delivered."""
+
+    __slots__ = ("_conn", "_end", "_protocol", "_unread", "_unread_bytes", "_waiting")
+
+    def __init__(self) -> None:
+        #: The connection, while the body is still arriving.
+        self._conn: HTTP11Connection | None = None
+        self._protocol: Any = None
+        #: Bytes that came before the reader (a list only when there are some).
+        self._unread: list[bytes] | None = None
+        self._unread_bytes = 0
+        #: Whether the socket is not read until deliverBody (too much unread).
+        self._waiting = False
+        self._end: Failure | None = None
+
+    def deliver(self, protocol: Any) -> None:
         if self._protocol is not None:
             raise RuntimeError("deliverBody was already called")
         self._protocol = protocol
@@ -273,6 +283,7 @@ class HTTP11Connection(Protocol):
 
     # One per open stream: slots, not a dict of two dozen members.
     __slots__ = (
+        "_answer",
         "_closed_waiters",
         "_complete",
         "_exchange",
@@ -294,6 +305,7 @@ class HTTP11Connection(Protocol):
         "idle_since",
         "on_idle",
         "on_lost",
+        "pool_key",
     )
 
     def __init__(self, max_headers: int, max_head_bytes: int) -> None:
@@ -303,10 +315,15 @@ class HTTP11Connection(Protocol):
         self.on_lost: Callable[[HTTP11Connection], None] | None = None
         #: When it last became idle (set by the pool).
         self.idle_since = 0.0
+        #: The key of the pool it belongs to, for C{on_idle} and C{on_lost} (set by the client).
+        self.pool_key: Any = None
         self._state = _IDLE
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: Exchange | None = None
-        self._response: UpstreamResponse | None = None
+        #: The body of the response being read (from its head to its end).
+        self._response: _Body | None = None
+        #: The response whose head has arrived, until it is handed on (L{_deliver}).
+        self._answer: UpstreamResponse | None = None
         self._sender: _FileSender | None = None
         self._paused = False
         self._received = False
@@ -347,7 +364,7 @@ class HTTP11Connection(Protocol):
         self._received = False
         self._head_bytes = 0
         self._no_body = method == b"HEAD"
-        self._response = None
+        self._response = self._answer = None
         self._complete = False
         transport: Any = self.transport
         if body is None:
@@ -485,19 +502,19 @@ class HTTP11Connection(Protocol):
             parts.clear()
             response._data(body)
         if state == _HEAD:
-            exchange = self._exchange
-            self._exchange = None
+            exchange, answer = self._exchange, self._answer
+            self._exchange = self._answer = None
             if self._complete:
                 self._message_done(response)
             else:
                 self._state = _BODY
                 response._conn = self
-            if exchange is not None:
-                exchange.head_received(response)
+            if exchange is not None and answer is not None:
+                exchange.head_received(answer)
         elif self._complete:
             self._message_done(response)
 
-    def _message_done(self, response: UpstreamResponse) -> None:
+    def _message_done(self, response: _Body) -> None:
         """The response ended: pool the connection (or close it), then end its body."""
         self._response = None
         if self._state != _CLOSED:
@@ -519,7 +536,7 @@ class HTTP11Connection(Protocol):
         """The response cannot be read: tell whoever waits for it, and close."""
         exchange = self._exchange
         response = self._response
-        self._exchange = self._response = None
+        self._exchange = self._response = self._answer = None
         self._state = _CLOSED
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -533,7 +550,7 @@ class HTTP11Connection(Protocol):
         self._sender = None
         exchange = self._exchange
         response = self._response
-        self._exchange = self._response = None
+        self._exchange = self._response = self._answer = None
         if exchange is not None:
             exchange.failed(UpstreamClosed(reason, self._received))
         elif response is not None:
@@ -597,7 +614,8 @@ class HTTP11Connection(Protocol):
         response = UpstreamResponse(
             (b"HTTP", int(version[0]), int(version[-1])), code, self._phrase, kept, length
         )
-        self._response = response
+        self._answer = response
+        self._response = response._body
         if self._no_body or code == 204 or code == 304:
             response.length = 0
             self._until_close = False
