@@ -243,6 +243,8 @@ class HTTP11Connection(Protocol):
 
     @ivar on_idle: called once a response ended and the connection can carry another request.
     @ivar on_lost: called when the connection has closed.
+    @ivar on_made: called once the connection is made (then forgotten): for a dialler whose
+        connection is this protocol itself, with no wrapper to tell it (L{aoaiproxy.upstream.client}).
     """
 
     # One per open stream: slots, not a dict of two dozen members.
@@ -268,6 +270,7 @@ class HTTP11Connection(Protocol):
         "idle_since",
         "on_idle",
         "on_lost",
+        "on_made",
     )
 
     def __init__(self, max_headers: int, max_head_bytes: int) -> None:
@@ -275,6 +278,7 @@ class HTTP11Connection(Protocol):
         self._max_head_bytes = max_head_bytes
         self.on_idle: Callable[[HTTP11Connection], None] | None = None
         self.on_lost: Callable[[HTTP11Connection], None] | None = None
+        self.on_made: Callable[[HTTP11Connection], None] | None = None
         #: When it last became idle (set by the pool).
         self.idle_since = 0.0
         self._state = _IDLE
@@ -299,6 +303,9 @@ class HTTP11Connection(Protocol):
         setTcpNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setTcpNoDelay is not None:
             setTcpNoDelay(True)
+        made, self.on_made = self.on_made, None
+        if made is not None:
+            made(self)
 
     @property
     def reusable(self) -> bool:
