@@ -22,7 +22,7 @@ from aoaiproxy import jsonbody
 from aoaiproxy.log import note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.sse import MAX_HELD_EVENT, Events, event_data
-from aoaiproxy.usage import UsageTap, usage_tap
+from aoaiproxy.usage import FILTER_RESULTS, UsageTap, usage_tap
 
 __all__ = ["MAX_HELD_EVENT", "BodyRelay", "FilterFrames", "body_filter", "is_filter_only"]
 
@@ -43,7 +43,7 @@ def is_filter_only(event: bytes) -> bool:
     and nothing but C{prompt_filter_results} (so not the C{include_usage} chunk).  An event
     that cannot be read as such (not JSON, nested too deep, a duplicate member) is not one.
     """
-    if event.find(b"prompt_filter_results") < 0:  # (find: cheaper than "in" on bytes)
+    if event.find(FILTER_RESULTS) < 0:  # (find: cheaper than "in" on bytes)
         return False
     data = event_data(event)
     try:
