@@ -390,12 +390,12 @@ class HTTP11Connection(Protocol):
                     return
             parts = self._parts
             response = self._response
-            if parts and not self._complete and response is not None and response._protocol is not None:
-                body = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts.clear()
-                response._protocol.dataReceived(body)
-            else:
-                self._deliver(state)
+            if len(parts) == 1 and not self._complete and response is not None:
+                protocol = response._protocol
+                if protocol is not None:
+                    protocol.dataReceived(parts.pop())
+                    return
+            self._deliver(state)
         elif state == _HEAD:
             self._received = True
             room = self._max_head_bytes - self._head_bytes
