@@ -390,10 +390,15 @@ class HTTP11Connection(Protocol):
                     return
             parts = self._parts
             response = self._response
-            if len(parts) == 1 and not self._complete and response is not None:
+            if parts and not self._complete and response is not None:
                 protocol = response._protocol
                 if protocol is not None:
-                    protocol.dataReceived(parts.pop())
+                    if len(parts) == 1:
+                        protocol.dataReceived(parts.pop())
+                    else:  # a read that carried several chunks
+                        body = b"".join(parts)
+                        parts.clear()
+                        protocol.dataReceived(body)
                     return
             self._deliver(state)
         elif state == _HEAD:
