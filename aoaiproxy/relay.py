@@ -22,7 +22,7 @@ from aoaiproxy import jsonbody
 from aoaiproxy.log import note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.sse import MAX_HELD_EVENT, Events, event_data
-from aoaiproxy.usage import UsageTap, usage_tap
+from aoaiproxy.usage import FILTER_RESULTS, UsageTap, usage_tap
 
 __all__ = ["MAX_HELD_EVENT", "BodyRelay", "FilterFrames", "body_filter", "is_filter_only"]
 
@@ -43,7 +43,7 @@ def is_filter_only(event: bytes) -> bool:
     and nothing but C{prompt_filter_results} (so not the C{include_usage} chunk).  An event
     that cannot be read as such (not JSON, nested too deep, a duplicate member) is not one.
     """
-    if event.find(b"prompt_filter_results") < 0:  # (find: cheaper than "in" on bytes)
+    if event.find(FILTER_RESULTS) < 0:  # (find: cheaper than "in" on bytes)
         return False
     data = event_data(event)
     try:
@@ -149,7 +149,6 @@ class BodyRelay(Protocol):
         "_tail",
         "_timed_out",
         "_timer",
-        "bytes_out",
         "request",
     )
 
@@ -178,7 +177,6 @@ class BodyRelay(Protocol):
         self._timed_out = False
         self._on_done = on_done
         self._recorder = _recorder(request) if event_stream else None
-        self.bytes_out = 0
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
@@ -234,7 +232,6 @@ class BodyRelay(Protocol):
         if data and not self._client_gone:
             if self._event_stream:
                 self._tail = data[-4:] if len(data) >= 4 else (self._tail + data)[-4:]
-            self.bytes_out += len(data)
             self.request.write(data)
 
     def _write(self, data: bytes) -> None:
@@ -242,7 +239,6 @@ class BodyRelay(Protocol):
             if self._event_stream:
                 # Only the last bytes matter (is there a final blank line?): no copy of data.
                 self._tail = (self._tail + data[-4:])[-4:]
-            self.bytes_out += len(data)
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
@@ -258,7 +254,7 @@ class BodyRelay(Protocol):
             if clean:
                 if self._filter is not None:
                     self._write(self._filter.flush())
-                if self._event_stream and self.bytes_out:
+                if self._event_stream and self._tail:  # (a tail: something was written)
                     self._write(_missing_blank_line(self._tail))
                 self._note_usage()  # before finish(), which writes the access line
                 self.request.finish()

@@ -832,11 +832,17 @@ class ProxyRequest(server.Request):
         self.log_started = self._site.reactor.seconds()
 
     def write(self, data: bytes) -> None:
-        # Twisted writes the head with the first body bytes (finish() writes b"" for a
-        # response without a body): that is the first byte, a stream's first chunk.
-        if self.startedWriting:
+        if _twisted.body_writable(self):
+            # A body piece after the head (a stream's chunk): framed as Request.write frames it.
+            self.sentLength += len(data)
+            if data:
+                self.channel.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            return
+        if self.startedWriting:  # finished (an error), or the client left (nothing to write)
             super().write(data)
             return
+        # Twisted writes the head with the first body bytes (finish() writes b"" for a
+        # response without a body): that is the first byte, a stream's first chunk.
         self.first_byte_at = self._site.reactor.seconds()
         super().write(data)
         channel = self.channel

@@ -70,6 +70,17 @@ class Events:
         return event
 
     def feed(self, data: bytes) -> bytes:
+        # (bytes.find, not "in": "in" first tries its operand as an integer, and the error
+        # that raises costs more than the search.)
+        if not self._buffer and not self._passing and data.find(b"\r") < 0:
+            # The usual chunk, LF only as OpenAI and Azure send, nothing held: one whole
+            # event (its first LF, found by memchr, is the one before its last).
+            if data.find(b"\n") == len(data) - 2 and data[-1:] == b"\n":
+                try:
+                    return self.event(data)
+                except Exception:
+                    _log.failure(_FAILED)
+                    return data
         out = []
         if self._passing:
             seen = self._tail + data
@@ -84,21 +95,9 @@ class Events:
         held = len(self._buffer)
         buf = self._buffer + data if held else data
         pos = 0
-        # (bytes.find, not "in": "in" first tries its operand as an integer, and the error
-        # that raises costs more than the search.)
         if buf.find(b"\r") < 0:
-            # LF only, as OpenAI and Azure send: an event ends at each blank line (where the
-            # pattern below would find it), and the usual chunk is one whole event: its
-            # first LF (memchr, faster than a search for two) is the one before its last.
+            # LF only: an event ends at each blank line (where the pattern below would find it).
             start = held - 3 if held > 3 else 0
-            i = buf.find(b"\n", start)
-            if i >= 0 and i + 2 == len(buf) and buf[-1] == 10 and not out:
-                self._buffer = b""
-                try:
-                    return self.event(buf)
-                except Exception:
-                    _log.failure(_FAILED)
-                    return buf
             i = buf.find(b"\n\n", start)
             while i >= 0:
                 event = buf[pos : i + 2]

@@ -34,6 +34,7 @@ import attrs
 from aoaiproxy.sse import Events, event_data
 
 __all__ = [
+    "FILTER_RESULTS",
     "Chained",
     "ChatStreamUsage",
     "JSONUsage",
@@ -177,13 +178,18 @@ def _cut_usage_member(event: bytes, usage: object) -> bytes | None:
     return (text[:i] + text[found[1] :]).encode("utf-8")
 
 
+#: What every one of Azure's filter-only frames names (L{aoaiproxy.relay.is_filter_only}).
+FILTER_RESULTS = b"prompt_filter_results"
+
+
 class ChatStreamUsage(Events):
     """
     The usage of a chat or completions event stream (the chunk that
     C{stream_options.include_usage} adds before C{[DONE]}).  With C{strip}, that chunk and the
     C{"usage":null} members are removed from what the client receives; without, every byte
-    passes unchanged.  C{drop}: events to remove as well, in the same pass (give it
-    L{aoaiproxy.relay.is_filter_only} instead of chaining a L{aoaiproxy.relay.FilterFrames}).
+    passes unchanged.  C{drop}: which of the events that name L{FILTER_RESULTS} to remove as
+    well, in the same pass (give it L{aoaiproxy.relay.is_filter_only} instead of chaining a
+    L{aoaiproxy.relay.FilterFrames}); it is not asked of other events.
     """
 
     __slots__ = ("_drop", "_strip", "usage")
@@ -194,8 +200,24 @@ class ChatStreamUsage(Events):
         self._strip = strip
         self._drop = drop
 
+    def feed(self, data: bytes) -> bytes:
+        # The usual chunk, one event or several: whole events only (LF only, ending with a
+        # blank line), nothing held, and none of them names usage or a filter result, so
+        # none would be changed: passed on as it is, with no event split out and read.
+        if (
+            not self._buffer
+            and not self._passing
+            and data.endswith(b"\n\n")
+            and data.find(b"\r") < 0
+            and data.rfind(_USAGE_KEY) < 0
+            and (self._drop is None or data.find(FILTER_RESULTS) < 0)
+        ):
+            return data
+        return super().feed(data)
+
     def event(self, event: bytes) -> bytes:
-        if self._drop is not None and self._drop(event):
+        drop = self._drop
+        if drop is not None and event.find(FILTER_RESULTS) >= 0 and drop(event):
             return b""
         i = event.rfind(_USAGE_KEY)
         if i < 0:

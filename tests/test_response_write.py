@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
+import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from aoaiproxy._twisted import pending_write_bytes
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
-from aoaiproxy.site import ProxySite
+from aoaiproxy.site import ProxyRequest, ProxySite
 
 from .rawnet import connect, get_reactor, parse_response, response_done
 
@@ -85,3 +94,68 @@ async def test_head_and_body_leave_in_the_call_that_made_them(served: tuple[Answ
     assert resource.buffered == [0, 0, 0, 0]
     assert resource.nodelay and all(resource.nodelay)
     await client.abort()
+
+
+class Holding(Resource):
+    """Keeps each request unanswered, for the test to write its response."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[ProxyRequest] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+def held_request(length: int | None) -> tuple[ProxyRequest, StringTransport]:
+    """A request on a channel over a StringTransport, its response not begun."""
+    resource = Holding()
+    live = LiveConfig(load_config({"endpoint": "https://r.openai.azure.com"}, {}))
+    site = ProxySite(resource, live, MemoryReactorClock(), NoForwarding())
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    [request] = resource.requests
+    request.setHeader(b"Content-Type", b"text/event-stream")
+    if length is not None:
+        request.setHeader(b"Content-Length", b"%d" % length)
+    return request, transport
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pieces=st.lists(st.binary(max_size=40), max_size=6),
+    sized=st.booleans(),
+    gone_after=st.one_of(st.none(), st.integers(0, 6)),
+)
+def test_body_pieces_are_written_as_twisted_writes_them(
+    pieces: list[bytes], sized: bool, gone_after: int | None
+) -> None:
+    """
+    L{ProxyRequest.write}'s own path for a piece after the head gives the bytes, the
+    C{sentLength} and the errors of Twisted's C{Request.write} (C{server.Request.write},
+    called past ours): chunked or sized, empty pieces, a client that left, a write after
+    C{finish}.
+    """
+    length = sum(map(len, pieces)) if sized else None
+    ours, ours_transport = held_request(length)
+    twisted, twisted_transport = held_request(length)
+    for request, write in ((ours, ours.write), (twisted, partial(server.Request.write, twisted))):
+        for i, piece in enumerate(pieces):
+            if i == gone_after:
+                request.connectionLost(Failure(ConnectionDone()))
+            # The first write (the head's) is ProxyRequest's for both.
+            (write if request.startedWriting else request.write)(piece)
+        if gone_after is None or gone_after >= len(pieces):
+            request.finish()
+            with pytest.raises(RuntimeError):
+                write(b"late")
+    assert ours_transport.value() == twisted_transport.value()
+    assert ours.sentLength == twisted.sentLength
+    if gone_after is None and pieces:
+        body = b"".join(pieces)
+        assert ours_transport.value().endswith(body if sized else b"0\r\n\r\n")

@@ -20,7 +20,9 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError, UserError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport, SynchronousResolver
@@ -43,6 +45,7 @@ from aoaiproxy.errors import ProxyError
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 from aoaiproxy.upstream.client import parse_target
+from aoaiproxy.upstream.protocol import HTTP11Connection
 
 from .certs import make_ca
 from .conftest import Proxy, get_reactor
@@ -870,3 +873,43 @@ def test_each_request_waits_for_its_head_its_own_timeout_on_one_timer() -> None:
     reactor.advance(0.1)
     assert timed_out("b") == (40, "Upstream timed out: no response headers within 30s", True)
     assert [call.getTime() for call in reactor.getDelayedCalls()] == [60]  # the pool's
+
+
+def test_an_http_upstream_address_is_dialled_with_no_wrapper_protocol() -> None:
+    """
+    The connection to an http upstream given by address is the transport's protocol itself
+    (no endpoint wrapper between them, a call per read); dialled as an endpoint would, with
+    its errors: refused (502), cancelled while connecting (the attempt is stopped).
+    """
+    reactor = MemoryReactorClock()
+    client = UpstreamClient(reactor)
+
+    def dial(port: int) -> tuple[list[Any], Any, Any]:
+        outcome: list[Any] = []
+        url = b"http://127.0.0.1:%d/v1" % port
+        d = client.request(b"GET", url, [], None, connect_timeout=7, header_timeout=30)
+        d.addBoth(outcome.append)
+        _, _, factory, _, _ = reactor.tcpClients[-1]
+        return outcome, factory, reactor.connectors[-1]
+
+    outcome, factory, _ = dial(8080)
+    conn = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8080))
+    assert isinstance(conn, HTTP11Connection)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    assert transport.value().startswith(b"GET /v1 HTTP/1.1\r\n")  # sent once connected
+    conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    [response] = outcome
+    assert response.code == 204
+
+    outcome, factory, connector = dial(8081)
+    factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+    [failure] = outcome
+    assert failure.value.status == 502 and "connection refused" in failure.value.message
+
+    outcome, factory, connector = dial(8082)
+    reactor.advance(30)  # the head timeout: the attempt is cancelled
+    [failure] = outcome
+    assert failure.value.status == 504 and connector.stoppedConnecting
+    factory.clientConnectionFailed(connector, Failure(UserError()))  # what stopConnecting reports
+    assert len(outcome) == 1

@@ -11,12 +11,14 @@ when C{stream_options.include_usage} is set.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aoaiproxy.relay import FilterFrames, is_filter_only
+from aoaiproxy.sse import Events
 from aoaiproxy.usage import (
     JSON_PARSE_LIMIT,
     Chained,
@@ -412,3 +414,42 @@ def test_an_event_that_breaks_its_reader_passes_unchanged() -> None:
             raise RuntimeError("a bug")
 
     assert run(Broken(strip=True), OPENAI_WITH_USAGE, 50) == OPENAI_WITH_USAGE
+
+
+class _EventByEvent(ChatStreamUsage):
+    """L{ChatStreamUsage} without its whole-chunk shortcut: every chunk split and read by L{Events}."""
+
+    def feed(self, data: bytes) -> bytes:
+        return Events.feed(self, data)
+
+
+_SAMPLES = [OPENAI_WITH_USAGE, OPENAI_PLAIN, AZURE_WITH_USAGE, AZURE_PLAIN, OPENAI_2024_WITH_USAGE]
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.sampled_from(_SAMPLES), min_size=1, max_size=3).map(b"".join),
+    st.lists(st.integers(0, 100_000), max_size=12),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_whole_chunk_shortcut_gives_the_event_by_event_verdicts(
+    stream: bytes, cuts: list[int], strip: bool, drop: bool, crlf: bool
+) -> None:
+    """
+    The shortcut of L{ChatStreamUsage.feed} (a chunk of whole events that none of which names
+    usage or a filter result passes as it is) gives the bytes and the usage that reading each
+    event gives: cut anywhere, on event ends or not, with CRLF line ends, each option.
+    """
+    if crlf:
+        stream = stream.replace(b"\n", b"\r\n")
+    # Cuts anywhere, and on every event end (the usual chunk: one event each).
+    ends = [i + 2 for i in range(len(stream)) if stream.startswith(b"\n\n", i)] if not cuts else []
+    points = sorted({c % (len(stream) + 1) for c in cuts} | set(ends))
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    options: dict[str, Any] = {"strip": strip, "drop": is_filter_only if drop else None}
+    fast, slow = ChatStreamUsage(**options), _EventByEvent(**options)
+    assert [fast.feed(c) for c in chunks] == [slow.feed(c) for c in chunks]
+    assert fast.flush() == slow.flush()
+    assert fast.usage == slow.usage

@@ -28,18 +28,24 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IConnector,
+    IOpenSSLClientConnectionCreator,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from aoaiproxy import errors
 from aoaiproxy.deadlines import Deadlines
@@ -134,6 +140,65 @@ class _OneConnection(Factory):
         return self._conn
 
 
+@implementer(IStreamClientEndpoint)
+class _Dial:
+    """
+    A TCP connection to an IP address whose protocol is the factory's own L{HTTP11Connection},
+    with no wrapper protocol between the transport and it (as C{TCP4ClientEndpoint} and
+    C{TCP6ClientEndpoint} put one: a call more for every read of the upstream, each chunk of a
+    stream).  Otherwise as they are: C{connect} fires with the protocol once it is connected,
+    or fails with the connector's error (refused, timed out...), or with
+    C{ConnectingCancelledError} when cancelled.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        dialling = _Dialling(protocolFactory)
+        try:
+            dialling.connector = self._reactor.connectTCP(
+                self._host, self._port, dialling, timeout=self._timeout
+            )
+        except BaseException:
+            return fail()
+        return dialling.connected
+
+
+class _Dialling(ClientFactory):
+    """The factory of one L{_Dial}: its protocol is the one C{factory} builds."""
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory) -> None:
+        self._factory = factory
+        self.connector: IConnector | None = None
+        self.connected: Deferred[HTTP11Connection] = Deferred(self._cancel)
+
+    def buildProtocol(self, addr: Any) -> HTTP11Connection | None:
+        try:
+            conn = self._factory.buildProtocol(addr)
+            if not isinstance(conn, HTTP11Connection):
+                raise ierror.NoProtocol()
+        except BaseException:
+            self.connected.errback()
+            return None
+        conn.on_made = self.connected.callback
+        return conn
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def _cancel(self, d: Deferred[HTTP11Connection]) -> None:
+        assert self.connector is not None  # set before the Deferred is returned
+        d.errback(ierror.ConnectingCancelledError(self.connector.getDestination()))
+        self.connector.stopConnecting()
+
+
 class UpstreamClient:
     """
     Sends requests upstream.  One instance serves the whole daemon; L{close} when stopping.
@@ -142,7 +207,7 @@ class UpstreamClient:
         browser does).
     @param endpoints: makes the endpoint for each new connection (default: a
         L{HostnameEndpoint} on C{reactor}, or a TCP one for an IP address, wrapped in TLS
-        for https).
+        for https; for http to an IP address, L{_Dial}).
     @param max_headers: most headers in a response head (each 1xx head counted alone).
     @param max_head_bytes: longest response head, 1xx heads included.
     @param max_idle_per_host: idle connections kept per upstream.
@@ -272,9 +337,14 @@ class UpstreamClient:
 
     def _tcp_endpoint(self, scheme: str, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint
-        if isIPAddress(host):  # no name to look up (in a thread, as HostnameEndpoint would)
+        # An address: no name to look up (in a thread, as HostnameEndpoint would); an IPv6
+        # scope needs getaddrinfo.
+        address = isIPAddress(host) or (isIPv6Address(host) and "%" not in host)
+        if address and scheme == "http":
+            return _Dial(self._reactor, host, port, timeout)
+        if isIPAddress(host):
             endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
-        elif isIPv6Address(host) and "%" not in host:  # a scope needs getaddrinfo
+        elif address:
             endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)

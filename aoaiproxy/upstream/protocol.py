@@ -279,6 +279,8 @@ class HTTP11Connection(Protocol):
 
     @ivar on_idle: called once a response ended and the connection can carry another request.
     @ivar on_lost: called when the connection has closed.
+    @ivar on_made: called once the connection is made (then forgotten): for a dialler whose
+        connection is this protocol itself, with no wrapper to tell it (L{aoaiproxy.upstream.client}).
     """
 
     # One per open stream: slots, not a dict of two dozen members.
@@ -305,6 +307,7 @@ class HTTP11Connection(Protocol):
         "idle_since",
         "on_idle",
         "on_lost",
+        "on_made",
         "pool_key",
     )
 
@@ -313,6 +316,7 @@ class HTTP11Connection(Protocol):
         self._max_head_bytes = max_head_bytes
         self.on_idle: Callable[[HTTP11Connection], None] | None = None
         self.on_lost: Callable[[HTTP11Connection], None] | None = None
+        self.on_made: Callable[[HTTP11Connection], None] | None = None
         #: When it last became idle (set by the pool).
         self.idle_since = 0.0
         #: The key of the pool it belongs to, for C{on_idle} and C{on_lost} (set by the client).
@@ -342,6 +346,9 @@ class HTTP11Connection(Protocol):
         setTcpNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setTcpNoDelay is not None:
             setTcpNoDelay(True)
+        made, self.on_made = self.on_made, None
+        if made is not None:
+            made(self)
 
     @property
     def reusable(self) -> bool:
@@ -426,12 +433,17 @@ class HTTP11Connection(Protocol):
                     return
             parts = self._parts
             response = self._response
-            if parts and not self._complete and response is not None and response._protocol is not None:
-                body = parts[0] if len(parts) == 1 else b"".join(parts)
-                parts.clear()
-                response._protocol.dataReceived(body)
-            else:
-                self._deliver(state)
+            if parts and not self._complete and response is not None:
+                protocol = response._protocol
+                if protocol is not None:
+                    if len(parts) == 1:
+                        protocol.dataReceived(parts.pop())
+                    else:  # a read that carried several chunks
+                        body = b"".join(parts)
+                        parts.clear()
+                        protocol.dataReceived(body)
+                    return
+            self._deliver(state)
         elif state == _HEAD:
             self._received = True
             room = self._max_head_bytes - self._head_bytes
