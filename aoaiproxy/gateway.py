@@ -569,6 +569,7 @@ class Attempts:
         report = self._report
         if not self.over and report is not None:
             self.over = True
+            self._let_go()
             report(answer)
         elif answer.response is not None:
             discard(answer.response)
@@ -577,9 +578,20 @@ class Attempts:
         report = self._report_bug
         if not self.over and report is not None:
             self.over = True
+            self._let_go()
             report(failure)
         else:
             _log.failure("after a request's answer", failure)
+
+    def _let_go(self) -> None:
+        """
+        Over: nothing is sent or reported any more.  The client's request keeps these attempts
+        (its L{cancel}) while a stream is relayed, maybe for minutes: they keep none of the
+        request (its parsed body, its body, the plan, the callbacks that hold the request).
+        Anything that read them now would be a bug, and fail loudly.
+        """
+        self._report = self._report_bug = None
+        del self._client, self._body, self._plan
 
     def cancel(self) -> None:
         """The client left: nothing is reported; the attempt in flight ends, a response kept is dropped."""
@@ -587,6 +599,7 @@ class Attempts:
             return
         self.over = True
         self._gone = True
+        self._let_go()
         if self._open is not None:
             self._record(self._open, "abandoned")
         if self._inflight is not None:

@@ -872,6 +872,7 @@ class ProxyRequest(server.Request):
                     kept.setRawHeaders(name, values)
         self.requestHeaders = kept
         self.postpath = []
+        self.admitted = None  # it holds the headers too
         channel = self.channel
         if isinstance(channel, ProxyChannel):
             channel.relaying(self)

@@ -3,7 +3,8 @@ What a held stream keeps (issue 13, memory per open stream), over real sockets: 
 and the request's own state in slots (with Twisted's class defaults), and once a stream's
 body is relayed, its request headers let go of but the client key the access line names the
 client by, its response headers once written, and the connection's timer stopped; the
-deadlines armed after it still fire; the upstream response's head is not kept either.
+deadlines armed after it still fire; the upstream response's head is not kept either, nor
+the attempts' copy of the request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.web import http, server
 
+from aoaiproxy.admission import Admitted
+from aoaiproxy.gateway import ReplayBody
+from aoaiproxy.rewrite import ClientRequest
 from aoaiproxy.site import ProxyChannel, ProxyRequest
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream.protocol import UpstreamResponse
@@ -95,6 +99,9 @@ async def test_held_stream_keeps_only_the_client_key_and_logs_its_name(
         if isinstance(o, UpstreamResponse)
         and getattr(getattr(getattr(o, "_body", o), "_protocol", None), "request", None) is request
     ]
+    # Nor the attempts' state (the request's parsed body, its body, the plan), nor the head's
+    # verdict (it holds the headers): the attempts stay reachable (the request's cancel).
+    assert not [o for o in gc.get_objects() if isinstance(o, (ClientRequest, ReplayBody, Admitted))]
     # Few enough names in their instance dictionaries for CPython to share their keys.
     assert len(vars(channel)) < 30 and len(vars(request)) < 30
     fake.release()
