@@ -322,6 +322,8 @@ class _Dial:
 
     def cancel(self) -> None:
         """The caller gave up (its client left): stop, and call back neither way."""
+        if self._done:  # finished (connected, failed, timed out): nothing left to stop
+            return
         self._done = True
         self._on_done = self._on_failed = None
         self._stop_timer()
