@@ -135,15 +135,20 @@ class BodyRelay(Protocol):
 
     Each chunk only notes the time it came; the inactivity timer, when it fires, is set again
     for the rest of the timeout if a chunk came since it was set (no timer change per chunk).
+    Fed by L{relay_from}, it sets no timer for a body that had all come before it was
+    delivered (the usual response with a length): only one still arriving can go silent.
     """
 
     __slots__ = (
         "_client_gone",
+        "_delivering",
+        "_done",
         "_event_stream",
         "_filter",
         "_idle_timeout",
         "_last",
         "_on_done",
+        "_paused",
         "_reactor",
         "_recorder",
         "_tail",
@@ -175,12 +180,32 @@ class BodyRelay(Protocol):
         self._last = 0.0
         self._client_gone = False
         self._timed_out = False
+        #: Within L{relay_from}'s C{deliverBody}: the timer waits for what follows it.
+        self._delivering = False
+        self._paused = False
+        #: connectionLost came.
+        self._done = False
         self._on_done = on_done
         self._recorder = _recorder(request) if event_stream else None
 
+    def relay_from(self, response: Any) -> None:
+        """
+        Receive C{response}'s body (C{deliverBody}).  What had come already is delivered at
+        once; the inactivity timer starts only if the body has not ended then (and the
+        client is not holding it back).
+        """
+        self._delivering = True
+        try:
+            response.deliverBody(self)
+        finally:
+            self._delivering = False
+        if self._timer is None and not (self._done or self._paused or self._timed_out):
+            self._start_timer()
+
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
-        self._start_timer()
+        if not self._delivering:
+            self._start_timer()
         when_gone(self.request, self._client_lost)
         if self._recorder is not None:
             self._recorder.stream_opened()
@@ -188,12 +213,14 @@ class BodyRelay(Protocol):
     # IPushProducer, for the client's request: pass on to the upstream transport.
 
     def pauseProducing(self) -> None:
+        self._paused = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self.transport.pauseProducing()  # type: ignore[attr-defined,union-attr]
 
     def resumeProducing(self) -> None:
+        self._paused = False
         if self._timer is None and not self._timed_out:
             self._start_timer()
         self.transport.resumeProducing()  # type: ignore[attr-defined,union-attr]
@@ -242,6 +269,7 @@ class BodyRelay(Protocol):
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._done = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

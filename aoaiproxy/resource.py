@@ -222,7 +222,7 @@ def relay_response(
         usage=usage,
         strip_usage=strip_usage,
     )
-    response.deliverBody(relay)
+    relay.relay_from(response)
 
 
 class ApiResource(Resource):

@@ -102,3 +102,72 @@ def test_a_body_that_ends_cleanly_finishes_the_response(end: Exception) -> None:
     assert request.finished == 1
     assert request.written == [b"data: x\n\n"]
     assert clock.getDelayedCalls() == []
+
+
+class Response:
+    """A response whose body (C{chunks}, then an end unless C{ended} is false) is delivered at once."""
+
+    def __init__(self, chunks: list[bytes], *, ended: bool = True, pause: bool = False) -> None:
+        self.chunks = chunks
+        self.ended = ended
+        self.pause = pause
+        self.upstream = Upstream()
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(self.upstream)
+        if self.pause:
+            protocol.request.producer.pauseProducing()  # the client's buffer is full
+        for chunk in self.chunks:
+            protocol.dataReceived(chunk)
+        if self.ended:
+            protocol.connectionLost(Failure(ResponseDone()))
+
+
+class CountingClock(MemoryReactorClock):
+    """A clock that counts the calls set on it (a cancelled one leaves C{calls})."""
+
+    set = 0
+
+    def callLater(self, delay: float, callable: Any, *args: object, **kw: object) -> Any:
+        self.set += 1
+        return super().callLater(delay, callable, *args, **kw)
+
+
+def fed(response: Response) -> tuple[BodyRelay, Request, CountingClock]:
+    clock = CountingClock()
+    request = Request([b""])
+    body = BodyRelay(request, clock, TIMEOUT)
+    body.relay_from(response)
+    return body, request, clock
+
+
+def test_a_body_that_came_whole_sets_no_timer() -> None:
+    _, request, clock = fed(Response([b"{}"]))
+    assert request.finished == 1
+    assert request.written == [b"{}"]
+    assert clock.set == 0
+
+
+def test_a_body_still_arriving_is_timed_from_its_delivery() -> None:
+    response = Response([b"{"], ended=False)
+    body, request, clock = fed(response)
+    assert request.written == [b"{"]
+    clock.advance(TIMEOUT - 1)
+    body.dataReceived(b'"a"')
+    clock.advance(TIMEOUT - 1)
+    assert not response.upstream.stopped
+    clock.advance(1)
+    assert response.upstream.stopped
+
+
+def test_a_body_held_back_by_the_client_during_its_delivery_is_not_timed() -> None:
+    response = Response([b"{"], ended=False, pause=True)
+    _, request, clock = fed(response)
+    assert clock.set == 0
+    clock.advance(10 * TIMEOUT)
+    assert not response.upstream.stopped
+    request.producer.resumeProducing()
+    clock.advance(TIMEOUT - 1)
+    assert not response.upstream.stopped
+    clock.advance(1)
+    assert response.upstream.stopped
