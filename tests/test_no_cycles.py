@@ -70,3 +70,30 @@ async def test_a_request_and_a_stream_leave_no_cycle(
     code, content = await post(proxy, {**CHAT, "stream": True})
     assert code == 200 and content.rstrip().endswith(b"data: [DONE]")
     assert cyclic_garbage() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_upstream_connection_leaves_no_cycle(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], cyclic_garbage: Callable[[], list[str]]
+) -> None:
+    """
+    An upstream connection (plain TCP to an address: the one factory shared with the forward
+    proxy's targets) is freed without the collector once closed: Twisted's connector and
+    client would keep each other.
+    """
+    proxy = make_proxy()
+    code, _ = await post(proxy, CHAT)
+    assert code == 200
+    await proxy.upstream.close()  # fires from the connection's connectionLost
+    # The connector hears of the loss after that callback: another exchange with the fake
+    # makes sure it has.
+    assert (await post(proxy, CHAT))[0] == 200
+    gc.collect()
+    left = sorted(
+        type(o).__name__
+        for o in gc.garbage
+        if type(o).__module__.startswith(
+            ("twisted.internet.tcp", "aoaiproxy.upstream", "aoaiproxy.connecting")
+        )
+    )
+    assert left == [], left

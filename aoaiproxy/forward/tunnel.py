@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aoaiproxy._twisted import pending_write_bytes, write_through
-from aoaiproxy.forward.dial import ConnectingFactory
+from aoaiproxy.connecting import ConnectingFactory
 from aoaiproxy.metrics import NullMetrics, Recorder
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken

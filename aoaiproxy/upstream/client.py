@@ -38,16 +38,18 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import (
     IConnector,
     IOpenSSLClientConnectionCreator,
+    IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from aoaiproxy import errors
+from aoaiproxy.connecting import ConnectingFactory
 from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.upstream.pool import Key, Pool
@@ -165,18 +167,18 @@ class _Dial:
             )
         except BaseException:
             return fail()
-        return dialling.connected
+        return dialling.result
 
 
-class _Dialling(ClientFactory):
+class _Dialling(ConnectingFactory):
     """The factory of one L{_Dial}: its protocol is the one C{factory} builds."""
-
-    noisy = False
 
     def __init__(self, factory: IProtocolFactory) -> None:
         self._factory = factory
         self.connector: IConnector | None = None
-        self.connected: Deferred[HTTP11Connection] = Deferred(self._cancel)
+        #: Fires with the connection once connected (L{_Dial.connect}).
+        self.result: Deferred[HTTP11Connection] = Deferred(self._cancel)
+        self.await_connection(self._made, self._failed)
 
     def buildProtocol(self, addr: Any) -> HTTP11Connection | None:
         try:
@@ -184,17 +186,27 @@ class _Dialling(ClientFactory):
             if not isinstance(conn, HTTP11Connection):
                 raise ierror.NoProtocol()
         except BaseException:
-            self.connected.errback()
+            assert self.connector is not None  # set before the reactor connects
+            self.clientConnectionFailed(self.connector, Failure())
             return None
-        conn.on_made = self.connected.callback
+        conn.on_made = self.connected
         return conn
 
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
-        if not self.connected.called:
-            self.connected.errback(reason)
+    def _made(self, conn: IProtocol) -> None:
+        assert isinstance(conn, HTTP11Connection)  # what buildProtocol returned
+        # The connector keeps this factory, and the result its connection: let go of both,
+        # so that a closed connection is freed without the cyclic collector.
+        conn.on_made = None
+        self.connector = None
+        self.result.callback(conn)
+
+    def _failed(self, reason: Failure) -> None:
+        self.connector = None
+        self.result.errback(reason)
 
     def _cancel(self, d: Deferred[HTTP11Connection]) -> None:
         assert self.connector is not None  # set before the Deferred is returned
+        self.stop_waiting()
         d.errback(ierror.ConnectingCancelledError(self.connector.getDestination()))
         self.connector.stopConnecting()
 

@@ -576,6 +576,9 @@ class HTTP11Connection(Protocol):
         for d in waiters:
             d.callback(None)
         self.transport = None
+        # The parser holds this protocol (its callbacks): without it, a closed connection is
+        # freed without the cyclic collector.  Nothing is parsed after the connection is lost.
+        del self._parser
 
     # -- httptools callbacks ---------------------------------------------------------------
 
