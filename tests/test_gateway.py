@@ -610,35 +610,8 @@ class Scripted:
         return Pending()
 
 
-def test_an_attempt_that_fails_inside_send_is_not_the_one_cancelled(tmp_path: Path) -> None:
-    """
-    The upstream client may report a failure before C{send} returns: the next attempt, sent
-    from inside it, is the one in flight, and the one a client that leaves cancels.
-    """
-    path = tmp_path / "config.toml"
-    path.write_text(
-        "allow_anonymous = true\n"
-        '[[backend]]\nname = "east"\nendpoint = "https://east.example"\napi_key = "k"\n'
-        '[[backend]]\nname = "west"\nendpoint = "https://west.example"\napi_key = "k"\npriority = 1\n'
-    )
-    live = LiveConfig(load_config({"config": str(path)}, {}))
-    clock = Clock()
-    backends = Backends(live, clock, tokens=TokenSources(clock, None), rng=random.Random(1))
-    route = rewrite.classify(live.config, "POST", "/v1/chat/completions")
-    client = rewrite.plan_client(live.config, route, b"POST", b"", [], b'{"model": "gpt-4o"}')
-    upstream = Scripted()
-    d = Attempts(backends, upstream, live.config, client, ReplayBody(client.body)).start()  # type: ignore[arg-type]
-    assert [url.split(b"/")[2] for url in upstream.urls] == [b"east.example", b"west.example"]
-    outcome: list[Any] = []
-    d.addErrback(outcome.append)
-    d.cancel()
-    assert upstream.cancelled == [1]
-    assert outcome[0].check(CancelledError)
-    assert backends.pool.available("east")  # one connection failure: not enough to open its circuit
-
-
-def test_run_reports_nothing_once_cancelled(tmp_path: Path) -> None:
-    """L{Attempts.run} (the resource's way, without a Deferred): a cancel ends it silently."""
+def scripted_attempts(tmp_path: Path) -> tuple[Attempts, Scripted, Backends]:
+    """The attempts of a chat request over two backends (east, then west), sent to L{Scripted}."""
     path = tmp_path / "config.toml"
     path.write_text(
         "allow_anonymous = true\n"
@@ -652,6 +625,28 @@ def test_run_reports_nothing_once_cancelled(tmp_path: Path) -> None:
     client = rewrite.plan_client(live.config, route, b"POST", b"", [], b'{"model": "gpt-4o"}')
     upstream = Scripted()
     attempts = Attempts(backends, upstream, live.config, client, ReplayBody(client.body))  # type: ignore[arg-type]
+    return attempts, upstream, backends
+
+
+def test_an_attempt_that_fails_inside_send_is_not_the_one_cancelled(tmp_path: Path) -> None:
+    """
+    The upstream client may report a failure before C{send} returns: the next attempt, sent
+    from inside it, is the one in flight, and the one a client that leaves cancels.
+    """
+    attempts, upstream, backends = scripted_attempts(tmp_path)
+    d = attempts.start()
+    assert [url.split(b"/")[2] for url in upstream.urls] == [b"east.example", b"west.example"]
+    outcome: list[Any] = []
+    d.addErrback(outcome.append)
+    d.cancel()
+    assert upstream.cancelled == [1]
+    assert outcome[0].check(CancelledError)
+    assert backends.pool.available("east")  # one connection failure: not enough to open its circuit
+
+
+def test_run_reports_nothing_once_cancelled(tmp_path: Path) -> None:
+    """L{Attempts.run} (the resource's way, without a Deferred): a cancel ends it silently."""
+    attempts, upstream, _ = scripted_attempts(tmp_path)
     reported: list[Any] = []
     attempts.run(reported.append, reported.append)
     assert not attempts.over
