@@ -230,7 +230,7 @@ class Backends:
         """Report an attempt's outcome to the pool (and the availability gauge)."""
         self.pool.record(attempt, outcome, headers)
         recorder = self.recorder
-        if type(recorder) is not NullMetrics:  # which keeps no gauge: nothing to work out for it
+        if recorder.recording:  # else no gauge: nothing to work out for it
             name = attempt.backend.name
             recorder.backend_available(name, self.pool.available(name))
 
@@ -489,8 +489,8 @@ class Attempts:
         status = response.code
         outcome = outcome_for_status(status)
         recorder = self._backends.recorder
-        if type(recorder) is not NullMetrics:  # which reads nothing: no Headers made for it
-            recorder.ratelimit(name, attempt.deployment, response.headers)
+        headers = _pairs(response)
+        recorder.ratelimit(name, attempt.deployment, headers)
         recorder.attempt(name, _metric(outcome))
         if status == 401 and token is not None and not self._refreshed:
             source = self._backends.tokens.for_backend(attempt.backend)
@@ -502,7 +502,7 @@ class Attempts:
                 d.addCallback(self._token_refreshed, attempt, token)
                 d.addErrback(self._bug)
                 return
-        self._record(attempt, outcome, _pairs(response))
+        self._record(attempt, outcome, headers)
         if fails_over(status):
             self._keep(attempt, response)
             self._next()

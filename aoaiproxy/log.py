@@ -229,7 +229,7 @@ class AccessLog:
         self._reactor = reactor
         self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
         # Without metrics (--metrics-listen off) a request's labels are not even worked out.
-        self._recording = not isinstance(self._recorder, NullMetrics)
+        self._recording = self._recorder.recording
         # The log format changes only on restart (a reload keeps it).
         self._render = _format_json if live.config.log_format == "json" else format_text
         #: Where access events go (a test may give it an observer).

@@ -50,6 +50,8 @@ from twisted.web import pages
 from twisted.web.resource import EncodingResourceWrapper, IResource, Resource
 from twisted.web.server import GzipEncoderFactory, Request, Site
 
+from aoaiproxy.backends.cooldown import ResponseHeaders, header_pairs
+
 __all__ = [
     "CLIENT_ANONYMOUS",
     "MAX_LABEL_VALUES",
@@ -196,14 +198,12 @@ def outcome_for_status(status: int) -> str:
     return OUTCOME_OK
 
 
-class HeaderSource(Protocol):
-    """What L{Recorder.ratelimit} reads of a response's headers (a twisted C{Headers})."""
-
-    def getRawHeaders(self, name: bytes) -> Any: ...
-
-
 class Recorder(Protocol):
     """The calls the request path makes; L{Metrics} records them, L{NullMetrics} does not."""
+
+    #: Whether the calls record anything: when not, a caller need not work out their
+    #: arguments (a request's labels, a backend's availability).
+    recording: bool
 
     def request_done(
         self, route: str, model: str, backend: str, status: int, duration: float, ttfb: float | None
@@ -223,7 +223,7 @@ class Recorder(Protocol):
     def backend_available(self, name: str, up: bool) -> None:
         """Whether a backend may take requests now (not cooling down, circuit closed)."""
 
-    def ratelimit(self, backend: str, deployment: str, headers: HeaderSource) -> None:
+    def ratelimit(self, backend: str, deployment: str, headers: ResponseHeaders) -> None:
         """Azure's C{x-ratelimit-remaining-requests}/C{-tokens} on a response, if present."""
 
     def stream_opened(self) -> None: ...
@@ -240,6 +240,8 @@ class Recorder(Protocol):
 class NullMetrics:
     """A L{Recorder} that records nothing (C{--metrics-listen} off)."""
 
+    recording = False
+
     def request_done(
         self, route: str, model: str, backend: str, status: int, duration: float, ttfb: float | None
     ) -> None:
@@ -254,7 +256,7 @@ class NullMetrics:
     def backend_available(self, name: str, up: bool) -> None:
         pass
 
-    def ratelimit(self, backend: str, deployment: str, headers: HeaderSource) -> None:
+    def ratelimit(self, backend: str, deployment: str, headers: ResponseHeaders) -> None:
         pass
 
     def stream_opened(self) -> None:
@@ -316,6 +318,8 @@ class Metrics:
     shared directory, where L{multiprocess_registry} merges them; one L{Metrics} per process
     then, since two would write the same entries.
     """
+
+    recording = True
 
     def __init__(self, *, process_metrics: bool = True) -> None:
         self.multiprocess = multiprocess_enabled()
@@ -451,13 +455,16 @@ class Metrics:
             child = self._available_children[name] = self._available.labels(name)
         child.set(1 if up else 0)
 
-    def ratelimit(self, backend: str, deployment: str, headers: HeaderSource) -> None:
+    def ratelimit(self, backend: str, deployment: str, headers: ResponseHeaders) -> None:
+        last: dict[bytes, bytes] | None = None
         for header, kind in _RATELIMIT_HEADERS:
-            raw = headers.getRawHeaders(header)
-            if not raw:
+            if last is None:
+                last = {name.lower(): value for name, value in header_pairs(headers)}
+            raw = last.get(header)
+            if raw is None:
                 continue
             try:
-                value = float(raw[-1])
+                value = float(raw)
             except (TypeError, ValueError):
                 continue
             key = (backend, self._deployments(deployment), kind)

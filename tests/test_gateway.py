@@ -30,6 +30,7 @@ from twisted.logger import globalLogPublisher
 
 from aoaiproxy import errors, rewrite
 from aoaiproxy.backends import TokenSources
+from aoaiproxy.backends.cooldown import header_pairs
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.gateway import Attempts, Backends, ReplayBody
@@ -539,6 +540,8 @@ def test_replay_body_gives_each_attempt_its_own_reader_of_the_file() -> None:
 
 
 class Recording(NullMetrics):
+    recording = True
+
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
@@ -549,9 +552,8 @@ class Recording(NullMetrics):
         self.calls.append(("available", name, up))
 
     def ratelimit(self, backend: str, deployment: str, headers: Any) -> None:
-        self.calls.append(
-            ("ratelimit", backend, deployment, headers.getRawHeaders(b"x-ratelimit-remaining-tokens"))
-        )
+        tokens = [v for n, v in header_pairs(headers) if n.lower() == b"x-ratelimit-remaining-tokens"]
+        self.calls.append(("ratelimit", backend, deployment, tokens or None))
 
 
 @pytest_twisted.ensureDeferred

@@ -182,6 +182,14 @@ def test_ratelimit_from_azure_headers() -> None:
     assert value(r, "aoaiproxy_ratelimit_remaining", kind="requests", **d) == 119
     assert value(r, "aoaiproxy_ratelimit_remaining", kind="tokens", **d) == 78000
     assert 'deployment="mini"' not in scrape(m.registry)
+    # As the upstream client gives them: raw pairs, names as sent, the last value kept.
+    m.ratelimit(
+        "east",
+        "prod-4o",
+        [(b"X-RateLimit-Remaining-Requests", b"7"), (b"x-ratelimit-remaining-requests", b"6")],
+    )
+    assert value(r, "aoaiproxy_ratelimit_remaining", kind="requests", **d) == 6
+    assert value(r, "aoaiproxy_ratelimit_remaining", kind="tokens", **d) == 78000
 
 
 def test_model_label_is_bounded() -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "Cooldowns",
     "ResponseHeaders",
     "cooldown_for",
+    "header_pairs",
     "retry_delay",
     "seconds_until",
 ]
@@ -75,16 +76,21 @@ def _http_date(value: bytes, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+def header_pairs(headers: ResponseHeaders) -> Iterable[tuple[bytes, bytes]]:
+    """C{headers} as (name, value) pairs: raw pairs as they are, a C{Headers} one per value."""
+    if isinstance(headers, Headers):
+        return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    return headers
+
+
 def retry_delay(headers: ResponseHeaders, now: float) -> float | None:
     """
     The delay, in seconds, that a response's retry headers ask for, or None when none of them is
     present and valid.  Header names are matched case-insensitively; a value that does not
     parse is ignored as if absent.
     """
-    if isinstance(headers, Headers):
-        headers = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
     found: dict[bytes, bytes] = {}
-    for name, value in headers:
+    for name, value in header_pairs(headers):
         found.setdefault(name.lower(), value)
     for name in _MS_HEADERS:
         if name in found and (ms := _number(found[name])) is not None:
