@@ -61,12 +61,26 @@ class Options(usage.Options):
             raise SystemExit(f"aoaiproxy: {e}") from None
 
 
+def _install_reactor() -> None:
+    """
+    Run on L{aoaiproxy.reactor.ProxyReactor}, unless twistd's C{--reactor} chose a reactor
+    (twistd installs its default only when it first needs one, after this) or this platform
+    has no epoll.
+    """
+    try:
+        from aoaiproxy.reactor import install
+    except ImportError:  # no epoll here: Twisted's default reactor
+        return
+    install()
+
+
 # The repeatable options' handlers (opt_listen, opt_model_mapper, ...), one per declaration.
 for _name, _handler in repeatable_handlers(OPTIONS).items():
     setattr(Options, _name, _handler)
 
 
 def makeService(options: Options) -> service.IService:
+    _install_reactor()
     from twisted.internet import reactor
 
     from aoaiproxy.capacity import with_backlog

@@ -35,6 +35,15 @@ from .rawnet import get_reactor, raw_connect  # noqa: F401 - raw_connect: a fixt
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # Before pytest-twisted installs its default (it accepts an epoll reactor already
+    # there): the in-process tests run on the reactor twistd aoaiproxy runs on.
+    from aoaiproxy.reactor import install
+
+    install()
+
+
 @pytest_twisted.async_yield_fixture
 async def fake() -> AsyncIterator[FakeAzure]:
     """A fake Azure OpenAI resource on 127.0.0.1."""

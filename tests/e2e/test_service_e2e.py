@@ -133,6 +133,8 @@ async def test_sigterm_lets_a_stream_finish_then_exits_0(
     access = r'127\.0\.0\.1 "POST /v1/chat/completions" 200 bytes=\d+ duration=\d+\.\d{3}s model=gpt-4o'
     assert re.search(rf"^{stamp} \[aoaiproxy\.access#info\] {access}", log, re.MULTILINE), log
     assert re.search(rf"^{stamp} \[[\w.]+#info\] twistd .* starting up\.$", log, re.MULTILINE), log
+    # The reactor twistd aoaiproxy installs (aoaiproxy.reactor), as twistd reports it.
+    assert "reactor class: aoaiproxy.reactor.ProxyReactor." in log
 
 
 @pytest_twisted.ensureDeferred
