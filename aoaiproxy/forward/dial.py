@@ -28,13 +28,14 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aoaiproxy import errors
 from aoaiproxy.config import Config
-from aoaiproxy.connecting import ConnectingFactory
+from aoaiproxy.connecting import ConnectingFactory, TCPDial
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.policy import Refused, checked_addresses, forbidden, ip_literal
 
@@ -43,6 +44,9 @@ Resolver = Callable[[str], "Deferred[list[str]]"]
 
 #: Builds the endpoint that connects to a checked address: (ip, port, timeout).
 Connector = Callable[[str, int, float], IStreamClientEndpoint]
+
+#: A connection being made by L{tcp_connector}'s endpoints: C{stopConnecting()} gives it up.
+Connecting = IConnector | TCPDial
 
 _log = Logger()
 
@@ -102,7 +106,7 @@ class _TCPEndpoint:
         if not isinstance(factory, ConnectingFactory):
             endpoint = TCP6ClientEndpoint if ":" in self._ip else TCP4ClientEndpoint
             return endpoint(self._reactor, self._ip, self._port, self._timeout).connect(factory)
-        connector: IConnector | None = None
+        connector: Connecting | None = None
 
         def cancel(d: Deferred[IProtocol]) -> None:
             factory.stop_waiting()
@@ -118,13 +122,16 @@ class _TCPEndpoint:
         factory: ConnectingFactory,
         on_connected: Callable[[IProtocol], object],
         on_failed: Callable[[Failure], object],
-    ) -> IConnector:
+    ) -> Connecting:
         """
         L{connect} without a Deferred: C{factory} calls C{on_connected} or C{on_failed} (never
-        before this returns); C{stopConnecting()} on the connector returned, after
-        C{factory.stop_waiting()}, gives the attempt up.
+        before this returns); C{stopConnecting()} on what is returned, after
+        C{factory.stop_waiting()}, gives the attempt up.  On Twisted's POSIX reactors the
+        socket is our own (L{TCPDial}); on another reactor, its C{connectTCP}.
         """
         factory.await_connection(on_connected, on_failed)
+        if isinstance(self._reactor, PosixReactorBase):
+            return TCPDial(self._reactor, self._ip, self._port, factory)
         # No timeout of its own (Twisted's connector tests None): the Dialer's bounds it.
         connector: IConnector = self._reactor.connectTCP(self._ip, self._port, factory, timeout=None)
         return connector
@@ -254,7 +261,7 @@ class _Dial:
         self._on_failed: Callable[[Failure], object] | None = None
         self._step: Deferred[Any] | None = None
         #: A L{tcp_connector} connection being made: its factory and connector.
-        self._connecting: tuple[ConnectingFactory, IConnector] | None = None
+        self._connecting: tuple[ConnectingFactory, Connecting] | None = None
         self._remaining: list[str] = []
         self._done = False
         self._timer: IDelayedCall | None = None
