@@ -275,12 +275,11 @@ class ProxyChannel(http.HTTPChannel):
         self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
         periods = (self._header_timeout, self._body_timeout, self.timeOut or self._body_timeout)
         self._tick_at_most = max(min(periods), 0.001)
+        # Twisted's HTTPChannel sets TCP_NODELAY (plain and TLS listeners: the TLS wrapper
+        # provides the TCP transport's interfaces): small writes (a head, an SSE event) go out
+        # at once, not after the client's ACK of the previous one (Nagle against delayed ACKs
+        # can hold a stream's chunk ~40 ms).  tests/test_response_write.py checks it.
         super().connectionMade()
-        # Small writes (a head, an SSE event) go out at once, not after the client's ACK of
-        # the previous one (Nagle against delayed ACKs can hold a stream's chunk ~40 ms).
-        setTcpNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setTcpNoDelay is not None:
-            setTcpNoDelay(True)
         self.site.connections.add(self)
         self.site.recorder.connection_opened()
         if self.listener is not None:
