@@ -6,9 +6,9 @@ Twisted's epoll reactor hands every ready descriptor to its C{doRead}/C{doWrite}
 C{twisted.python.log.callWithLogger}, which asks the descriptor's C{logPrefix()} and copies the
 legacy log context (two dictionaries keyed by interfaces) so that a legacy C{log.msg} made
 while the event is handled is stamped with that prefix as its "system".  Measured with
-callgrind on C{twistd aoaiproxy} (``bench/README.md``): it is ~115,000 of ~840,000
-instructions per CONNECT tunnel set up and closed (seven events), and ~19,000 of ~58,000 per
-relayed stream chunk (one event) -- more than our own code spends on the chunk.
+callgrind on C{twistd aoaiproxy} (``bench/README.md``): it was ~122,000 of ~898,000
+instructions per CONNECT tunnel set up and closed (seven events), and ~16,000 of ~57,000 per
+relayed stream chunk (one event).
 
 L{ProxyReactor} calls the same C{_doReadOrWrite} directly.  What it gives up: a legacy log
 line written while an event is handled -- Twisted's "Unhandled Error" when a protocol's
