@@ -456,10 +456,9 @@ class Metrics:
         child.set(1 if up else 0)
 
     def ratelimit(self, backend: str, deployment: str, headers: ResponseHeaders) -> None:
-        last: dict[bytes, bytes] | None = None
+        # The last value of each name (as Headers.getRawHeaders(name)[-1] would give).
+        last = {name.lower(): value for name, value in header_pairs(headers)}
         for header, kind in _RATELIMIT_HEADERS:
-            if last is None:
-                last = {name.lower(): value for name, value in header_pairs(headers)}
             raw = last.get(header)
             if raw is None:
                 continue
