@@ -55,7 +55,7 @@ from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.upstream import UpstreamClient
 from aoaiproxy.upstream.client import Pending
 
-__all__ = ["Answer", "Attempts", "Backends", "ReplayBody", "discard"]
+__all__ = ["Answer", "Attempts", "Backends", "ReplayBody", "discard", "response_headers"]
 
 BACKEND_HEADER = b"x-aoaiproxy-backend"
 
@@ -489,7 +489,7 @@ class Attempts:
         status = response.code
         outcome = outcome_for_status(status)
         recorder = self._backends.recorder
-        headers = _pairs(response)
+        headers = response_headers(response)
         recorder.ratelimit(name, attempt.deployment, headers)
         recorder.attempt(name, _metric(outcome))
         if status == 401 and token is not None and not self._refreshed:
@@ -517,7 +517,7 @@ class Attempts:
             discard(response)
             self._send(attempt, token)
             return
-        self._record(attempt, "401", _pairs(response))
+        self._record(attempt, "401", response_headers(response))
         self._answer(attempt, response)
 
     def _failed(self, error: ProxyError, attempt: Attempt[BackendConfig]) -> None:
@@ -611,11 +611,12 @@ class Attempts:
         self._held = self._kept = None
 
 
-def _pairs(response: IResponse) -> ResponseHeaders:
+def response_headers(response: IResponse) -> ResponseHeaders:
     """
-    A response's headers as the pool reads them: the upstream client's raw pairs
-    (L{aoaiproxy.upstream.protocol.UpstreamResponse.raw_headers}: no C{Headers} made), else
-    its C{headers}.
+    A response's headers as the pool, the metrics and the relay read them
+    (L{aoaiproxy.backends.cooldown.header_pairs} gives them as pairs): the upstream client's
+    raw pairs (L{aoaiproxy.upstream.protocol.UpstreamResponse.raw_headers}: no C{Headers}
+    made), else its C{headers}.
     """
     raw: ResponseHeaders | None = getattr(response, "raw_headers", None)
     return raw if raw is not None else response.headers

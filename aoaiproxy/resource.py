@@ -12,7 +12,7 @@ import io
 import mmap
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import attrs
@@ -26,9 +26,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from aoaiproxy import _twisted, errors, rewrite
+from aoaiproxy.backends.cooldown import header_pairs
 from aoaiproxy.config import Config, LiveConfig
 from aoaiproxy.errors import ProxyError
-from aoaiproxy.gateway import BACKEND_HEADER, Answer, Attempts, Backends, ReplayBody, discard
+from aoaiproxy.gateway import (
+    BACKEND_HEADER,
+    Answer,
+    Attempts,
+    Backends,
+    ReplayBody,
+    discard,
+    response_headers,
+)
 from aoaiproxy.log import note as note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.multipart import form_field
@@ -135,7 +144,7 @@ def nonempty_body(content: IO[bytes] | None) -> IO[bytes] | None:
 
 
 def relayed_head(
-    raw: Sequence[tuple[bytes, bytes]],
+    raw: Iterable[tuple[bytes, bytes]],
 ) -> tuple[dict[bytes, tuple[bytes, list[bytes]]], bytes, bool]:
     """
     What L{relay_response} takes of an upstream response's headers C{raw} (pairs, in order):
@@ -194,10 +203,7 @@ def relay_response(
     # The upstream client keeps Connection and the other connection-control headers out of a
     # response's headers (and the names its Connection header lists); the rest of the
     # hop-by-hop set is dropped here.  Its raw pairs, when it has them, make no Headers.
-    raw: list[tuple[bytes, bytes]] | None = getattr(response, "raw_headers", None)
-    if raw is None:
-        raw = [(n, v) for n, vs in response.headers.getAllRawHeaders() for v in vs]
-    relayed, content_type, encoded = relayed_head(raw)
+    relayed, content_type, encoded = relayed_head(header_pairs(response_headers(response)))
     headers = request.responseHeaders  # what request.setHeader sets, one call less each
     for name, values in relayed.values():
         headers.setRawHeaders(name, values)
