@@ -11,19 +11,20 @@ import errno
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol
 
 from twisted.internet import error as ierror
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import BaseConnector
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IConnector, IProtocol, IReadWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["ConnectingFactory", "TCPDial"]
+__all__ = ["Connecting", "ConnectingFactory", "TCPDial"]
 
 
 class ConnectingFactory(ClientFactory):
@@ -56,11 +57,34 @@ class ConnectingFactory(ClientFactory):
         if on_connected is not None:
             on_connected(protocol)
 
-    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+    def failed(self, reason: Failure) -> None:
+        """The connection could not be made (or its protocol built)."""
         on_failed = self._on_failed
         self._on_connected = self._on_failed = None
         if on_failed is not None:
             on_failed(reason)
+
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.failed(reason)
+
+    def connection(self, start: Callable[[], Connecting]) -> Deferred[IProtocol]:
+        """
+        L{await_connection} as a Deferred: C{start()} begins the connection (a connector, or
+        a L{TCPDial}, made for this factory); the Deferred fires with the protocol or fails
+        with why not, and cancelling it gives the attempt up (C{ConnectingCancelledError}).
+        """
+        connecting: Connecting | None = None
+
+        def cancel(d: Deferred[IProtocol]) -> None:
+            assert connecting is not None  # started before the Deferred is returned
+            self.stop_waiting()
+            d.errback(ierror.ConnectingCancelledError(connecting.getDestination()))
+            connecting.stopConnecting()
+
+        d: Deferred[IProtocol] = Deferred(cancel)
+        self.await_connection(d.callback, d.errback)
+        connecting = start()
+        return d
 
     def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
         # Twisted's connector keeps its (public) transport once the connection is lost, and
@@ -69,6 +93,14 @@ class ConnectingFactory(ClientFactory):
         # (BaseConnector.connectionFailed; checked against Twisted 26.10).
         if isinstance(connector, BaseConnector):
             connector.transport = None
+
+
+class Connecting(Protocol):
+    """A connection being made (an C{IConnector}, a L{TCPDial}): what gives it up."""
+
+    def getDestination(self) -> IAddress: ...
+
+    def stopConnecting(self) -> None: ...
 
 
 @implementer(IReadWriteDescriptor)
@@ -88,8 +120,8 @@ class TCPDial:
 
     The factory hears of it as from a connector: C{buildProtocol} then the protocol's
     C{connectionMade} (which calls L{ConnectingFactory.connected}), or
-    C{clientConnectionFailed(self, reason)} with Twisted's error for the connect's errno (never
-    before the constructor returns).  L{stopConnecting} gives the attempt up silently.
+    L{ConnectingFactory.failed} with Twisted's error for the connect's errno (never before the
+    constructor returns).  L{stopConnecting} gives the attempt up silently.
     """
 
     __slots__ = ("_address", "_factory", "_family", "_reactor", "_socket")
@@ -157,7 +189,7 @@ class TCPDial:
                 raise ierror.NoProtocol()
         except BaseException:
             skt.close()
-            factory.clientConnectionFailed(cast(IConnector, self), Failure())
+            factory.failed(Failure())
             return
         # What adoptStreamConnection builds (tcp.Server._fromConnectedSocket), on this socket
         # itself (Twisted passes no Port for an adopted connection either).
@@ -177,8 +209,7 @@ class TCPDial:
         if skt is not None:
             skt.close()
         if factory is not None:
-            # (A ConnectingFactory does not look at the connector.)
-            factory.clientConnectionFailed(cast(IConnector, self), Failure(error))
+            factory.failed(Failure(error))
 
 
 def _connect_error(err: int) -> Exception:

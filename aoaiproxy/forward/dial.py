@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from aoaiproxy import errors
 from aoaiproxy.config import Config
-from aoaiproxy.connecting import ConnectingFactory, TCPDial
+from aoaiproxy.connecting import Connecting, ConnectingFactory, TCPDial
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.policy import Refused, checked_addresses, forbidden, ip_literal
 
@@ -44,9 +44,6 @@ Resolver = Callable[[str], "Deferred[list[str]]"]
 
 #: Builds the endpoint that connects to a checked address: (ip, port, timeout).
 Connector = Callable[[str, int, float], IStreamClientEndpoint]
-
-#: A connection being made by L{tcp_connector}'s endpoints: C{stopConnecting()} gives it up.
-Connecting = IConnector | TCPDial
 
 _log = Logger()
 
@@ -106,16 +103,7 @@ class _TCPEndpoint:
         if not isinstance(factory, ConnectingFactory):
             endpoint = TCP6ClientEndpoint if ":" in self._ip else TCP4ClientEndpoint
             return endpoint(self._reactor, self._ip, self._port, self._timeout).connect(factory)
-        connector: Connecting | None = None
-
-        def cancel(d: Deferred[IProtocol]) -> None:
-            factory.stop_waiting()
-            d.errback(ierror.ConnectingCancelledError(connector.getDestination()))  # type: ignore[union-attr]
-            connector.stopConnecting()  # type: ignore[union-attr]
-
-        d: Deferred[IProtocol] = Deferred(cancel)
-        connector = self.dial(factory, d.callback, d.errback)
-        return d
+        return factory.connection(lambda: self._start(factory))
 
     def dial(
         self,
@@ -126,10 +114,16 @@ class _TCPEndpoint:
         """
         L{connect} without a Deferred: C{factory} calls C{on_connected} or C{on_failed} (never
         before this returns); C{stopConnecting()} on what is returned, after
-        C{factory.stop_waiting()}, gives the attempt up.  On Twisted's POSIX reactors the
-        socket is our own (L{TCPDial}); on another reactor, its C{connectTCP}.
+        C{factory.stop_waiting()}, gives the attempt up.
         """
         factory.await_connection(on_connected, on_failed)
+        return self._start(factory)
+
+    def _start(self, factory: ConnectingFactory) -> Connecting:
+        """
+        Begin the connection for C{factory}: on Twisted's POSIX reactors on a socket of our
+        own (L{TCPDial}), on another reactor with its C{connectTCP}.
+        """
         if isinstance(self._reactor, PosixReactorBase):
             return TCPDial(self._reactor, self._ip, self._port, factory)
         # No timeout of its own (Twisted's connector tests None): the Dialer's bounds it.

@@ -36,9 +36,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
-    IConnector,
     IOpenSSLClientConnectionCreator,
-    IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
@@ -162,23 +160,21 @@ class _Dial:
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         dialling = _Dialling(protocolFactory)
         try:
-            dialling.connector = self._reactor.connectTCP(
-                self._host, self._port, dialling, timeout=self._timeout
+            return dialling.connection(
+                lambda: self._reactor.connectTCP(self._host, self._port, dialling, timeout=self._timeout)
             )
         except BaseException:
             return fail()
-        return dialling.result
 
 
 class _Dialling(ConnectingFactory):
-    """The factory of one L{_Dial}: its protocol is the one C{factory} builds."""
+    """
+    The factory of one L{_Dial}: its protocol is the L{HTTP11Connection} C{factory} builds,
+    which says when it is connected (C{on_made}).
+    """
 
     def __init__(self, factory: IProtocolFactory) -> None:
         self._factory = factory
-        self.connector: IConnector | None = None
-        #: Fires with the connection once connected (L{_Dial.connect}).
-        self.result: Deferred[HTTP11Connection] = Deferred(self._cancel)
-        self.await_connection(self._made, self._failed)
 
     def buildProtocol(self, addr: Any) -> HTTP11Connection | None:
         try:
@@ -186,29 +182,10 @@ class _Dialling(ConnectingFactory):
             if not isinstance(conn, HTTP11Connection):
                 raise ierror.NoProtocol()
         except BaseException:
-            assert self.connector is not None  # set before the reactor connects
-            self.clientConnectionFailed(self.connector, Failure())
+            self.failed(Failure())
             return None
         conn.on_made = self.connected
         return conn
-
-    def _made(self, conn: IProtocol) -> None:
-        assert isinstance(conn, HTTP11Connection)  # what buildProtocol returned
-        # The connector keeps this factory, and the result its connection: let go of both,
-        # so that a closed connection is freed without the cyclic collector.
-        conn.on_made = None
-        self.connector = None
-        self.result.callback(conn)
-
-    def _failed(self, reason: Failure) -> None:
-        self.connector = None
-        self.result.errback(reason)
-
-    def _cancel(self, d: Deferred[HTTP11Connection]) -> None:
-        assert self.connector is not None  # set before the Deferred is returned
-        self.stop_waiting()
-        d.errback(ierror.ConnectingCancelledError(self.connector.getDestination()))
-        self.connector.stopConnecting()
 
 
 class UpstreamClient:
