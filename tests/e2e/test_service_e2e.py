@@ -377,3 +377,20 @@ async def test_socket_activation(fake: FakeAzure, socket_activated: Callable[...
     assert "listening on systemd:domain=INET:name=aoaiproxy" in log
     assert '"POST /v1/chat/completions" 200 ' in log
     assert daemon.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reactor_chosen_with_twistd_is_kept(fake: FakeAzure, tmp_path: Path) -> None:
+    """
+    C{twistd --reactor=poll aoaiproxy} runs on the reactor asked for (aoaiproxy installs its
+    own, aoaiproxy.reactor.ProxyReactor, only when none was chosen), and serves on it.
+    """
+    port = free_port()
+    command = twistd_command("--listen", f"tcp:{port}:interface=127.0.0.1", "--endpoint", fake.url)
+    command.insert(command.index("aoaiproxy"), "--reactor=poll")
+    with spawned(command, tmp_path / "daemon.log", port) as daemon:
+        response = await treq.get(f"http://127.0.0.1:{port}/healthz")
+        assert response.code == 200
+        assert await response.content() == b'{"status": "ok"}'
+        assert "reactor class: twisted.internet.pollreactor.PollReactor." in daemon.log()
+        assert "ProxyReactor" not in daemon.log()
