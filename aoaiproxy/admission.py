@@ -22,7 +22,7 @@ from aoaiproxy.config import Config
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.policy import Refused, admit
 
-__all__ = ["KEYLESS_PATHS", "Admitted", "body_unused", "judge", "needs_key", "refusal"]
+__all__ = ["KEYLESS_PATHS", "Admitted", "body_unused", "judge", "needs_key"]
 
 Header = tuple[bytes, bytes]
 
@@ -71,21 +71,14 @@ def body_unused(method: bytes, target: bytes) -> bool:
     return not needs_key(method, target)
 
 
-def refusal(config: Config, method: bytes, target: bytes, headers: Sequence[Header]) -> ProxyError | None:
-    """
-    The answer a request will get from its head alone, or None when that takes more (its
-    body, its upstream).  C{target} is the request-target as sent; C{headers} the request's.
-    """
-    verdict = judge(config, method, target, headers)
-    return verdict if isinstance(verdict, ProxyError) else None
-
-
 def judge(
     config: Config, method: bytes, target: bytes, headers: Sequence[Header]
 ) -> ProxyError | Admitted | None:
     """
-    L{refusal}'s answer, or for an origin-form API request that its route and key admit,
-    what they decided (L{Admitted}); None when the head decides neither.
+    The answer a request will get from its head alone (a L{ProxyError}); or, for an
+    origin-form API request that its route and key admit, what they decided (L{Admitted});
+    None when the head decides neither (its body or its upstream will).  C{target} is the
+    request-target as sent; C{headers} the request's.
     """
     origin_form = method != b"CONNECT" and target.startswith(b"/")
     if not origin_form:

@@ -58,24 +58,31 @@ HEADERS = st.lists(
 def test_what_the_head_admits_is_what_the_route_decides(
     config: Config, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
+    """
+    What C{judge} decides from a head is what the route decides without it
+    (L{aoaiproxy.resource.ApiResource}: the route, then the key, each may refuse): the same
+    refusal, or the same route and key.  None is left to the route.
+    """
     verdict = admission.judge(config, method, target, headers)
-    refusal = admission.refusal(config, method, target, headers)
-    if isinstance(verdict, ProxyError):
-        assert refusal is not None
-        assert (refusal.status, refusal.body(), refusal.headers) == (
-            verdict.status,
-            verdict.body(),
-            verdict.headers,
-        )
-        return
-    assert refusal is None
     if verdict is None:
         return
     path = target.split(b"?", 1)[0]
+    try:
+        route = rewrite.classify(config, method.decode("ascii"), path.decode("latin-1"))
+        presented = rewrite.client_credential(config, headers)
+    except ProxyError as decided:
+        assert isinstance(verdict, ProxyError), verdict
+        assert (verdict.status, verdict.body(), verdict.headers) == (
+            decided.status,
+            decided.body(),
+            decided.headers,
+        )
+        return
+    assert not isinstance(verdict, ProxyError), verdict
     assert verdict.config is config and verdict.method == method and verdict.path == path
-    assert verdict.route == rewrite.classify(config, method.decode("ascii"), path.decode("latin-1"))
+    assert verdict.route == route
     assert verdict.headers is headers
-    assert verdict.presented == rewrite.client_credential(config, headers)
+    assert verdict.presented == presented
 
 
 @pytest_twisted.ensureDeferred
