@@ -5,6 +5,7 @@ proxy as a C{twistd -n aoaiproxy} subprocess, as a user runs it.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import socket
@@ -122,6 +123,34 @@ async def make_proxy(fake: FakeAzure) -> AsyncIterator[Callable[..., Proxy]]:
     for proxy in started:
         await proxy.port.stopListening()
         await proxy.upstream.close()
+
+
+@pytest.fixture
+def cyclic_garbage() -> Iterator[Callable[[Callable[[object], bool]], list[str]]]:
+    """
+    The cyclic collector off and every unreachable object kept (C{gc.DEBUG_SAVEALL}).  The
+    fixture's value, C{found(keep)}, names (sorted) the objects for which C{keep} is true
+    that only the collector would have freed since the previous call (or the start).
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    gc.garbage.clear()
+
+    def found(keep: Callable[[object], bool]) -> list[str]:
+        gc.collect()
+        names = sorted(type(o).__name__ for o in gc.garbage if keep(o))
+        gc.garbage.clear()
+        return names
+
+    try:
+        yield found
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
 
 
 def free_port() -> int:

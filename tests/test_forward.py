@@ -23,7 +23,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import error as ierror
 from twisted.internet import tcp
-from twisted.internet.base import BaseConnector
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -37,6 +36,7 @@ from zope.interface import implementer
 
 from aoaiproxy import forward
 from aoaiproxy.config import Config, LiveConfig, load_config
+from aoaiproxy.connecting import TCPDial
 from aoaiproxy.forward import Forwarder, handlers, pending_write_bytes
 from aoaiproxy.forward import tunnel as tunnel_module
 from aoaiproxy.resource import ApiResource
@@ -530,12 +530,14 @@ def test_dialing_times_out_as_a_whole() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_whole_connect_is_freed_without_the_garbage_collector(
-    make_forward: Callable[..., FwdProxy], servers: Servers
+    make_forward: Callable[..., FwdProxy],
+    servers: Servers,
+    cyclic_garbage: Callable[[Callable[[object], bool]], list[str]],
 ) -> None:
     """
-    A CONNECT's objects (its target's connection and connector, the dial, the tunnel) are
-    freed by reference counting once both connections are gone: none is left in a cycle for
-    the cyclic collector (Twisted's connector and its transport keep each other).
+    A CONNECT's objects (its dial, its target's connection and factory, the tunnel) are freed
+    by reference counting once both connections are gone: none is left in a cycle for the
+    cyclic collector.
     """
     port, _ = servers.tcp(Echo)
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
@@ -548,27 +550,17 @@ async def test_a_whole_connect_is_freed_without_the_garbage_collector(
         await wait_until(lambda: not proxy.forwarder.tunnels, "the tunnel closed")
 
     await one_connect()  # anything made once, on the first use, is made now
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        for _ in range(3):
-            await one_connect()
-        gc.collect()
-        assert [type(o).__name__ for o in gc.garbage if _of_a_connect(o)] == []
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    cyclic_garbage(_of_a_connect)  # (and forgotten)
+    for _ in range(3):
+        await one_connect()
+    assert cyclic_garbage(_of_a_connect) == []
 
 
 def _of_a_connect(thing: object) -> bool:
     """Whether C{thing} is one of a CONNECT's objects (not, say, another test's client)."""
-    if isinstance(thing, tcp.Client):
-        thing = getattr(thing, "connector", None)
-    if isinstance(thing, BaseConnector):
-        thing = thing.factory
-    return isinstance(thing, (forward.TargetFactory, forward.TargetProtocol, forward.Tunnel))
+    if isinstance(thing, tcp.Connection):
+        thing = thing.protocol
+    return isinstance(thing, (TCPDial, forward.TargetFactory, forward.TargetProtocol, forward.Tunnel))
 
 
 def _dial_by(api: str, ending: str) -> tuple[Any, ...]:

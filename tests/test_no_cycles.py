@@ -7,11 +7,9 @@ young object cost a loaded proxy several microseconds per request.
 
 from __future__ import annotations
 
-import gc
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import pytest_twisted
 import treq
 
@@ -25,30 +23,12 @@ from .conftest import Proxy
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 WATCHED = (ProxyRequest, BodyRelay, UpstreamResponse)
 
+#: What L{cyclic_garbage} gets: the objects of C{found(keep)}, and their names.
+Found = Callable[[Callable[[object], bool]], list[str]]
 
-@pytest.fixture
-def cyclic_garbage() -> Iterator[Callable[[], list[str]]]:
-    """
-    The collector off and every unreachable object kept (C{gc.DEBUG_SAVEALL}); the fixture's
-    value lists the watched objects that only the collector would have freed since.
-    """
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    gc.garbage.clear()
 
-    def found() -> list[str]:
-        gc.collect()
-        return sorted(type(o).__name__ for o in gc.garbage if isinstance(o, WATCHED))
-
-    try:
-        yield found
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        if enabled:
-            gc.enable()
+def watched(thing: object) -> bool:
+    return isinstance(thing, WATCHED)
 
 
 async def post(proxy: Proxy, body: dict[str, object]) -> tuple[int, bytes]:
@@ -62,19 +42,19 @@ async def post(proxy: Proxy, body: dict[str, object]) -> tuple[int, bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_request_and_a_stream_leave_no_cycle(
-    fake: FakeAzure, make_proxy: Callable[..., Proxy], cyclic_garbage: Callable[[], list[str]]
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], cyclic_garbage: Found
 ) -> None:
     proxy = make_proxy()
     code, content = await post(proxy, CHAT)
     assert code == 200 and json.loads(content)["object"] == "chat.completion"
     code, content = await post(proxy, {**CHAT, "stream": True})
     assert code == 200 and content.rstrip().endswith(b"data: [DONE]")
-    assert cyclic_garbage() == []
+    assert cyclic_garbage(watched) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_closed_upstream_connection_leaves_no_cycle(
-    fake: FakeAzure, make_proxy: Callable[..., Proxy], cyclic_garbage: Callable[[], list[str]]
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], cyclic_garbage: Found
 ) -> None:
     """
     An upstream connection (plain TCP to an address: the one factory shared with the forward
@@ -88,12 +68,5 @@ async def test_a_closed_upstream_connection_leaves_no_cycle(
     # The connector hears of the loss after that callback: another exchange with the fake
     # makes sure it has.
     assert (await post(proxy, CHAT))[0] == 200
-    gc.collect()
-    left = sorted(
-        type(o).__name__
-        for o in gc.garbage
-        if type(o).__module__.startswith(
-            ("twisted.internet.tcp", "aoaiproxy.upstream", "aoaiproxy.connecting")
-        )
-    )
-    assert left == [], left
+    modules = ("twisted.internet.tcp", "aoaiproxy.upstream", "aoaiproxy.connecting")
+    assert cyclic_garbage(lambda o: type(o).__module__.startswith(modules)) == []
