@@ -17,12 +17,14 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from aoaiproxy import connecting
 from aoaiproxy.connecting import ConnectingFactory, TCPDial
 
+from .conftest import free_port
 from .rawnet import get_reactor
 
 
@@ -71,14 +73,6 @@ def _listening(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.
     return server
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on (just freed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 async def _connected_both_ways(family: int, host: str, kind: type) -> None:
     reactor = get_reactor()
     server = _listening(family, host)
@@ -124,7 +118,7 @@ async def test_ipv6() -> None:
 async def test_a_refused_connection_is_reported_after_the_dial_returns() -> None:
     factory = _Factory()
     told = _Told(factory)
-    dial = told.dial(get_reactor(), "127.0.0.1", _closed_port(), factory)
+    dial = told.dial(get_reactor(), "127.0.0.1", free_port(), factory)
     (failure,) = await told.result
     assert not told.early
     assert isinstance(failure, Failure) and failure.check(ierror.ConnectionRefusedError)
@@ -158,12 +152,14 @@ def _in_progress() -> Iterator[tuple[TCPDial, _Told]]:
         server.close()
 
 
-def test_stopped_it_tells_nothing_and_lets_go_of_its_socket() -> None:
+@pytest_twisted.ensureDeferred
+async def test_stopped_it_tells_nothing_and_lets_go_of_its_socket() -> None:
     with _in_progress() as (dial, told):
         assert dial in get_reactor().getWriters()
         dial.stopConnecting()
         assert dial not in get_reactor().getWriters()
         assert dial.fileno() == -1
+        await deferLater(get_reactor(), 0)  # nothing told on a later turn either
         assert not told.result.called
 
 
@@ -195,6 +191,6 @@ async def test_a_factory_that_builds_no_protocol_fails_the_attempt() -> None:
         accepted, _ = server.accept()
         with accepted:
             accepted.settimeout(10)
-            assert accepted.recv(16) == b""  # the connection was closed
+            assert await deferToThread(accepted.recv, 16) == b""  # the connection was closed
     finally:
         server.close()

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from aoaiproxy.reactor import ProxyReactor
 
 from .conftest import REPO
-from .rawnet import get_reactor
+from .rawnet import connect, get_reactor
 
 
 def test_the_suite_runs_on_it() -> None:
@@ -73,15 +73,6 @@ class _BadLoss(Protocol):
         raise RuntimeError("bug in connectionLost")
 
 
-class _Client(Protocol):
-    def __init__(self) -> None:
-        self.received = Deferred[bytes]()
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.received.called:
-            self.received.callback(data)
-
-
 @pytest_twisted.ensureDeferred
 async def test_an_escaping_exception_is_logged_with_the_connection_and_the_loop_goes_on() -> None:
     reactor = get_reactor()
@@ -107,13 +98,9 @@ async def test_an_escaping_exception_is_logged_with_the_connection_and_the_loop_
         errors = [e for e in events if e.get("isError") and "bug in connectionLost" in repr(e.get("failure"))]
         assert [e.get("system") for e in errors] == [prefix]
         # The reactor still handles events: another connection is served.
-        echo_client = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", echo_port.getHost().port), _Client()
-        )
-        assert echo_client.transport is not None
-        echo_client.transport.write(b"ping")
-        assert await echo_client.received == b"ping"
-        echo_client.transport.loseConnection()
+        echo_client = await connect(echo_port.getHost().port, b"ping")
+        assert await echo_client.wait_for(b"ping") == b"ping"
+        await echo_client.abort()
     finally:
         globalLogPublisher.removeObserver(events.append)
         await port.stopListening()
