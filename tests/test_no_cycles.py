@@ -11,7 +11,6 @@ import json
 from collections.abc import Callable
 
 import pytest_twisted
-import treq
 
 from aoaiproxy.relay import BodyRelay
 from aoaiproxy.site import ProxyRequest
@@ -19,6 +18,7 @@ from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream.protocol import UpstreamResponse
 
 from .conftest import Proxy
+from .test_reverse import post
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 WATCHED = (ProxyRequest, BodyRelay, UpstreamResponse)
@@ -31,13 +31,9 @@ def watched(thing: object) -> bool:
     return isinstance(thing, WATCHED)
 
 
-async def post(proxy: Proxy, body: dict[str, object]) -> tuple[int, bytes]:
-    response = await treq.post(
-        proxy.url + "/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": "Bearer client-key"},
-    )
-    return response.code, await response.content()
+async def chat(proxy: Proxy, body: dict[str, object]) -> tuple[int, bytes]:
+    code, _, content = await post(proxy.url + "/v1/chat/completions", body)
+    return code, content
 
 
 @pytest_twisted.ensureDeferred
@@ -45,9 +41,9 @@ async def test_a_request_and_a_stream_leave_no_cycle(
     fake: FakeAzure, make_proxy: Callable[..., Proxy], cyclic_garbage: Found
 ) -> None:
     proxy = make_proxy()
-    code, content = await post(proxy, CHAT)
+    code, content = await chat(proxy, CHAT)
     assert code == 200 and json.loads(content)["object"] == "chat.completion"
-    code, content = await post(proxy, {**CHAT, "stream": True})
+    code, content = await chat(proxy, {**CHAT, "stream": True})
     assert code == 200 and content.rstrip().endswith(b"data: [DONE]")
     assert cyclic_garbage(watched) == []
 
@@ -62,11 +58,11 @@ async def test_a_closed_upstream_connection_leaves_no_cycle(
     client would keep each other.
     """
     proxy = make_proxy()
-    code, _ = await post(proxy, CHAT)
+    code, _ = await chat(proxy, CHAT)
     assert code == 200
     await proxy.upstream.close()  # fires from the connection's connectionLost
     # The connector hears of the loss after that callback: another exchange with the fake
     # makes sure it has.
-    assert (await post(proxy, CHAT))[0] == 200
+    assert (await chat(proxy, CHAT))[0] == 200
     modules = ("twisted.internet.tcp", "aoaiproxy.upstream", "aoaiproxy.connecting")
     assert cyclic_garbage(lambda o: type(o).__module__.startswith(modules)) == []
