@@ -444,8 +444,10 @@ def test_whole_chunk_shortcut_gives_the_event_by_event_verdicts(
     """
     if crlf:
         stream = stream.replace(b"\n", b"\r\n")
-    # Cuts anywhere, and on every event end (the usual chunk: one event each).
-    ends = [i + 2 for i in range(len(stream)) if stream.startswith(b"\n\n", i)] if not cuts else []
+    # Cut where hypothesis says or, when it says nowhere, on every event end (the usual
+    # chunk: one event each).
+    end = b"\r\n\r\n" if crlf else b"\n\n"
+    ends = [i + len(end) for i in range(len(stream)) if stream.startswith(end, i)] if not cuts else []
     points = sorted({c % (len(stream) + 1) for c in cuts} | set(ends))
     chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     options: dict[str, Any] = {"strip": strip, "drop": is_filter_only if drop else None}
