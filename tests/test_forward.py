@@ -558,8 +558,8 @@ async def test_a_whole_connect_is_freed_without_the_garbage_collector(
 
 def _of_a_connect(thing: object) -> bool:
     """Whether C{thing} is one of a CONNECT's objects (not, say, another test's client)."""
-    if isinstance(thing, tcp.Connection):
-        thing = thing.protocol
+    if isinstance(thing, tcp.Connection):  # (a closed one has let go of its protocol)
+        thing = getattr(thing, "protocol", None)
     return isinstance(thing, (TCPDial, forward.TargetFactory, forward.TargetProtocol, forward.Tunnel))
 
 
