@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 
 def get_reactor() -> Any:
@@ -93,12 +94,41 @@ class RawClient(Protocol):
         return self.closed
 
 
+@implementer(IHalfCloseableProtocol)
+class HalfClient(RawClient):
+    """
+    A L{RawClient} that, at the server's half-close, keeps its connection open to write on:
+    C{eof} fires with everything received.  (A L{RawClient} closes its connection then.)
+    """
+
+    def __init__(self, first: bytes = b"") -> None:
+        super().__init__(first)
+        self.eof: Deferred[bytes] = Deferred()
+
+    def readConnectionLost(self) -> None:
+        self.eof.callback(self.received)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+_Client = TypeVar("_Client", bound=RawClient)
+
+
 async def connect(
     target: int | Any, first: bytes = b"", on_data: Callable[[bytes], None] | None = None
 ) -> RawClient:
     """A L{RawClient} connected to 127.0.0.1 at C{target} (a port, or a proxy with a C{port})."""
+    return await _connected(target, RawClient(first, on_data))
+
+
+async def connect_half(target: int | Any, first: bytes = b"") -> HalfClient:
+    """A L{HalfClient} connected to 127.0.0.1 at C{target} (a port, or a proxy with a C{port})."""
+    return await _connected(target, HalfClient(first))
+
+
+async def _connected(target: int | Any, client: _Client) -> _Client:
     port = target if isinstance(target, int) else int(target.port.getHost().port)
-    client = RawClient(first, on_data)
     await connectProtocol(TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port), client)
     return client
 

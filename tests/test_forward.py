@@ -45,8 +45,16 @@ from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
 from .conftest import free_port, get_reactor
-from .rawnet import RawClient, Response, assert_openai_error, connect, parse_response, response_done
-from .test_service import wait_until
+from .rawnet import (
+    RawClient,
+    Response,
+    assert_openai_error,
+    connect,
+    connect_half,
+    parse_response,
+    response_done,
+)
+from .test_service import Events, wait_until
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
@@ -80,6 +88,29 @@ class CountThenClose(Echo):
 
     def readConnectionLost(self) -> None:
         self.transport.write(b"got %d" % len(self.got))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class GreetThenRead(Protocol):
+    """
+    Sends C{hello} and half-closes at once, then reads until the client half-closes: its
+    factory's C{ended} fires with what it got, and it closes.
+    """
+
+    def connectionMade(self) -> None:
+        self.got = b""
+        self.transport.write(b"hello")  # type: ignore[union-attr]
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.got += data
+
+    def readConnectionLost(self) -> None:
+        self.factory.ended.callback(self.got)  # type: ignore[attr-defined]
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
@@ -279,6 +310,45 @@ async def test_tunnel_half_close(make_forward: Callable[..., FwdProxy], servers:
     await client.closed
     assert client.received.endswith(b"\r\n\r\ngot 5000")
     assert not proxy.forwarder.tunnels
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_half_close_from_the_target(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """The target ends first: the client reads the end, and what it sends still arrives."""
+    port, target = servers.tcp(GreetThenRead)
+    target.ended = Deferred()
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    client = await connect_half(proxy, connect_request(f"127.0.0.1:{port}"))
+    proxy.clients.append(client)
+    assert (await client.eof.addTimeout(10, get_reactor())).endswith(b"\r\n\r\nhello")
+    client.send(b"after the target's end")
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    assert await target.ended.addTimeout(10, get_reactor()) == b"after the target's end"
+    await wait_until(lambda: not proxy.forwarder.tunnels, "the tunnel closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_access_line(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+    """
+    A tunnel's access line, written when it closes: its status, and the bytes the target
+    sent (not the 200 head).
+    """
+    port, _ = servers.tcp(CountThenClose)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    seen = Events()
+    globalLogPublisher.addObserver(seen)
+    try:
+        client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"x" * 5000)
+        await client.wait_for(b"\r\n\r\n")
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await client.closed
+        [line] = await seen.access(1)
+    finally:
+        globalLogPublisher.removeObserver(seen)
+    assert client.received.endswith(b"\r\n\r\ngot 5000")
+    assert line.startswith(f'127.0.0.1 "CONNECT 127.0.0.1:{port}" 200 bytes=8 duration='), line
 
 
 @pytest_twisted.ensureDeferred

@@ -2,6 +2,9 @@
 L{aoaiproxy._twisted.write_through}, the tunnel's write: straight to a plain TCP socket with
 nothing buffered, else (and for what the kernel does not take) through C{transport.write}, on
 real loopback connections: the bytes arrive whole and in order, and backpressure still works.
+And L{aoaiproxy._twisted.half_close_through} and L{aoaiproxy._twisted.close_through}, the
+tunnel's half-close and close: at once with nothing buffered, else after the buffered bytes (a
+half-closed connection's other direction stays open).
 """
 
 from __future__ import annotations
@@ -11,48 +14,91 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from aoaiproxy._twisted import pending_write_bytes, write_through
+from aoaiproxy._twisted import close_through, half_close_through, pending_write_bytes, write_through
 
 from .conftest import get_reactor
-from .rawnet import RawClient, connect
+from .rawnet import HalfClient, RawClient
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
 
+@implementer(IHalfCloseableProtocol)
 class Accepted(Protocol):
-    """The server's side of a test connection: the transport under test."""
+    """
+    The server's side of a test connection: the transport under test.  It records the bytes
+    it reads, to the client's half-close (C{read_ended}), its write side's end
+    (C{writeConnectionLost}), and the reason its connection ended.
+    """
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.read_ended: Deferred[bytes] = Deferred()
+        self.write_ended = 0
+        self.lost: Failure | None = None
 
     def connectionMade(self) -> None:
         self.factory.accepted.callback(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.read_ended.callback(self.received)
+
+    def writeConnectionLost(self) -> None:
+        self.write_ended += 1
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = reason
 
 
 @attrs.define
 class Pair:
     server: Accepted
-    client: RawClient
+    client: Any
 
     @property
     def transport(self) -> Any:
         return self.server.transport
 
 
-@pytest_twisted.async_yield_fixture
-async def pair() -> AsyncIterator[Pair]:
-    """A loopback connection: a Twisted transport (the server's) and a client recording bytes."""
+async def _pair(client: RawClient) -> Pair:
+    """A loopback connection: a Twisted transport (the server's), and C{client} connected to it."""
     factory = Factory.forProtocol(Accepted)
     factory.accepted = Deferred()  # type: ignore[attr-defined]
     port: IListeningPort = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
-    client = await connect(port.getHost().port)  # type: ignore[attr-defined]
+    endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port.getHost().port)  # type: ignore[attr-defined]
+    await connectProtocol(endpoint, client)
     server = await factory.accepted  # type: ignore[attr-defined]
-    yield Pair(server, client)
-    await client.abort()
     await port.stopListening()
+    return Pair(server, client)
+
+
+@pytest_twisted.async_yield_fixture
+async def pair() -> AsyncIterator[Pair]:
+    """A loopback connection whose client closes at the server's half-close."""
+    made = await _pair(RawClient())
+    yield made
+    await made.client.abort()
+
+
+@pytest_twisted.async_yield_fixture
+async def half_pair() -> AsyncIterator[Pair]:
+    """A loopback connection whose client, at the server's half-close, stays open to write."""
+    made = await _pair(HalfClient())
+    yield made
+    await made.client.abort()
 
 
 @pytest_twisted.ensureDeferred
@@ -137,3 +183,70 @@ async def test_a_half_close_comes_after_every_byte(pair: Pair) -> None:
     write_through(transport, b"words")
     await pair.client.closed.addTimeout(10, get_reactor())
     assert pair.client.received == b"last words"
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_closed_at_once_when_nothing_is_buffered(half_pair: Pair) -> None:
+    """
+    Nothing buffered: the write side is shut now, not on a later reactor turn (the transport
+    is not registered for writing), and the protocol is told; the client reads the end of
+    our bytes, and what it sends afterwards still arrives.
+    """
+    transport = half_pair.transport
+    write_through(transport, b"all of it")
+    half_close_through(transport)
+    assert transport not in get_reactor().getWriters()
+    assert half_pair.server.write_ended == 1
+    assert await half_pair.client.eof.addTimeout(10, get_reactor()) == b"all of it"
+    half_pair.client.send(b"the other way")
+    half_pair.client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    assert await half_pair.server.read_ended.addTimeout(10, get_reactor()) == b"the other way"
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_closed_after_the_buffered_bytes(half_pair: Pair) -> None:
+    """Bytes buffered in the transport: they all arrive before the end (Twisted's own way)."""
+    transport = half_pair.transport
+    transport.write(b"buffered ")  # sent on the reactor's next turn
+    half_close_through(transport)
+    assert half_pair.server.write_ended == 0  # not yet: after the bytes
+    assert await half_pair.client.eof.addTimeout(10, get_reactor()) == b"buffered "
+    assert half_pair.server.write_ended == 1
+    half_pair.client.send(b"reply")
+    half_pair.client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    assert await half_pair.server.read_ended.addTimeout(10, get_reactor()) == b"reply"
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_at_once_when_nothing_is_buffered(pair: Pair) -> None:
+    """
+    Nothing buffered, no producer: closed before close_through returns (the protocol has
+    its connectionLost, an orderly end), and the client reads every byte, then the end.
+    """
+    transport = pair.transport
+    write_through(transport, b"all of it")
+    close_through(transport)
+    assert pair.server.lost is not None and pair.server.lost.check(ConnectionDone)
+    reactor = get_reactor()
+    assert transport not in reactor.getWriters() and transport not in reactor.getReaders()
+    await pair.client.closed.addTimeout(10, reactor)
+    assert pair.client.received == b"all of it"
+    assert pair.client.reason is not None and pair.client.reason.check(ConnectionDone)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("behind", ["buffered bytes", "a producer"])
+async def test_closed_after_buffered_bytes_or_a_producer(pair: Pair, behind: str) -> None:
+    """Bytes buffered, or a producer registered: Twisted's own close, once they are done."""
+    transport = pair.transport
+    transport.write(b"buffered ")  # sent on the reactor's next turn
+    if behind == "a producer":
+        await pair.client.wait_for(b"buffered ")
+        transport.registerProducer(StringTransport(), True)
+    close_through(transport)
+    assert pair.server.lost is None  # not yet
+    if behind == "a producer":
+        transport.unregisterProducer()  # as the tunnel does, but after
+    await pair.client.closed.addTimeout(10, get_reactor())
+    assert pair.client.received == b"buffered "
+    assert pair.server.lost is not None and pair.server.lost.check(ConnectionDone)

@@ -32,7 +32,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aoaiproxy._twisted import pending_write_bytes, write_through
+from aoaiproxy._twisted import close_through, half_close_through, pending_write_bytes, write_through
 from aoaiproxy.connecting import ConnectingFactory
 from aoaiproxy.metrics import NullMetrics, Recorder
 
@@ -267,7 +267,7 @@ class Tunnel(Protocol):
         if ended or not half_closeable(other):
             self._close()
         else:
-            other.loseWriteConnection()
+            half_close_through(other)  # nothing is written on it after this
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The client's connection is gone."""
@@ -289,11 +289,13 @@ class Tunnel(Protocol):
         if self._opened:
             self._recorder.tunnel_closed()
         self._set_timer(None)
+        # First: a connection may be lost before close_through returns (its access line
+        # is written then, with what on_close noted).
+        self._on_close(self)
         for transport in (self.client, self.target):
             transport.unregisterProducer()
             if abort:
                 transport.abortConnection()
             else:
                 # Writes what is still buffered, then closes.
-                transport.loseConnection()
-        self._on_close(self)
+                close_through(transport)
