@@ -194,16 +194,15 @@ def close_through(transport: Any) -> None:
     system calls and two reactor dispatches (~6 % of its CPU).  Whether anything is
     buffered is private (as for L{write_through}).  What this calls is what
     C{FileDescriptor.loseConnection} itself calls when the write side is already closed
-    (C{stopReading}, C{stopWriting}, C{connectionLost} with C{ConnectionDone}), and the
-    reason is one shared failure, as the reactor's own for a connection it finds closed.
+    (C{connectionLost} with C{ConnectionDone}, whose first step is to stop reading and
+    writing), and the reason is one shared failure, as the reactor's own for a connection it
+    finds closed.
     Checked against Twisted 26.10 (C{FileDescriptor.loseConnection}, C{doWrite},
     C{tcp.Connection.connectionLost}).  Used by L{aoaiproxy.forward.tunnel} (both sides of a
     closing tunnel); tested by tests/test_write_through.py and tests/test_forward.py.
     """
-    if transport.producer is None and _writes_at_once(transport):
-        transport.stopReading()
-        transport.stopWriting()
-        transport.connectionLost(_DONE)
+    if _writes_at_once(transport) and transport.producer is None:
+        transport.connectionLost(_DONE)  # (it stops reading and writing first)
     else:
         transport.loseConnection()
 
