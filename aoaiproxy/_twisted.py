@@ -175,8 +175,8 @@ def half_close_through(transport: Any) -> None:
         transport.socket.shutdown(SHUT_WR)
     except OSError:  # as Twisted's: a connection that is gone reports it when read
         pass
-    protocol = IHalfCloseableProtocol(transport.protocol, None)
-    if protocol is not None:
+    protocol = transport.protocol
+    if IHalfCloseableProtocol.providedBy(protocol):
         protocol.writeConnectionLost()
 
 

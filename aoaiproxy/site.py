@@ -170,6 +170,10 @@ class ProxyChannel(http.HTTPChannel):
     site: ProxySite
     #: Lines end with LF; a CR before it is removed (L{lineReceived}).
     delimiter = b"\n"
+    #: No adapter of its own (PEP 246): zope.interface's adaptation, which Twisted's TCP
+    #: transport asks at each half-close (C{IHalfCloseableProtocol(protocol, None)}), then
+    #: finds none at once instead of raising and clearing an AttributeError.
+    __conform__ = None
 
     # One per open connection: this class's own state, and Twisted's public attributes that
     # have class defaults, in slots, so that the instance dictionary holds few enough names
@@ -345,10 +349,9 @@ class ProxyChannel(http.HTTPChannel):
         pipelined = _twisted.take_pipelined(self) + self.clearLineBuffer()
         # A transport takes one producer: the new protocol may register its own.
         transport.unregisterProducer()  # type: ignore[attr-defined]
-        network = IPushProducer(transport, None)
-        if network is not None:
+        if IPushProducer.providedBy(transport):
             # The channel pauses reading while it buffers pipelined bytes.
-            network.resumeProducing()
+            transport.resumeProducing()
         protocol.makeConnection(transport)
         if pipelined:
             protocol.dataReceived(pipelined)
@@ -359,10 +362,10 @@ class ProxyChannel(http.HTTPChannel):
         already made are sent and the connection closed, unless a request is in flight (its
         client has left: it is cancelled, as when the connection is lost).
         """
-        if self._handed_to is not None:
-            handed = IHalfCloseableProtocol(self._handed_to, None)
-            if handed is not None:
-                handed.readConnectionLost()
+        handed = self._handed_to
+        if handed is not None:
+            if IHalfCloseableProtocol.providedBy(handed):
+                handed.readConnectionLost()  # type: ignore[attr-defined]
                 return
         elif self._rejected or not self.requests:
             self.loseConnection()
@@ -371,9 +374,9 @@ class ProxyChannel(http.HTTPChannel):
 
     def writeConnectionLost(self) -> None:
         """Our half-close completed: passed on once handed over to a half-closeable protocol."""
-        handed = IHalfCloseableProtocol(self._handed_to, None)
-        if handed is not None:
-            handed.writeConnectionLost()
+        handed = self._handed_to
+        if IHalfCloseableProtocol.providedBy(handed):
+            handed.writeConnectionLost()  # type: ignore[union-attr]
 
     def close_when_done(self) -> None:
         """
@@ -734,9 +737,8 @@ class ProxyChannel(http.HTTPChannel):
         _twisted.take_pipelined(self)
         # Read (and discard) until the client closes: reading may have been paused while
         # the channel held pipelined bytes or the client did not read our answers.
-        network = IPushProducer(self.transport, None)
-        if network is not None:
-            network.resumeProducing()
+        if IPushProducer.providedBy(self.transport):
+            self.transport.resumeProducing()
         self._linger = close_lingering(self.transport, self.site.reactor, linger)
 
     def _discard(self, data: bytes) -> None:

@@ -70,6 +70,8 @@ class TargetProtocol(Protocol):
 
     tunnel: Tunnel | None = None
     _early: bytes = b""
+    #: No adapter of its own (as L{aoaiproxy.site.ProxyChannel.__conform__}).
+    __conform__ = None
 
     def connectionMade(self) -> None:
         factory = getattr(self, "factory", None)
@@ -167,9 +169,8 @@ class Tunnel(Protocol):
         client = self.client
         self._target_protocol.tunnel = self
         client.registerProducer(self.target, True)
-        producer = IPushProducer(client, None)
-        if producer is not None:
-            self.target.registerProducer(producer, True)
+        if IPushProducer.providedBy(client):
+            self.target.registerProducer(client, True)
         self._set_timer(self._idle_timeout)
         self._opened = True
         self._recorder.tunnel_opened()
