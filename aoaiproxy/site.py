@@ -20,9 +20,11 @@ connections over the process's cap (503).
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from io import BytesIO
 from time import time
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
@@ -89,6 +91,10 @@ def reason(status: int) -> bytes:
     """The reason phrase of the proxy's own answers with C{status}."""
     return _REASONS.get(status) or http.RESPONSES.get(status) or b"Unknown"
 
+
+#: A request body announcing this many bytes or more (or of unknown length) is kept in a
+#: temporary file as it arrives, a smaller one in memory (L{ProxySite.getContentFile}).
+MEMORY_BODY = 100_000
 
 #: The reason phrase of a 200 (L{ProxyRequest.establish}'s).
 _OK = reason(200)
@@ -1072,6 +1078,18 @@ class ProxySite(server.Site):
         self.timeOut = self.live.config.idle_timeout
         channel: ProxyChannel = super().buildProtocol(addr)
         return channel
+
+    def getContentFile(self, length: int | None) -> IO[bytes]:
+        """
+        Where a request's body is kept as it arrives: in memory when it announces fewer than
+        L{MEMORY_BODY} bytes, else (or chunked: no length) in a temporary file, twisted.web's
+        own rule (C{http._getContentFile}).  twisted.web's request asks its site for this
+        hook (C{server.Request.gotLength}); without it, it falls back to its own by raising
+        and catching an AttributeError, for every request and every CONNECT.
+        """
+        if length is not None and length < MEMORY_BODY:
+            return BytesIO()
+        return tempfile.TemporaryFile()
 
     def listener(self) -> Listener:
         """A new listener's factory (one per listening port)."""

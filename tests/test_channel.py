@@ -9,6 +9,7 @@ tests/test_forward.py (tunnels) and tests/test_tls.py (TLS handed over).
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Any
 
@@ -195,6 +196,26 @@ def test_a_body_is_stored_only_for_a_route_that_reads_it(head: bytes, stored: bo
     assert request.content is not None
     assert request.content.seek(0, 2) == (len(body) if stored else 0)
     assert b"HTTP/1.1 4" not in transport.value()
+
+
+@pytest.mark.parametrize(
+    ("length", "in_memory"),
+    [
+        (b"Content-Length: 99999", True),
+        (b"Content-Length: 100000", False),
+        (b"Transfer-Encoding: chunked", False),
+    ],
+)
+def test_a_body_is_kept_in_memory_only_when_small(length: bytes, in_memory: bool) -> None:
+    """The site's content file: memory below 100,000 announced bytes, else a temporary file."""
+    channel, _ = body_channel()
+    channel.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\napi-key: k\r\n" + length + b"\r\n\r\n")
+    [request] = channel.requests
+    assert isinstance(request.content, io.BytesIO) == in_memory
+    if not in_memory:
+        assert request.content is not None
+        assert request.content.fileno() >= 0  # a file of its own
+        request.content.close()
 
 
 # -- the response head: the leaf fast path and the joined head give Twisted's own bytes --------
