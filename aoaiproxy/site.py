@@ -769,6 +769,10 @@ def _head_too_large(limit: int) -> ProxyError:
 _KEPT_FOR_LOG = (b"authorization", b"api-key")
 
 
+# No interface of its own (it has twisted.web's request's): the declaration gives the class
+# its own zope specification, so that asking what it provides (twisted.web asks, of the
+# class, for every request it makes) is a look-up, not a walk up to server.Request's.
+@implementer()
 class ProxyRequest(server.Request):
     """One request on any listener."""
 
