@@ -126,7 +126,8 @@ class Tunnel(Protocol):
 
     This is the client's side: the client's channel is handed to it, and the bytes the
     client sent after the CONNECT head arrive first.  C{on_close} is called once, when the
-    tunnel closes (both connections are then closing).  C{recorder} counts it among the open
+    tunnel closes, just before both connections are closed (one may be lost, and its access
+    line written, before the close returns).  C{recorder} counts it among the open
     tunnels from its start to its close, and the bytes it relays each way.
     """
 
