@@ -21,11 +21,14 @@ import attrs
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from aoaiproxy.config import Config, LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
+from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.resource import ApiResource
 from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
@@ -123,6 +126,49 @@ async def make_proxy(fake: FakeAzure) -> AsyncIterator[Callable[..., Proxy]]:
     for proxy in started:
         await proxy.port.stopListening()
         await proxy.upstream.close()
+
+
+class Events(list[dict[str, Any]]):
+    """Log events as they are published; L{access} waits for access lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[int, Deferred[list[str]]]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.append(event)
+        if event.get("log_namespace") == ACCESS_NAMESPACE:
+            lines = access_lines(self)
+            waiting, self._waiting = self._waiting, []
+            for count, d in waiting:
+                if len(lines) >= count:
+                    # On the reactor's next turn: not inside the logging call (the test
+                    # would go on, and may end, while the log publisher is still at work).
+                    get_reactor().callLater(0, d.callback, lines)
+                else:
+                    self._waiting.append((count, d))
+
+    def access(self, count: int, timeout: float = 10.0) -> Deferred[list[str]]:
+        """Fires with the access lines once there are C{count} of them (a bounded wait)."""
+        lines = access_lines(self)
+        if len(lines) >= count:
+            return succeed(lines)
+        d: Deferred[list[str]] = Deferred()
+        self._waiting.append((count, d))
+        return d.addTimeout(timeout, get_reactor())
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    """Every log event published while the test runs."""
+    seen = Events()
+    globalLogPublisher.addObserver(seen)
+    yield seen
+    globalLogPublisher.removeObserver(seen)
+
+
+def access_lines(events: list[dict[str, Any]]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_namespace") == ACCESS_NAMESPACE]
 
 
 @pytest.fixture

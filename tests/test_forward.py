@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -44,7 +44,7 @@ from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import free_port, get_reactor
+from .conftest import Events, free_port, get_reactor
 from .rawnet import (
     RawClient,
     Response,
@@ -54,7 +54,7 @@ from .rawnet import (
     parse_response,
     response_done,
 )
-from .test_service import Events, wait_until
+from .test_service import wait_until
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
@@ -330,43 +330,38 @@ async def test_tunnel_half_close_from_the_target(
 
 
 @pytest_twisted.ensureDeferred
-async def test_tunnel_access_line(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+async def test_tunnel_access_line(
+    make_forward: Callable[..., FwdProxy], servers: Servers, events: Events
+) -> None:
     """
     A tunnel's access line, written when it closes: its status, and the bytes the target
     sent (not the 200 head).
     """
     port, _ = servers.tcp(CountThenClose)
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
-    seen = Events()
-    globalLogPublisher.addObserver(seen)
-    try:
-        client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"x" * 5000)
-        await client.wait_for(b"\r\n\r\n")
-        client.transport.loseWriteConnection()  # type: ignore[union-attr]
-        await client.closed
-        [line] = await seen.access(1)
-    finally:
-        globalLogPublisher.removeObserver(seen)
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"x" * 5000)
+    await client.wait_for(b"\r\n\r\n")
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await client.closed
+    [line] = await events.access(1)
     assert client.received.endswith(b"\r\n\r\ngot 5000")
     assert line.startswith(f'127.0.0.1 "CONNECT 127.0.0.1:{port}" 200 bytes=8 duration='), line
 
 
 @pytest_twisted.ensureDeferred
-async def test_tunnel_logs_no_factory_lines(make_forward: Callable[..., FwdProxy], servers: Servers) -> None:
+async def test_tunnel_logs_no_factory_lines(
+    make_forward: Callable[..., FwdProxy], servers: Servers, events: Events
+) -> None:
     """A CONNECT is one access line, not also "Starting factory" / "Stopping factory" noise."""
     port, _ = servers.tcp(CountThenClose)
     proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"abc")
-        await client.wait_for(b"\r\n\r\n")
-        client.transport.loseWriteConnection()  # type: ignore[union-attr]
-        await client.closed
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+    before = len(events)  # (the test's own listeners log their start)
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}") + b"abc")
+    await client.wait_for(b"\r\n\r\n")
+    client.transport.loseWriteConnection()  # type: ignore[union-attr]
+    await client.closed
     assert client.received.endswith(b"got 3")
-    lines = [formatEvent(e) for e in events]
+    lines = [formatEvent(e) for e in events[before:]]
     # The test's own client connects with connectProtocol, whose OneShotFactory is noisy.
     assert not [line for line in lines if "factory" in line.lower() and "OneShotFactory" not in line], lines
 
@@ -930,23 +925,18 @@ async def test_connect_malformed_target_400(make_forward: Callable[..., FwdProxy
 
 @pytest_twisted.ensureDeferred
 async def test_connect_to_a_name_with_an_empty_label_is_400_at_once(
-    make_forward: Callable[..., FwdProxy],
+    make_forward: Callable[..., FwdProxy], events: Events
 ) -> None:
     """
     Allowed by its suffix, but no name: answered at once, not after the connect timeout
     (the resolver raised, and the failure was logged as an unhandled error).
     """
     proxy = make_forward(forward_allow=["*.example.test:443"], connect_timeout="600")
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        for target in ("a..example.test:443", "x" * 64 + ".example.test:443"):
-            error = assert_openai_error(await proxy.ask(connect_request(target)), 400)
-            assert error["code"] == "invalid_request_target"
-        response = await proxy.ask(b"GET http://a..example.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert_openai_error(response, 400, "invalid_request_target")
-    finally:
-        globalLogPublisher.removeObserver(events.append)
+    for target in ("a..example.test:443", "x" * 64 + ".example.test:443"):
+        error = assert_openai_error(await proxy.ask(connect_request(target)), 400)
+        assert error["code"] == "invalid_request_target"
+    response = await proxy.ask(b"GET http://a..example.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert_openai_error(response, 400, "invalid_request_target")
     assert [formatEvent(e) for e in events if e.get("log_failure") or e.get("isError")] == []
 
 

@@ -8,18 +8,16 @@ the open connections, streams and tunnels, and tunnel bytes.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -33,19 +31,9 @@ from aoaiproxy.testing.sse import FILTER_FRAME, completion_events
 from aoaiproxy.testing.usage import count_tokens, prompt_tokens
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import get_reactor
+from .conftest import Events, get_reactor
 from .rawnet import RawClient, Scripted, ScriptedUpstream, connect, raw_post
-from .test_service import Events, wait_until
-
-
-@pytest.fixture
-def log_events() -> Iterator[Events]:
-    """The access lines (every log event) published while the test runs."""
-    seen = Events()
-    globalLogPublisher.addObserver(seen)
-    yield seen
-    globalLogPublisher.removeObserver(seen)
-
+from .test_service import wait_until
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "say hello to the proxy"}]}
 STREAM = {**CHAT, "stream": True}
@@ -147,7 +135,7 @@ def fake_stream(fake: FakeAzure, received: bytes, body: dict[str, Any], *, inclu
 
 @pytest_twisted.ensureDeferred
 async def test_requests_and_tokens_are_counted_once_each(
-    fake: FakeAzure, make_metered: Callable[..., Metered], client: HTTPClient, log_events: Events
+    fake: FakeAzure, make_metered: Callable[..., Metered], client: HTTPClient, events: Events
 ) -> None:
     proxy = make_metered()
     prompt = prompt_tokens(CHAT)
@@ -161,7 +149,7 @@ async def test_requests_and_tokens_are_counted_once_each(
     assert (await post(client, proxy, "/v1/embeddings", embed))[0] == 200
     responses = {"model": "gpt-4o", "input": "four words of input", "stream": True}
     assert (await post(client, proxy, "/v1/responses", responses))[0] == 200
-    logged = await log_events.access(6)
+    logged = await events.access(6)
 
     assert proxy.requests(CHAT_ROUTE, 200, "gpt-4o") == 4
     assert proxy.requests("/v1/embeddings", 200, "ada") == 1
@@ -232,7 +220,7 @@ async def test_kept_filter_frames_and_the_usage_removed(
 
 @pytest_twisted.ensureDeferred
 async def test_errors_and_local_answers_are_counted_without_tokens(
-    fake: FakeAzure, make_metered: Callable[..., Metered], client: HTTPClient, log_events: Events
+    fake: FakeAzure, make_metered: Callable[..., Metered], client: HTTPClient, events: Events
 ) -> None:
     proxy = make_metered()
     fake.rate_limit_next()
@@ -242,7 +230,7 @@ async def test_errors_and_local_answers_are_counted_without_tokens(
     response = await client.get(proxy.url + "/metrics")
     assert response.code == 404  # metrics are never on the API's port
     assert (await client.post(proxy.url + "/v1/chat/completions", json=CHAT)).code == 401
-    logged = await log_events.access(4)
+    logged = await events.access(4)
     assert proxy.requests(CHAT_ROUTE, 429, "gpt-4o") == 1
     assert proxy.requests("/healthz", 200) == 1
     assert proxy.requests("other", 404) == 1
@@ -310,9 +298,7 @@ class Hello(Resource):
 
 
 @pytest_twisted.ensureDeferred
-async def test_tunnels_and_forwarded_requests(
-    make_metered: Callable[..., Metered], log_events: Events
-) -> None:
+async def test_tunnels_and_forwarded_requests(make_metered: Callable[..., Metered], events: Events) -> None:
     reactor = get_reactor()
     echo = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
     web = reactor.listenTCP(0, server.Site(Hello()), interface="127.0.0.1")
@@ -330,7 +316,7 @@ async def test_tunnels_and_forwarded_requests(
         await tunnel.abort()
         forwarded = await proxy.connect(b"GET http://%s/ HTTP/1.1\r\nHost: x\r\n\r\n" % web_at.encode())
         await forwarded.wait_for(b"hello")
-        await log_events.access(2)
+        await events.access(2)
     finally:
         await echo.stopListening()
         await web.stopListening()
@@ -352,13 +338,13 @@ def keys(tmp_path: Path) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_tokens_by_client_name(
-    make_metered: Callable[..., Metered], client: HTTPClient, log_events: Events, tmp_path: Path
+    make_metered: Callable[..., Metered], client: HTTPClient, events: Events, tmp_path: Path
 ) -> None:
     proxy = make_metered(token="server-key", client_keys=keys(tmp_path))
     await post(client, proxy, CHAT_ROUTE, CHAT, key="sk-alice-1")
     await post(client, proxy, CHAT_ROUTE, STREAM, key="sk-bob-2")
     await post(client, proxy, CHAT_ROUTE, CHAT, key="sk-nobody")
-    logged = await log_events.access(3)
+    logged = await events.access(3)
     prompt = prompt_tokens(CHAT)
     assert proxy.tokens("gpt-4o", "prompt", "alice") == prompt
     assert proxy.tokens("gpt-4o", "completion", "bob") == 3

@@ -13,22 +13,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from aoaiproxy.config import LiveConfig, load_config
-from aoaiproxy.log import ACCESS_NAMESPACE, JSONLinesObserver, format_text
+from aoaiproxy.log import JSONLinesObserver, format_text
 from aoaiproxy.service import DaemonService, Reloader, sd_notify
 from aoaiproxy.site import Connections
 from aoaiproxy.testing import FakeAzure
 
-from .conftest import REPO, Proxy, get_reactor
+from .conftest import REPO, Events, Proxy, access_lines, get_reactor
 from .rawnet import ScriptedUpstream, connect, raw_post
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-7f3a9c"
@@ -37,49 +36,6 @@ OTHER_KEY = "sk-other-DISTINCTIVE-55d1aa"
 SECRETS = (CLIENT_KEY, SERVER_KEY, OTHER_KEY)
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class Events(list[dict[str, Any]]):
-    """Log events as they are published; L{access} waits for access lines."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiting: list[tuple[int, Deferred[list[str]]]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        self.append(event)
-        if event.get("log_namespace") == ACCESS_NAMESPACE:
-            lines = access_lines(self)
-            waiting, self._waiting = self._waiting, []
-            for count, d in waiting:
-                if len(lines) >= count:
-                    # On the reactor's next turn: not inside the logging call (the test
-                    # would go on, and may end, while the log publisher is still at work).
-                    get_reactor().callLater(0, d.callback, lines)
-                else:
-                    self._waiting.append((count, d))
-
-    def access(self, count: int, timeout: float = 10.0) -> Deferred[list[str]]:
-        """Fires with the access lines once there are C{count} of them (a bounded wait)."""
-        lines = access_lines(self)
-        if len(lines) >= count:
-            return succeed(lines)
-        d: Deferred[list[str]] = Deferred()
-        self._waiting.append((count, d))
-        return d.addTimeout(timeout, get_reactor())
-
-
-@pytest.fixture
-def events() -> Iterator[Events]:
-    """Every log event published while the test runs."""
-    seen = Events()
-    globalLogPublisher.addObserver(seen)
-    yield seen
-    globalLogPublisher.removeObserver(seen)
-
-
-def access_lines(events: list[dict[str, Any]]) -> list[str]:
-    return [formatEvent(e) for e in events if e.get("log_namespace") == ACCESS_NAMESPACE]
 
 
 def all_text(events: list[dict[str, Any]]) -> str:

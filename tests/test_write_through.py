@@ -10,14 +10,13 @@ half-closed connection's other direction stays open).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -28,7 +27,7 @@ from zope.interface import implementer
 from aoaiproxy._twisted import close_through, half_close_through, pending_write_bytes, write_through
 
 from .conftest import get_reactor
-from .rawnet import HalfClient, RawClient
+from .rawnet import RawClient, connect, connect_half
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 
@@ -73,13 +72,15 @@ class Pair:
         return self.server.transport
 
 
-async def _pair(client: RawClient) -> Pair:
-    """A loopback connection: a Twisted transport (the server's), and C{client} connected to it."""
+async def _pair(connected: Callable[[int], Awaitable[RawClient]]) -> Pair:
+    """
+    A loopback connection: a Twisted transport (the server's), and the client C{connected}
+    (L{rawnet.connect} or L{rawnet.connect_half}) makes to its port.
+    """
     factory = Factory.forProtocol(Accepted)
     factory.accepted = Deferred()  # type: ignore[attr-defined]
     port: IListeningPort = get_reactor().listenTCP(0, factory, interface="127.0.0.1")
-    endpoint = TCP4ClientEndpoint(get_reactor(), "127.0.0.1", port.getHost().port)  # type: ignore[attr-defined]
-    await connectProtocol(endpoint, client)
+    client = await connected(port.getHost().port)  # type: ignore[attr-defined]
     server = await factory.accepted  # type: ignore[attr-defined]
     await port.stopListening()
     return Pair(server, client)
@@ -88,7 +89,7 @@ async def _pair(client: RawClient) -> Pair:
 @pytest_twisted.async_yield_fixture
 async def pair() -> AsyncIterator[Pair]:
     """A loopback connection whose client closes at the server's half-close."""
-    made = await _pair(RawClient())
+    made = await _pair(connect)
     yield made
     await made.client.abort()
 
@@ -96,7 +97,7 @@ async def pair() -> AsyncIterator[Pair]:
 @pytest_twisted.async_yield_fixture
 async def half_pair() -> AsyncIterator[Pair]:
     """A loopback connection whose client, at the server's half-close, stays open to write."""
-    made = await _pair(HalfClient())
+    made = await _pair(connect_half)
     yield made
     await made.client.abort()
 
