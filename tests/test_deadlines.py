@@ -6,10 +6,14 @@ L{DelayedCall} at most on the clock.
 
 from __future__ import annotations
 
+import weakref
+from unittest.mock import patch
+
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from aoaiproxy import deadlines as deadlines_module
 from aoaiproxy.deadlines import Deadlines
 
 PROPERTIES = settings(
@@ -135,6 +139,18 @@ def test_the_same_expiries_as_a_timer_per_item(ops: list[tuple[str, int, float]]
     already there moves its due time): the same items expire, at the same times, with never
     more than one timer on the clock.
     """
+    _check_against_reference(ops)
+
+
+@PROPERTIES
+@given(operations)
+def test_the_same_expiries_when_the_heap_is_rebuilt_at_every_step(ops: list[tuple[str, int, float]]) -> None:
+    """As above, with the heap rebuilt from the live items whenever it holds a dropped entry."""
+    with patch.object(deadlines_module, "_COMPACT_ABOVE", 0):
+        _check_against_reference(ops)
+
+
+def _check_against_reference(ops: list[tuple[str, int, float]]) -> None:
     clock, reference_clock = Clock(), Clock()
     log: list[tuple[float, str]] = []
     expected: list[tuple[float, str]] = []
@@ -168,3 +184,34 @@ def test_the_same_expiries_as_a_timer_per_item(ops: list[tuple[str, int, float]]
     reference_clock.advance(100)
     assert sorted(log) == sorted(expected)
     assert len(deadlines) == 0
+
+
+def test_items_removed_are_not_kept_and_their_entries_do_not_pile_up() -> None:
+    """
+    Items removed (done in time), added again or expired are let go of at once, although
+    their entries in the heap are dropped later; and those entries do not pile up while
+    items come and go beside a long-lived one.
+    """
+    clock = Clock()
+    log: list[tuple[float, str]] = []
+    deadlines = Deadlines(clock)
+    deadlines.add(Item("long-lived", log, clock), 600)
+    freed = []
+    for n in range(10_000):
+        item = Item(str(n), log, clock)
+        deadlines.add(item, 10)
+        if n % 3 == 0:
+            deadlines.add(item, 20)  # added again: due at its new time
+        deadlines.remove(item)
+        freed.append(weakref.ref(item))
+        del item
+        # (A private read: how many entries the heap holds, live or dropped.)
+        assert len(deadlines._heap) <= 2 * len(deadlines) + deadlines_module._COMPACT_ABOVE
+    assert [ref for ref in freed if ref() is not None] == []
+    expiring = Item("expiring", log, clock)
+    deadlines.add(expiring, 1)
+    clock.advance(1)
+    expired = weakref.ref(expiring)
+    del expiring
+    assert expired() is None
+    assert log == [(1, "expiring")] and len(deadlines) == 1
