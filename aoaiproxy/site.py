@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from aoaiproxy import _twisted, admission, errors
 from aoaiproxy.config import LiveConfig
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.tunnel import half_closeable
 from aoaiproxy.log import AccessLog
@@ -209,7 +210,7 @@ class ProxyChannel(http.HTTPChannel):
         "_rejected",
         "_relayed",
         "_tick_at_most",
-        "_timer",
+        "_timer_at",
         "connected",
         "factory",
         "length",
@@ -245,9 +246,10 @@ class ProxyChannel(http.HTTPChannel):
         self._head_lines = 0
         self._head_size = 0
         self._header_count = 0
-        #: The connection's one timer (L{_tick}), and the deadlines it serves: the head's,
+        #: When the connection's one timer fires (L{expired}, on its site's L{Deadlines}), or
+        #: None, and the deadlines it serves: the head's,
         #: the body's, and the idle timeout's (C{TimeoutMixin}'s, L{setTimeout}).
-        self._timer: IDelayedCall | None = None
+        self._timer_at: float | None = None
         self._head_at: float | None = None
         self._body_at: float | None = None
         self._idle_at: float | None = None
@@ -647,32 +649,34 @@ class ProxyChannel(http.HTTPChannel):
         Make the timer fire C{seconds} from now or before (it fires at most L{_tick_at_most}
         after it is armed, so that no deadline set later is ever sooner); the deadline.
         """
-        reactor = self.site.reactor
-        at: float = reactor.seconds() + seconds
-        timer = self._timer
-        if timer is not None and timer.getTime() > at:  # only when a period was made shorter
-            timer.cancel()
-            timer = None
-        if timer is None:
-            self._timer = reactor.callLater(min(seconds, self._tick_at_most), self._tick)
+        now: float = self.site.reactor.seconds()
+        at = now + seconds
+        timer_at = self._timer_at
+        # Set again only when none is set, or a period was made shorter.
+        if timer_at is None or timer_at > at:
+            self._set_timer(now, min(seconds, self._tick_at_most))
         return at
+
+    def _set_timer(self, now: float, delay: float) -> None:
+        self.site.deadlines.add(self, delay)
+        self._timer_at = now + delay
 
     def _stop_timer(self) -> None:
         self._head_at = self._body_at = self._idle_at = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self._timer_at is not None:
+            self.site.deadlines.remove(self)
+            self._timer_at = None
 
-    def _tick(self) -> None:
+    def expired(self) -> None:
         """The timer fired: act on the deadline passed, if any; else fire again later."""
-        self._timer = None
+        self._timer_at = None
         now: float = self.site.reactor.seconds()
         deadlines = [at for at in (self._head_at, self._body_at, self._idle_at) if at is not None]
         if not deadlines:
             return
         first = min(deadlines)
         if first > now:
-            self._timer = self.site.reactor.callLater(min(first - now, self._tick_at_most), self._tick)
+            self._set_timer(now, min(first - now, self._tick_at_most))
         elif first == self._head_at:
             self._head_timed_out()
         elif first == self._body_at:
@@ -680,7 +684,7 @@ class ProxyChannel(http.HTTPChannel):
         else:
             self._idle_at = None
             self.timeoutConnection()
-            self._tick()  # the others, if any, still have their time
+            self.expired()  # the others, if any, still have their time
 
     def _head_timed_out(self) -> None:
         self._head_at = None
@@ -1061,6 +1065,8 @@ class ProxySite(server.Site):
         self.access_log = AccessLog(live, self.reactor, self.recorder)
         #: Open client connections, for the graceful stop (L{Connections.drain}).
         self.connections = Connections()
+        #: Every connection's timer (L{ProxyChannel.expired}), on one timer.
+        self.deadlines = Deadlines(self.reactor)
         #: The tree's root when it is a leaf that serves every request itself, as the API's
         #: is (L{ProxyRequest.process} then has nothing to traverse); None otherwise.
         self.leaf: Resource | None = None if not resource.isLeaf or _twisted.encodes(resource) else resource

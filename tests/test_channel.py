@@ -384,11 +384,11 @@ def test_shorter_idle_timeout_set_later_still_fires_on_time() -> None:
 
 
 def test_the_timer_stops_with_the_connection() -> None:
-    _site, channel, _transport, clock = timed()
+    site, channel, _transport, _clock = timed()
     channel.dataReceived(b"GET /200/len")
-    assert clock.getDelayedCalls()
+    assert len(site.deadlines) == 1
     channel.connectionLost(Failure(ConnectionDone()))
-    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+    assert len(site.deadlines) == 0
 
 
 # -- when_gone: notifyFinish's errback without a Deferred -------------------------------------

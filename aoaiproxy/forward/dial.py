@@ -22,7 +22,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
-    IDelayedCall,
     IProtocol,
     IProtocolFactory,
     IResolutionReceiver,
@@ -36,6 +35,7 @@ from zope.interface import implementer
 from aoaiproxy import errors
 from aoaiproxy.config import Config
 from aoaiproxy.connecting import Connecting, ConnectingFactory, TCPDial
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.policy import Refused, checked_addresses, forbidden, ip_literal
 
@@ -178,6 +178,8 @@ class Dialer:
         self._reactor = reactor
         self._resolve = resolver or reactor_resolver(reactor)
         self._connector = connector or tcp_connector(reactor)
+        #: Every attempt's connect timeout, on one timer.
+        self.deadlines = Deadlines(reactor)
 
     def addresses(self, config: Config, host: str, port: int) -> Deferred[list[str]]:
         """
@@ -218,7 +220,7 @@ class _Dial:
     """
     One destination being reached, in steps: resolve (a name; an IP literal is not resolved),
     check, then connect to each checked address in turn until one accepts (when there is a
-    C{factory}), all bounded by one timer of the connect timeout.  Once L{start}ed, it calls
+    C{factory}), all bounded by the connect timeout (on its dialer's L{Deadlines}).  Once L{start}ed, it calls
     back with the connected protocol (or, without a factory, the checked addresses), or with
     a L{Refused} failure; L{cancel} stops the step in progress.
 
@@ -239,7 +241,6 @@ class _Dial:
         "_remaining",
         "_step",
         "_timeout",
-        "_timer",
     )
 
     def __init__(
@@ -258,7 +259,6 @@ class _Dial:
         self._connecting: tuple[ConnectingFactory, Connecting] | None = None
         self._remaining: list[str] = []
         self._done = False
-        self._timer: IDelayedCall | None = None
 
     def deferred(self) -> Deferred[Any]:
         """Start, firing the Deferred returned (whose cancellation L{cancel}s)."""
@@ -269,7 +269,7 @@ class _Dial:
     def start(self, on_done: Callable[[Any], object], on_failed: Callable[[Failure], object]) -> None:
         self._on_done = on_done
         self._on_failed = on_failed
-        self._timer = self._dialer._reactor.callLater(self._timeout, self._timed_out)
+        self._dialer.deadlines.add(self, self._timeout)
         if ip_literal(self._host) is not None:
             self._checked([self._host])
         else:
@@ -340,8 +340,8 @@ class _Dial:
         else:
             self._finish(failure)
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def expired(self) -> None:
+        """The connect timeout passed (L{Deadlines})."""
         self._finish(Failure(defer.TimeoutError()))
         self._stop_step()
 
@@ -358,9 +358,7 @@ class _Dial:
             on_done(outcome)
 
     def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._dialer.deadlines.remove(self)
 
     def _stop_step(self) -> None:
         step, self._step = self._step, None

@@ -19,6 +19,7 @@ from twisted.web.http import Request
 from twisted.web.iweb import IResponse
 
 from aoaiproxy.config import Config, LiveConfig
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.forward.dial import Connector, Dialer, Resolver, refusal
 from aoaiproxy.forward.intercept import Interceptor
@@ -65,6 +66,8 @@ class Forwarder:
         self._interceptor = interceptor
         #: Open tunnels.
         self.tunnels: set[Tunnel] = set()
+        #: Every tunnel's idle timer, on one timer.
+        self._tunnel_deadlines = Deadlines(reactor)
 
     def handle(self, request: Request) -> bool:
         """
@@ -218,6 +221,7 @@ class _Connecting:
             self._config.tunnel_idle_timeout,
             self.closed,
             forwarder._recorder,
+            forwarder._tunnel_deadlines,
         )
         forwarder.tunnels.add(tunnel)
         request.establish(tunnel)

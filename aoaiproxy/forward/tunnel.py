@@ -22,7 +22,6 @@ from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IHalfCloseableDescriptor,
     IHalfCloseableProtocol,
     IPushProducer,
@@ -34,6 +33,7 @@ from zope.interface import implementer
 
 from aoaiproxy._twisted import close_through, half_close_through, pending_write_bytes, write_through
 from aoaiproxy.connecting import ConnectingFactory
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.metrics import NullMetrics, Recorder
 
 #: On a graceful stop: how long a tunnel must have been silent, its target having spoken
@@ -141,8 +141,11 @@ class Tunnel(Protocol):
         idle_timeout: float,
         on_close: Callable[[Tunnel], None],
         recorder: Recorder | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self._reactor = reactor
+        #: Where the tunnel's one timer is kept (its forwarder's, shared by every tunnel).
+        self._deadlines = deadlines if deadlines is not None else Deadlines(reactor)
         self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
         self._opened = False
         self._target_protocol = target
@@ -154,7 +157,6 @@ class Tunnel(Protocol):
         self._closed = False
         self._draining = False
         self._seconds: Callable[[], float] = reactor.seconds
-        self._timer: IDelayedCall | None = None
         #: When bytes were last relayed either way, and whether the client sent them.
         self._last_relay = self._seconds()
         self._client_spoke_last = False
@@ -181,12 +183,13 @@ class Tunnel(Protocol):
 
     def _set_timer(self, delay: float | None) -> None:
         """Check the tunnel's silence in C{delay} seconds (None: never)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None if delay is None else self._reactor.callLater(delay, self._silence_check)
+        if delay is None:
+            self._deadlines.remove(self)
+        else:
+            self._deadlines.add(self, delay)
 
-    def _silence_check(self) -> None:
-        self._timer = None
+    def expired(self) -> None:
+        """The timer fired (L{Deadlines}): check the tunnel's silence."""
         quiet = self._seconds() - self._last_relay
         if not self._draining:
             if quiet >= self._idle_timeout:
