@@ -64,7 +64,7 @@ LINGER_SECONDS = 5.0
 
 #: The total time a request body may take to arrive, from the end of its head (a client
 #: sending one byte now and then stays within the idle timeout, not within this): beyond it,
-#: 408 and the connection is closed.  The configuration's C{body_timeout}, once it has one.
+#: 408 and the connection is closed.
 BODY_TIMEOUT = 300.0
 
 #: How long a connection refused before its request was read (400, 408, 414, 431, 503) is
@@ -284,7 +284,7 @@ class ProxyChannel(http.HTTPChannel):
         self.MAX_LENGTH = max(config.max_header_size, config.max_request_line) + 1
         self._max_request_line = config.max_request_line
         self._header_timeout = config.header_timeout
-        self._body_timeout = getattr(config, "body_timeout", BODY_TIMEOUT)
+        self._body_timeout = BODY_TIMEOUT
         periods = (self._header_timeout, self._body_timeout, self.timeOut or self._body_timeout)
         self._tick_at_most = max(min(periods), 0.001)
         # Twisted's HTTPChannel sets TCP_NODELAY (plain and TLS listeners: the TLS wrapper
