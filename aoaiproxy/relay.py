@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -19,6 +19,7 @@ from twisted.web.http import PotentialDataLoss, Request
 from zope.interface import implementer
 
 from aoaiproxy import jsonbody
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.log import note
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.sse import MAX_HELD_EVENT, Events, event_data
@@ -141,6 +142,7 @@ class BodyRelay(Protocol):
 
     __slots__ = (
         "_client_gone",
+        "_deadlines",
         "_delivering",
         "_done",
         "_event_stream",
@@ -153,7 +155,7 @@ class BodyRelay(Protocol):
         "_recorder",
         "_tail",
         "_timed_out",
-        "_timer",
+        "_timing",
         "request",
     )
 
@@ -168,6 +170,7 @@ class BodyRelay(Protocol):
         usage: bool = False,
         strip_usage: bool = False,
         on_done: Callable[[bool], None] | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.request = request
         self._reactor = reactor
@@ -175,7 +178,10 @@ class BodyRelay(Protocol):
         self._event_stream = event_stream
         self._filter = body_filter(request, filter_frames=filter_frames, usage=usage, strip_usage=strip_usage)
         self._tail = b""
-        self._timer: IDelayedCall | None = None
+        #: Where the inactivity timer is kept (shared by every relay of a resource), and
+        #: whether it is set.
+        self._deadlines = deadlines if deadlines is not None else Deadlines(reactor)
+        self._timing = False
         #: When the last chunk came (or the timer was last started).
         self._last = 0.0
         self._client_gone = False
@@ -199,7 +205,7 @@ class BodyRelay(Protocol):
             response.deliverBody(self)
         finally:
             self._delivering = False
-        if self._timer is None and not (self._done or self._paused or self._timed_out):
+        if not (self._timing or self._done or self._paused or self._timed_out):
             self._start_timer()
 
     def connectionMade(self) -> None:
@@ -214,14 +220,12 @@ class BodyRelay(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timer()
         self.transport.pauseProducing()  # type: ignore[attr-defined,union-attr]
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._timer is None and not self._timed_out:
+        if not (self._timing or self._timed_out):
             self._start_timer()
         self.transport.resumeProducing()  # type: ignore[attr-defined,union-attr]
 
@@ -235,14 +239,22 @@ class BodyRelay(Protocol):
 
     def _start_timer(self) -> None:
         self._last = self._reactor.seconds()
-        self._timer = self._reactor.callLater(self._idle_timeout, self._idle)
+        self._deadlines.add(self, self._idle_timeout)
+        self._timing = True
 
-    def _idle(self) -> None:
-        self._timer = None
+    def _stop_timer(self) -> None:
+        if self._timing:
+            self._deadlines.remove(self)
+            self._timing = False
+
+    def expired(self) -> None:
+        """The inactivity timer fired (L{Deadlines})."""
+        self._timing = False
         left = self._idle_timeout - (self._reactor.seconds() - self._last)
         if left > _IDLE_SLACK:
             # A chunk came since the timer was set: wait for the rest of the timeout.
-            self._timer = self._reactor.callLater(left, self._idle)
+            self._deadlines.add(self, left)
+            self._timing = True
             return
         # Stop reading upstream; connectionLost then aborts the client.  Not a clean end even
         # for a body delimited by the connection's close (which then reports only a
@@ -270,9 +282,7 @@ class BodyRelay(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
         self._done = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timer()
         # (isinstance: Failure.check names each class with reflect.qual.)
         clean = isinstance(reason.value, (ResponseDone, PotentialDataLoss)) and not self._timed_out
         if self._recorder is not None:

@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET
 from aoaiproxy import _twisted, errors, rewrite
 from aoaiproxy.backends.cooldown import header_pairs
 from aoaiproxy.config import Config, LiveConfig
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
 from aoaiproxy.gateway import (
     BACKEND_HEADER,
@@ -181,6 +182,7 @@ def relay_response(
     usage: bool = False,
     strip_usage: bool = False,
     cors_set: bool = False,
+    deadlines: Deadlines | None = None,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -194,6 +196,8 @@ def relay_response(
     @param usage: read the token usage (L{aoaiproxy.relay.body_filter}); C{strip_usage}: the
         proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
     @param cors_set: C{Access-Control-Allow-Origin: *} was set already (L{ApiResource.render}).
+    @param deadlines: where the body's inactivity timer is kept (the caller's, shared by its
+        relays; by default one of its own).
     """
     if _twisted.client_gone(request):
         # Close the upstream connection rather than leave its body unread.
@@ -227,6 +231,7 @@ def relay_response(
         filter_frames=event_stream and filter_frames,
         usage=usage,
         strip_usage=strip_usage,
+        deadlines=deadlines,
     )
     relay.relay_from(response)
 
@@ -260,6 +265,8 @@ class ApiResource(Resource):
             backends = Backends(live, reactor, recorder=self._recorder)
             backends.start()
         self._backends = backends
+        #: The inactivity timers of the bodies it relays.
+        self._deadlines = Deadlines(reactor)
         self._scans = DeferredSemaphore(SCAN_THREADS)
         self._scanning = 0
         self._interval = sys.getswitchinterval()
@@ -456,6 +463,7 @@ class ApiResource(Resource):
             usage=True,
             strip_usage=strip_usage,
             cors_set=True,
+            deadlines=self._deadlines,
         )
 
     def _error(self, request: Request, error: ProxyError) -> None:

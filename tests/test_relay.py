@@ -16,6 +16,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.test.requesthelper import DummyRequest
 
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.relay import BodyRelay
 
 TIMEOUT = 10.0
@@ -46,10 +47,12 @@ class Upstream:
         self.stopped = True
 
 
-def relay() -> tuple[BodyRelay, Request, Upstream, MemoryReactorClock]:
-    clock = MemoryReactorClock()
+def relay(
+    clock: MemoryReactorClock | None = None, deadlines: Deadlines | None = None
+) -> tuple[BodyRelay, Request, Upstream, MemoryReactorClock]:
+    clock = MemoryReactorClock() if clock is None else clock
     request = Request([b""])
-    body = BodyRelay(request, clock, TIMEOUT)
+    body = BodyRelay(request, clock, TIMEOUT, deadlines=deadlines)
     upstream = Upstream()
     body.makeConnection(upstream)  # type: ignore[arg-type]
     return body, request, upstream, clock
@@ -96,12 +99,15 @@ def test_backpressure_is_not_upstream_silence() -> None:
 @pytest.mark.parametrize("end", [ResponseDone(), PotentialDataLoss()])
 def test_a_body_that_ends_cleanly_finishes_the_response(end: Exception) -> None:
     """A body delimited by its length or chunks (ResponseDone) or by the close (PotentialDataLoss)."""
-    body, request, _, clock = relay()
+    clock = MemoryReactorClock()
+    deadlines = Deadlines(clock)
+    body, request, _, _ = relay(clock, deadlines)
     body.dataReceived(b"data: x\n\n")
+    assert len(deadlines) == 1
     body.connectionLost(Failure(end))
     assert request.finished == 1
     assert request.written == [b"data: x\n\n"]
-    assert clock.getDelayedCalls() == []
+    assert len(deadlines) == 0  # its inactivity timer is gone
 
 
 class Response:

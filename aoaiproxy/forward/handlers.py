@@ -66,8 +66,8 @@ class Forwarder:
         self._interceptor = interceptor
         #: Open tunnels.
         self.tunnels: set[Tunnel] = set()
-        #: Every tunnel's idle timer, on one timer.
-        self._tunnel_deadlines = Deadlines(reactor)
+        #: Every tunnel's idle check and every relayed body's inactivity timer, on one timer.
+        self._deadlines = Deadlines(reactor)
 
     def handle(self, request: Request) -> bool:
         """
@@ -194,7 +194,9 @@ class Forwarder:
             )
 
         relayed = d.addCallback(send)
-        relayed.addCallback(relay_response, request, self._reactor, config.upstream_timeout)
+        relayed.addCallback(
+            relay_response, request, self._reactor, config.upstream_timeout, deadlines=self._deadlines
+        )
         relayed.addErrback(self._failed(request))
 
 
@@ -221,7 +223,7 @@ class _Connecting:
             self._config.tunnel_idle_timeout,
             self.closed,
             forwarder._recorder,
-            forwarder._tunnel_deadlines,
+            forwarder._deadlines,
         )
         forwarder.tunnels.add(tunnel)
         request.establish(tunnel)
