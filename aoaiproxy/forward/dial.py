@@ -220,9 +220,9 @@ class _Dial:
     """
     One destination being reached, in steps: resolve (a name; an IP literal is not resolved),
     check, then connect to each checked address in turn until one accepts (when there is a
-    C{factory}), all bounded by the connect timeout (on its dialer's L{Deadlines}).  Once L{start}ed, it calls
-    back with the connected protocol (or, without a factory, the checked addresses), or with
-    a L{Refused} failure; L{cancel} stops the step in progress.
+    C{factory}), all bounded by the connect timeout (on its dialer's L{Deadlines}).  Once
+    L{start}ed, it calls back with the connected protocol (or, without a factory, the checked
+    addresses), or with a L{Refused} failure; L{cancel} stops the step in progress.
 
     A connection by L{tcp_connector} (to a L{ConnectingFactory}) is waited for without a
     Deferred; another connector's endpoint, and a resolver, give Deferreds.
