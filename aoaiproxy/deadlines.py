@@ -69,6 +69,15 @@ class Deadlines:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, item: Expiring) -> bool:
+        """Whether C{item} is there (added, and not yet removed nor expired)."""
+        return item in self._entries
+
+    def due(self, item: Expiring) -> float | None:
+        """When C{item} expires (the reactor's time), or None if it is not there."""
+        entry = self._entries.get(item)
+        return None if entry is None else entry[0]  # type: ignore[no-any-return]
+
     def add(self, item: Expiring, delay: float) -> None:
         """
         Call C{item.expired()} in C{delay} seconds, unless it is removed first (an item added

@@ -155,7 +155,6 @@ class BodyRelay(Protocol):
         "_recorder",
         "_tail",
         "_timed_out",
-        "_timing",
         "request",
     )
 
@@ -178,10 +177,8 @@ class BodyRelay(Protocol):
         self._event_stream = event_stream
         self._filter = body_filter(request, filter_frames=filter_frames, usage=usage, strip_usage=strip_usage)
         self._tail = b""
-        #: Where the inactivity timer is kept (shared by every relay of a resource), and
-        #: whether it is set.
+        #: Where the inactivity timer is kept (shared by every relay of a resource).
         self._deadlines = deadlines if deadlines is not None else Deadlines(reactor)
-        self._timing = False
         #: When the last chunk came (or the timer was last started).
         self._last = 0.0
         self._client_gone = False
@@ -205,7 +202,7 @@ class BodyRelay(Protocol):
             response.deliverBody(self)
         finally:
             self._delivering = False
-        if not (self._timing or self._done or self._paused or self._timed_out):
+        if not (self._done or self._paused or self._timed_out or self in self._deadlines):
             self._start_timer()
 
     def connectionMade(self) -> None:
@@ -225,7 +222,7 @@ class BodyRelay(Protocol):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if not (self._timing or self._timed_out):
+        if not (self._timed_out or self in self._deadlines):
             self._start_timer()
         self.transport.resumeProducing()  # type: ignore[attr-defined,union-attr]
 
@@ -240,21 +237,16 @@ class BodyRelay(Protocol):
     def _start_timer(self) -> None:
         self._last = self._reactor.seconds()
         self._deadlines.add(self, self._idle_timeout)
-        self._timing = True
 
     def _stop_timer(self) -> None:
-        if self._timing:
-            self._deadlines.remove(self)
-            self._timing = False
+        self._deadlines.remove(self)
 
     def expired(self) -> None:
         """The inactivity timer fired (L{Deadlines})."""
-        self._timing = False
         left = self._idle_timeout - (self._reactor.seconds() - self._last)
         if left > _IDLE_SLACK:
             # A chunk came since the timer was set: wait for the rest of the timeout.
             self._deadlines.add(self, left)
-            self._timing = True
             return
         # Stop reading upstream; connectionLost then aborts the client.  Not a clean end even
         # for a body delimited by the connection's close (which then reports only a

@@ -209,8 +209,6 @@ class ProxyChannel(http.HTTPChannel):
         "_peer",
         "_rejected",
         "_relayed",
-        "_tick_at_most",
-        "_timer_at",
         "connected",
         "factory",
         "length",
@@ -246,15 +244,12 @@ class ProxyChannel(http.HTTPChannel):
         self._head_lines = 0
         self._head_size = 0
         self._header_count = 0
-        #: When the connection's one timer fires (L{expired}, on its site's L{Deadlines}), or
-        #: None, and the deadlines it serves: the head's,
-        #: the body's, and the idle timeout's (C{TimeoutMixin}'s, L{setTimeout}).
-        self._timer_at: float | None = None
+        #: The deadlines the connection's one timer (L{expired}, on its site's L{Deadlines})
+        #: serves: the head's, the body's, and the idle timeout's (C{TimeoutMixin}'s,
+        #: L{setTimeout}).
         self._head_at: float | None = None
         self._body_at: float | None = None
         self._idle_at: float | None = None
-        #: The timer fires at most this long after it is armed (the shortest of the periods).
-        self._tick_at_most = 30.0
         self._rejected = False
         self._discarded = 0
         #: A response head written by L{writeHeaders}, sent with the body bytes that follow it.
@@ -285,8 +280,6 @@ class ProxyChannel(http.HTTPChannel):
         self._max_request_line = config.max_request_line
         self._header_timeout = config.header_timeout
         self._body_timeout = BODY_TIMEOUT
-        periods = (self._header_timeout, self._body_timeout, self.timeOut or self._body_timeout)
-        self._tick_at_most = max(min(periods), 0.001)
         # Twisted's HTTPChannel sets TCP_NODELAY (plain and TLS listeners: the TLS wrapper
         # provides the TCP transport's interfaces): small writes (a head, an SSE event) go out
         # at once, not after the client's ACK of the previous one (Nagle against delayed ACKs
@@ -646,37 +639,30 @@ class ProxyChannel(http.HTTPChannel):
 
     def _arm(self, seconds: float) -> float:
         """
-        Make the timer fire C{seconds} from now or before (it fires at most L{_tick_at_most}
-        after it is armed, so that no deadline set later is ever sooner); the deadline.
+        Set a deadline C{seconds} from now, and make the timer fire then unless it fires
+        sooner already (it is never moved later: when it fires, it is set again for the
+        soonest deadline left, if any); the deadline.
         """
-        now: float = self.site.reactor.seconds()
-        at = now + seconds
-        timer_at = self._timer_at
-        # Set again only when none is set, or a period was made shorter.
-        if timer_at is None or timer_at > at:
-            self._set_timer(now, min(seconds, self._tick_at_most))
+        deadlines = self.site.deadlines
+        at: float = self.site.reactor.seconds() + seconds
+        due = deadlines.due(self)
+        if due is None or due > at:
+            deadlines.add(self, seconds)
         return at
-
-    def _set_timer(self, now: float, delay: float) -> None:
-        self.site.deadlines.add(self, delay)
-        self._timer_at = now + delay
 
     def _stop_timer(self) -> None:
         self._head_at = self._body_at = self._idle_at = None
-        if self._timer_at is not None:
-            self.site.deadlines.remove(self)
-            self._timer_at = None
+        self.site.deadlines.remove(self)
 
     def expired(self) -> None:
         """The timer fired: act on the deadline passed, if any; else fire again later."""
-        self._timer_at = None
         now: float = self.site.reactor.seconds()
         deadlines = [at for at in (self._head_at, self._body_at, self._idle_at) if at is not None]
         if not deadlines:
             return
         first = min(deadlines)
         if first > now:
-            self._set_timer(now, min(first - now, self._tick_at_most))
+            self.site.deadlines.add(self, first - now)
         elif first == self._head_at:
             self._head_timed_out()
         elif first == self._body_at:

@@ -215,3 +215,21 @@ def test_items_removed_are_not_kept_and_their_entries_do_not_pile_up() -> None:
     del expiring
     assert expired() is None
     assert log == [(1, "expiring")] and len(deadlines) == 1
+
+
+def test_what_an_item_is_due_and_whether_it_is_there() -> None:
+    clock = Clock()
+    log: list[tuple[float, str]] = []
+    deadlines = Deadlines(clock)
+    item = Item("a", log, clock)
+    assert item not in deadlines and deadlines.due(item) is None
+    clock.advance(2)
+    deadlines.add(item, 10)
+    assert item in deadlines and deadlines.due(item) == 12
+    deadlines.add(item, 3)  # added again: due at its new time
+    assert deadlines.due(item) == 5
+    clock.advance(3)
+    assert item not in deadlines and deadlines.due(item) is None  # expired
+    deadlines.add(item, 1)
+    deadlines.remove(item)
+    assert item not in deadlines and deadlines.due(item) is None
