@@ -23,6 +23,7 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -169,6 +170,16 @@ def events() -> Iterator[Events]:
 
 def access_lines(events: list[dict[str, Any]]) -> list[str]:
     return [formatEvent(e) for e in events if e.get("log_namespace") == ACCESS_NAMESPACE]
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll C{predicate} on the reactor (bounded) until it holds."""
+    reactor = get_reactor()
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest.fixture

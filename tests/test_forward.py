@@ -44,7 +44,7 @@ from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import Events, free_port, get_reactor
+from .conftest import Events, free_port, get_reactor, wait_until
 from .rawnet import (
     RawClient,
     Response,
@@ -54,7 +54,6 @@ from .rawnet import (
     parse_response,
     response_done,
 )
-from .test_service import wait_until
 
 BLOCK = bytes(range(256)) * 256  # 64 KiB
 

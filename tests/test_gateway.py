@@ -41,9 +41,8 @@ from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import free_port
+from .conftest import free_port, wait_until
 from .rawnet import get_reactor
-from .test_service import wait_until
 
 CLIENT_KEY = "sk-client-gateway-5c1f"
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}

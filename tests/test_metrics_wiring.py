@@ -31,9 +31,8 @@ from aoaiproxy.testing.sse import FILTER_FRAME, completion_events
 from aoaiproxy.testing.usage import count_tokens, prompt_tokens
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import Events, get_reactor
+from .conftest import Events, get_reactor, wait_until
 from .rawnet import RawClient, Scripted, ScriptedUpstream, connect, raw_post
-from .test_service import wait_until
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "say hello to the proxy"}]}
 STREAM = {**CHAT, "stream": True}

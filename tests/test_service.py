@@ -27,7 +27,7 @@ from aoaiproxy.service import DaemonService, Reloader, sd_notify
 from aoaiproxy.site import Connections
 from aoaiproxy.testing import FakeAzure
 
-from .conftest import REPO, Events, Proxy, access_lines, get_reactor
+from .conftest import REPO, Events, Proxy, access_lines, get_reactor, wait_until
 from .rawnet import ScriptedUpstream, connect, raw_post
 
 CLIENT_KEY = "sk-client-DISTINCTIVE-7f3a9c"
@@ -40,18 +40,6 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 def all_text(events: list[dict[str, Any]]) -> str:
     return "\n".join(formatEvent(e) + repr(e.get("access", "")) for e in events)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll C{predicate} on the reactor (bounded) until it holds."""
-    from twisted.internet.task import deferLater
-
-    reactor = get_reactor()
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 def keys_file(tmp_path: Path, *keys: str) -> str:
