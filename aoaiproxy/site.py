@@ -48,6 +48,7 @@ from aoaiproxy import _twisted, admission, errors
 from aoaiproxy.config import LiveConfig
 from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
+from aoaiproxy.forward.head import connect_head
 from aoaiproxy.forward.tunnel import half_closeable
 from aoaiproxy.log import AccessLog
 from aoaiproxy.metrics import NullMetrics, Recorder
@@ -55,6 +56,7 @@ from aoaiproxy.resource import raw_headers
 
 if TYPE_CHECKING:
     from aoaiproxy.forward import Forwarder
+    from aoaiproxy.forward.policy import Admitted
 
 _log = Logger(namespace="aoaiproxy")
 
@@ -75,6 +77,9 @@ REJECT_DISCARD_BYTES = 256 * 1024
 #: At most this many connections over a listener's cap linger at once; beyond it, they get the
 #: 503 and are closed at once (best effort), so a flood cannot pile up file descriptors.
 BUSY_LINGER_MAX = 64
+#: How many bytes a client whose CONNECT is being dialled may send before reading pauses
+#: (twisted.web's C{HTTPChannel._optimisticEagerReadSize} for pipelined bytes).
+_HOLD_BEFORE_PAUSE = 16 * 1024
 
 
 #: Reason phrases of RFC 9110 and RFC 6585 where Twisted's table has none or an obsolete one.
@@ -172,6 +177,10 @@ class ProxyChannel(http.HTTPChannel):
     The channel counts itself among its site's open connections (L{ProxySite.connections})
     and its listener's (L{Listener}) from C{connectionMade} to C{connectionLost}, and knows
     whether it is L{busy}.  L{hand_over} gives the connection to another protocol.
+
+    A plain C{CONNECT} whose head is whole in the connection's first bytes, and which the
+    forward policy admits as a tunnel to dial, is read without twisted.web's parser
+    (L{_connect_at_once}); the request it makes is the one the parser would have made.
     """
 
     site: ProxySite
@@ -193,6 +202,8 @@ class ProxyChannel(http.HTTPChannel):
         "_close_after",
         "_discard_limit",
         "_discarded",
+        "_early",
+        "_fresh",
         "_handed_to",
         "_head",
         "_head_at",
@@ -262,6 +273,10 @@ class ProxyChannel(http.HTTPChannel):
         self._body_timeout = BODY_TIMEOUT
         self._handed_to: IProtocol | None = None
         self._lost = False
+        #: Whether no byte has arrived yet (a CONNECT in the first bytes may be read at once).
+        self._fresh = True
+        #: While a CONNECT read at once is dialled: the bytes the client sent after its head.
+        self._early: list[bytes] | None = None
         #: The request whose response is relayed and whose head is not written yet.
         self._relayed: http.Request | None = None
         #: The connection's addresses, asked of the transport once: every request asks for
@@ -347,7 +362,8 @@ class ProxyChannel(http.HTTPChannel):
         self._end_body()
         self.setTimeout(None)
         self._stop_timer()
-        pipelined = _twisted.take_pipelined(self) + self.clearLineBuffer()
+        early, self._early = self._early, None
+        pipelined = b"".join(early or ()) + _twisted.take_pipelined(self) + self.clearLineBuffer()
         # A transport takes one producer: the new protocol may register its own.
         transport.unregisterProducer()  # type: ignore[attr-defined]
         if IPushProducer.providedBy(transport):
@@ -415,7 +431,7 @@ class ProxyChannel(http.HTTPChannel):
     @property
     def pipelined(self) -> bool:
         """Whether the client sent bytes after the request being handled (not parsed yet)."""
-        return _twisted.pipelined_length(self) > 0
+        return _twisted.pipelined_length(self) > 0 or bool(self._early and any(self._early))
 
     def getPeer(self) -> IAddress:
         peer = self._peer
@@ -493,9 +509,62 @@ class ProxyChannel(http.HTTPChannel):
         if self._rejected:
             self._discard(data)
             return
+        if self._early is not None:
+            self._hold(data)
+            return
+        if self._fresh:
+            self._fresh = False
+            if data[:8] == b"CONNECT " and self._connect_at_once(data):
+                return
         if self._in_head and data and self._head_at is None:
             self._start_head()
         super().dataReceived(data)
+
+    def _connect_at_once(self, data: bytes) -> bool:
+        """
+        The fast path of a tunnel: a plain C{CONNECT} head whole in the connection's first
+        bytes (L{connect_head}), which the forward policy admits as a tunnel to dial
+        (L{Forwarder.tunnel_verdict}), becomes its request as twisted.web's parser would make
+        it, without that parser; whether it did.
+
+        Such a request ends with the connection: handed to its tunnel, or answered (a dial
+        failure) and closed.  So the parser, which never saw it, is never needed again on
+        this connection.  Any other head (refused, intercepted, malformed, in pieces) is
+        left to the parser, which reads and answers it as it always has.
+        """
+        head = connect_head(data, self.totalHeadersSize, self._max_request_line, self.maxHeaders)
+        if head is None:
+            return False
+        admitted = self.site.forwarder.tunnel_verdict(head.target, head.proxy_authorization)
+        if admitted is None:
+            return False
+        self._end_head()
+        # What HTTPChannel does once a request's head and body are read: no idle timeout
+        # while it is handled; what the client sends meanwhile is held (L{_hold}).
+        self.setTimeout(None)
+        self._early = [data[head.size :]] if len(data) > head.size else []
+        request = ProxyRequest(self, len(self.requests))
+        self.requests.append(request)
+        add = request.requestHeaders.addRawHeader
+        for name, value in head.headers:
+            add(name, value)
+        self.persistent = self.checkPersistence(request, head.version)
+        request.gotLength(0)
+        request.tunnel = admitted
+        request.requestReceived(b"CONNECT", head.target, head.version)
+        return True
+
+    def _hold(self, data: bytes) -> None:
+        """
+        Bytes from a client whose C{CONNECT} (read at once) is being dialled: its first tunnel
+        bytes, held for the tunnel; reading pauses once they pass what twisted.web holds of a
+        request's pipelined bytes before it pauses (16 KiB), until the hand-over.
+        """
+        early = self._early
+        assert early is not None
+        early.append(data)
+        if sum(map(len, early)) > _HOLD_BEFORE_PAUSE and IPushProducer.providedBy(self.transport):
+            self.transport.pauseProducing()
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._handed_to is not None:  # handed over from inside LineReceiver's loop
@@ -731,6 +800,7 @@ class ProxyChannel(http.HTTPChannel):
         self._stop_timer()
         self.clearLineBuffer()
         _twisted.take_pipelined(self)
+        self._early = None
         # Read (and discard) until the client closes: reading may have been paused while
         # the channel held pipelined bytes or the client did not read our answers.
         if IPushProducer.providedBy(self.transport):
@@ -796,6 +866,7 @@ class ProxyRequest(server.Request):
         "sitepath",
         "startedWriting",
         "streamingProducer",
+        "tunnel",
     )
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
@@ -826,6 +897,9 @@ class ProxyRequest(server.Request):
         #: What the head of an API request with a body decided (L{admission.judge}), for its
         #: route to take rather than decide again.
         self.admitted: admission.Admitted | None = None
+        #: A CONNECT the channel read at once and the forward policy admitted as a tunnel to
+        #: dial (L{ProxyChannel}'s fast path): what L{process} opens without deciding again.
+        self.tunnel: Admitted | None = None
         # Never parse form bodies into request.args: Twisted does that for every POST
         # multipart/urlencoded body, in memory (a 20 MB upload cost 250 MB).  It must be
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
@@ -972,6 +1046,9 @@ class ProxyRequest(server.Request):
         # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
         # turns an API request (http://api.openai.com/v1/...) into origin-form for the tree.
         site = self._site
+        if self.tunnel is not None:
+            site.forwarder.open_tunnel(self, self.tunnel)
+            return
         if (self.method == b"CONNECT" or self.uri[:1] != b"/") and site.forwarder.handle(self):
             return
         leaf = site.leaf

@@ -30,6 +30,7 @@ from zope.interface import implementedBy, implementer
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
+from aoaiproxy.forward.policy import Admitted
 from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.site import ProxyChannel, ProxyRequest, ProxySite
 
@@ -73,27 +74,48 @@ class Recorder(Protocol):
 
 
 class Handing(Forwarder):
-    """Serves every CONNECT by handing the connection to a L{Recorder}: at once, or later."""
+    """
+    Serves every CONNECT by handing the connection to a L{Recorder}: at once, or later.
+    With C{fast}, it admits every CONNECT as a tunnel (L{Forwarder.tunnel_verdict}), so that
+    a head whole in the first bytes takes the channel's fast path (L{Forwarder.open_tunnel});
+    else every CONNECT goes through twisted.web's parser (L{Forwarder.handle}).  C{served}
+    says which it was, for each.
+    """
 
-    def __init__(self, events: list[Any], at_once: bool) -> None:  # no upstream: nothing relayed
+    def __init__(self, events: list[Any], at_once: bool, fast: bool = False) -> None:  # nothing relayed
         self.events = events
         self.at_once = at_once
+        self.fast = fast
         self.waiting: list[ProxyRequest] = []
+        self.served: list[str] = []
+
+    def tunnel_verdict(self, target: bytes, proxy_authorization: bytes | None) -> Admitted | None:
+        return Admitted(host="target.test", port=443) if self.fast else None
+
+    def open_tunnel(self, request: ProxyRequest, admitted: Admitted) -> None:
+        self.served.append("at once")
+        self._serve(request)
 
     def handle(self, request: Request) -> bool:
         assert isinstance(request, ProxyRequest)
+        self.served.append("parsed")
+        self._serve(request)
+        return True
+
+    def _serve(self, request: ProxyRequest) -> None:
         if self.at_once:
             request.establish(Recorder(self.events))
             self.events.append("returned")
         else:
             self.waiting.append(request)
-        return True
 
 
-def connected(at_once: bool) -> tuple[ProxySite, ProxyChannel, StringTransport, list[Any]]:
+def connected(
+    at_once: bool, fast: bool = False
+) -> tuple[ProxySite, ProxyChannel, StringTransport, list[Any]]:
     events: list[Any] = []
     live = LiveConfig(load_config({"endpoint": "https://r.openai.azure.com"}, {}))
-    site = ProxySite(Resource(), live, MemoryReactorClock(), Handing(events, at_once))
+    site = ProxySite(Resource(), live, MemoryReactorClock(), Handing(events, at_once, fast))
     site.access_log.logger = Logger(namespace=ACCESS_NAMESPACE, observer=lambda e: events.append(e["access"]))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
@@ -103,9 +125,10 @@ def connected(at_once: bool) -> tuple[ProxySite, ProxyChannel, StringTransport, 
     return site, channel, transport, events
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["head-read-at-once", "head-parsed"])
 @pytest.mark.parametrize("at_once", [True, False], ids=["in-process", "from-a-later-callback"])
-def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool) -> None:
-    site, channel, transport, events = connected(at_once)
+def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool, fast: bool) -> None:
+    site, channel, transport, events = connected(at_once, fast)
     # The first tunnel bytes ride with the CONNECT head.
     channel.dataReceived(CONNECT + b"first;")
     if not at_once:
@@ -125,10 +148,12 @@ def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool) -> None
     # The pipelined bytes are passed before hand_over returns.
     assert events == ["made", pipelined, "returned", b"later"]
     assert site.connections.open == {channel}
+    assert site.forwarder.served == ["at once" if fast else "parsed"]  # type: ignore[attr-defined]
 
 
-def test_hand_over_passes_half_close_and_loss_then_logs() -> None:
-    site, channel, _transport, events = connected(at_once=True)
+@pytest.mark.parametrize("fast", [True, False], ids=["head-read-at-once", "head-parsed"])
+def test_hand_over_passes_half_close_and_loss_then_logs(fast: bool) -> None:
+    site, channel, _transport, events = connected(at_once=True, fast=fast)
     # The transport finds a half-closeable protocol (HTTP answers what it has on EOF)...
     assert IHalfCloseableProtocol.providedBy(channel)
     channel.dataReceived(CONNECT)

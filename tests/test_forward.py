@@ -11,6 +11,7 @@ import base64
 import gc
 import hashlib
 import json
+import re
 import select
 import socket
 import weakref
@@ -236,12 +237,13 @@ async def make_forward(fake: FakeAzure) -> AsyncIterator[Callable[..., FwdProxy]
     def make(
         resolver: forward.Resolver | None = None,
         connector: forward.Connector | None = None,
+        forwarder_type: type[Forwarder] = Forwarder,
         **flags: Any,
     ) -> FwdProxy:
         flags.setdefault("endpoint", fake.url)
         live = LiveConfig(load_config(flags, {}))
         upstream = UpstreamClient(reactor)
-        forwarder = Forwarder(reactor, live, resolver, connector=connector, upstream=upstream)
+        forwarder = forwarder_type(reactor, live, resolver, connector=connector, upstream=upstream)
         site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         proxy = FwdProxy(port, live, forwarder, upstream, [], site)
@@ -981,6 +983,72 @@ async def test_refused_connect_over_a_slow_answer_closes(make_forward: Callable[
     await client.closed
     assert_openai_error(parse_response(client.received), 504)
     assert client.received.count(b"HTTP/1.1 ") == 1
+
+
+class Telling(Forwarder):
+    """A forwarder that tells how each CONNECT reached it: read at once, or parsed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.served: list[str] = []
+
+    def open_tunnel(self, request: Any, admitted: Any) -> None:
+        self.served.append("at once")
+        super().open_tunnel(request, admitted)
+
+    def handle(self, request: Any) -> bool:
+        self.served.append("parsed")
+        return super().handle(request)
+
+
+def without_time(text: bytes) -> bytes:
+    """An answer or an access line without what differs from one run to the next."""
+    return re.sub(rb"(Date: [^\r]*|duration=\S+)", b"", text)
+
+
+@pytest.mark.parametrize("case", ["tunnel", "http/1.0", "credentials", "refused"])
+@pytest_twisted.ensureDeferred
+async def test_a_connect_read_at_once_is_served_as_a_parsed_one(
+    make_forward: Callable[..., FwdProxy], servers: Servers, events: Events, tmp_path: Path, case: str
+) -> None:
+    """
+    A plain CONNECT head whole in the client's first segment is read at once, without
+    twisted.web's parser (the channel's fast path); the same request with bare-LF line ends
+    goes through the parser.  The client, the target and the access log see the same either
+    way: the 200, the tunnelled bytes both ways, the half-close, the error of a dial refused
+    (with its first tunnel bytes never served as HTTP), one access line.
+    """
+    port, _ = servers.tcp(CountThenClose)
+    flags: dict[str, Any] = {}
+    extra: tuple[bytes, ...] = ()
+    target = f"127.0.0.1:{free_port() if case == 'refused' else port}"
+    if case == "credentials":
+        users = tmp_path / "users"
+        users.write_text("alice:secret\n")
+        flags["forward_users"] = str(users)
+        extra = (b"Proxy-Authorization: " + basic("alice", "secret"),)
+    proxy = make_forward(forwarder_type=Telling, forward_allow=[target], **flags)
+    head = connect_request(target, b"User-Agent: parity/1", *extra)
+    if case == "http/1.0":
+        head = head.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    seen = []
+    for sent in (head, head.replace(b"\r\n", b"\n")):
+        client = await proxy.connect(sent + b"x" * 5000 + b"GET /healthz HTTP/1.1\r\n\r\n")
+        if case != "refused":
+            await client.wait_for(b"\r\n\r\n")
+            client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await client.closed
+        [*_, line] = await events.access(len(seen) + 1)
+        seen.append((without_time(client.received), without_time(line.encode())))
+    assert proxy.forwarder.served == ["at once", "parsed"]  # type: ignore[attr-defined]
+    assert seen[0] == seen[1]
+    answer, line = seen[0]
+    if case == "refused":
+        assert parse_response(answer).status == 502
+        assert answer.count(b"HTTP/1.1 ") == 1  # the request behind it was not served
+    else:
+        assert answer == b"HTTP/1.1 200 Connection Established\r\n\r\ngot 5025"
+        assert line.startswith(b'127.0.0.1 "CONNECT %s" 200 bytes=8 ' % target.encode()), line
 
 
 class Never:
