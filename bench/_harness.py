@@ -473,6 +473,14 @@ class Harness:
             yield port, proc
 
     @contextlib.contextmanager
+    def connect_floor(self) -> Iterator[tuple[int, Proc]]:
+        """The least CONNECT proxy on Twisted (C{connect_floor.py}), on the proxy core."""
+        port = free_port()
+        argv = [sys.executable, str(BENCH / "connect_floor.py"), str(port)]
+        with self.running("connect-floor", argv, self.proxy_core, port) as proc:
+            yield port, proc
+
+    @contextlib.contextmanager
     def nginx_proxy(self, upstream_port: int) -> Iterator[tuple[int, Proc]]:
         """nginx (one process, no master) proxying to the upstream, on the proxy core."""
         assert self.nginx is not None

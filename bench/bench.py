@@ -15,7 +15,8 @@ Scenarios (all by default):
   chunks     2,000 streams x 20 chunks/s: chunks/s delivered during a window, inter-chunk gap
              p99; references: no proxy, nginx.
   connect    CONNECT setups/s to a TCP sink, TLS tunnels/s (CONNECT then a TLS handshake with a
-             TLS sink through the tunnel), one tunnel's MB/s; references: tinyproxy, no proxy.
+             TLS sink through the tunnel), one tunnel's MB/s; references: tinyproxy, no proxy,
+             the least CONNECT proxy on Twisted (connect_floor.py: the floor of this scenario).
 
 Needs: Go (the upstream, sinks and load generators in loadtool.go, built into ~/.cache), taskset;
 wrk for nonstream; nginx and tinyproxy for those references (skipped when missing).  On Debian:
@@ -58,6 +59,7 @@ from _harness import (
 
 SCENARIOS = ("nonstream", "streams", "held", "chunks", "connect")
 FLOOR, NGINX, DIRECT, TINYPROXY = "twisted.web floor", "nginx", "no proxy", "tinyproxy"
+CONNECT_FLOOR = "Twisted CONNECT floor"
 
 Target = Callable[[], AbstractContextManager[tuple[int, Proc | None]]]
 
@@ -363,7 +365,7 @@ def connect(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
     mbps = Figure(bulk_s, "MB/s")
     with h.sinks() as (raw, tls):
         allow = ["--forward-allow", f"127.0.0.1:{raw}", "--forward-allow", f"127.0.0.1:{tls}"]
-        targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(0))]
+        targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(0)), (CONNECT_FLOOR, h.connect_floor)]
         if h.tinyproxy:
             targets.append((TINYPROXY, h.tinyproxy_proxy))
         else:
