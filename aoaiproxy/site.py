@@ -550,7 +550,7 @@ class ProxyChannel(http.HTTPChannel):
             add(name, value)
         self.persistent = self.checkPersistence(request, head.version)
         request.gotLength(0)
-        request.tunnel = admitted
+        request.admitted_connect = admitted
         request.requestReceived(b"CONNECT", head.target, head.version)
         return True
 
@@ -849,6 +849,7 @@ class ProxyRequest(server.Request):
         "_refused",
         "_site",
         "admitted",
+        "admitted_connect",
         "chunked",
         "code",
         "code_message",
@@ -866,7 +867,6 @@ class ProxyRequest(server.Request):
         "sitepath",
         "startedWriting",
         "streamingProducer",
-        "tunnel",
     )
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
@@ -899,7 +899,7 @@ class ProxyRequest(server.Request):
         self.admitted: admission.Admitted | None = None
         #: A CONNECT the channel read at once and the forward policy admitted as a tunnel to
         #: dial (L{ProxyChannel}'s fast path): what L{process} opens without deciding again.
-        self.tunnel: Admitted | None = None
+        self.admitted_connect: Admitted | None = None
         # Never parse form bodies into request.args: Twisted does that for every POST
         # multipart/urlencoded body, in memory (a 20 MB upload cost 250 MB).  It must be
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
@@ -1046,8 +1046,8 @@ class ProxyRequest(server.Request):
         # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
         # turns an API request (http://api.openai.com/v1/...) into origin-form for the tree.
         site = self._site
-        if self.tunnel is not None:
-            site.forwarder.open_tunnel(self, self.tunnel)
+        if self.admitted_connect is not None:
+            site.forwarder.open_tunnel(self, self.admitted_connect)
             return
         if (self.method == b"CONNECT" or self.uri[:1] != b"/") and site.forwarder.handle(self):
             return
