@@ -71,7 +71,9 @@ def pipelined_length(channel: HTTPChannel) -> int:
     nothing public tells whether either holds anything.  Checked against Twisted 26.10.  Used
     by L{aoaiproxy.forward} to close the connection of a refused CONNECT that has tunnel
     bytes behind it; tested by tests/test_forward.py
-    (C{test_refused_connect_closes_and_serves_no_pipelined_bytes}, its 407 case).
+    (C{test_refused_connect_closes_and_serves_no_pipelined_bytes}, its 407 case).  And by
+    L{aoaiproxy.site.ProxyChannel.dataReceived}: a request is read at once only when the
+    parser holds nothing of it (tests/test_head.py, tests/test_channel.py).
     """
     buffered: list[bytes] = channel._dataBuffer  # type: ignore[attr-defined]
     unsplit: bytes = channel._buffer  # type: ignore[attr-defined]

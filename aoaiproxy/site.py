@@ -48,15 +48,14 @@ from aoaiproxy import _twisted, admission, errors
 from aoaiproxy.config import LiveConfig
 from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.errors import ProxyError
-from aoaiproxy.forward.head import connect_head
 from aoaiproxy.forward.tunnel import half_closeable
+from aoaiproxy.head import read_head
 from aoaiproxy.log import AccessLog
 from aoaiproxy.metrics import NullMetrics, Recorder
 from aoaiproxy.resource import raw_headers
 
 if TYPE_CHECKING:
     from aoaiproxy.forward import Forwarder
-    from aoaiproxy.forward.policy import Admitted
 
 _log = Logger(namespace="aoaiproxy")
 
@@ -178,9 +177,9 @@ class ProxyChannel(http.HTTPChannel):
     and its listener's (L{Listener}) from C{connectionMade} to C{connectionLost}, and knows
     whether it is L{busy}.  L{hand_over} gives the connection to another protocol.
 
-    A plain C{CONNECT} whose head is whole in the connection's first bytes, and which the
-    forward policy admits as a tunnel to dial, is read without twisted.web's parser
-    (L{_connect_at_once}); the request it makes is the one the parser would have made.
+    A plain request whose head and body are whole in the bytes that bring its first byte
+    is read without twisted.web's parser (L{_read_at_once}); the request it makes is the one
+    the parser would have made.
     """
 
     site: ProxySite
@@ -203,7 +202,6 @@ class ProxyChannel(http.HTTPChannel):
         "_discard_limit",
         "_discarded",
         "_early",
-        "_fresh",
         "_handed_to",
         "_head",
         "_head_at",
@@ -212,6 +210,7 @@ class ProxyChannel(http.HTTPChannel):
         "_header_count",
         "_header_timeout",
         "_host",
+        "_idle_after",
         "_idle_at",
         "_in_head",
         "_linger",
@@ -273,10 +272,10 @@ class ProxyChannel(http.HTTPChannel):
         self._body_timeout = BODY_TIMEOUT
         self._handed_to: IProtocol | None = None
         self._lost = False
-        #: Whether no byte has arrived yet (a CONNECT in the first bytes may be read at once).
-        self._fresh = True
-        #: While a CONNECT read at once is dialled: the bytes the client sent after its head.
+        #: While a request read at once (L{_read_at_once}) is handled: the bytes the client
+        #: sent after it; and the idle timeout to set again once it is done.
         self._early: list[bytes] | None = None
+        self._idle_after: float | None = None
         #: The request whose response is relayed and whose head is not written yet.
         self._relayed: http.Request | None = None
         #: The connection's addresses, asked of the transport once: every request asks for
@@ -512,53 +511,63 @@ class ProxyChannel(http.HTTPChannel):
         if self._early is not None:
             self._hold(data)
             return
-        if self._fresh:
-            self._fresh = False
-            if data[:8] == b"CONNECT " and self._connect_at_once(data):
+        if self._head_at is None:
+            # Between requests, nothing of the next one buffered: it may be read at once.
+            if not self.requests and not _twisted.pipelined_length(self) and self._read_at_once(data):
                 return
-        if self._in_head and data and self._head_at is None:
-            self._start_head()
+            if self._in_head and data:
+                self._start_head()
         super().dataReceived(data)
 
-    def _connect_at_once(self, data: bytes) -> bool:
+    def _read_at_once(self, data: bytes) -> bool:
         """
-        The fast path of a tunnel: a plain C{CONNECT} head whole in the connection's first
-        bytes (L{connect_head}), which the forward policy admits as a tunnel to dial
-        (L{Forwarder.tunnel_verdict}), becomes its request as twisted.web's parser would make
-        it, without that parser; whether it did.
+        The fast path of a request: a plain head whole in C{data} (L{read_head}), with its
+        whole body, becomes its request as twisted.web's parser would make it (the same
+        headers, persistence, length, body, and the same refusals of the head), without
+        that parser; whether it did.  What follows it in C{data}, and what the client sends
+        while it is handled, is held (L{_hold}) and read once it is done, as twisted.web
+        holds a client's pipelined bytes.
 
-        Such a request ends with the connection: handed to its tunnel, or answered (a dial
-        failure) and closed.  So the parser, which never saw it, is never needed again on
-        this connection.  Any other head (refused, intercepted, malformed, in pieces) is
-        left to the parser, which reads and answers it as it always has.
+        The parser, which never sees such a request, is left as it was between requests:
+        any other head (malformed, in pieces, with a chunked body or C{Expect}, at a limit)
+        goes to it, and it reads and answers it as it always has.
         """
-        head = connect_head(data, self.totalHeadersSize, self._max_request_line, self.maxHeaders)
+        head = read_head(data, self.totalHeadersSize, self._max_request_line, self.maxHeaders)
         if head is None:
             return False
-        admitted = self.site.forwarder.tunnel_verdict(head.target, head.proxy_authorization)
-        if admitted is None:
-            return False
+        end = head.size + head.length
+        if len(data) < end:
+            return False  # the body is not all here
         self._end_head()
         # What HTTPChannel does once a request's head and body are read: no idle timeout
-        # while it is handled; what the client sends meanwhile is held (L{_hold}).
-        self.setTimeout(None)
-        self._early = [data[head.size :]] if len(data) > head.size else []
+        # while it is handled (set again once it is done); what the client sends meanwhile
+        # is held.
+        self._idle_after = self.setTimeout(None)
+        self._early = [data[end:]] if len(data) > end else []
         request = ProxyRequest(self, len(self.requests))
         self.requests.append(request)
         add = request.requestHeaders.addRawHeader
         for name, value in head.headers:
             add(name, value)
+        # What HTTPChannel.allHeadersReceived does; the request line is known (for
+        # gotLength's judgement of the head, and a refusal's access line).
+        request.parseCookies()
         self.persistent = self.checkPersistence(request, head.version)
-        request.gotLength(0)
-        request.admitted_connect = admitted
-        request.requestReceived(b"CONNECT", head.target, head.version)
+        request.method, request.uri = head.method, head.target
+        request.gotLength(head.length)
+        if head.length and not self._rejected:
+            request.handleContentChunk(data[head.size : end])
+        if self._rejected:  # refused from its head, or its body: answered, and closing
+            return True
+        request.requestReceived(head.method, head.target, head.version)
         return True
 
     def _hold(self, data: bytes) -> None:
         """
-        Bytes from a client whose C{CONNECT} (read at once) is being dialled: its first tunnel
-        bytes, held for the tunnel; reading pauses once they pass what twisted.web holds of a
-        request's pipelined bytes before it pauses (16 KiB), until the hand-over.
+        Bytes from a client whose request (read at once) is being handled: a CONNECT's first
+        tunnel bytes, or the next requests, held; reading pauses once they pass what
+        twisted.web holds of a client's pipelined bytes before it pauses (16 KiB), until the
+        request is done (or the connection handed over).
         """
         early = self._early
         assert early is not None
@@ -658,7 +667,17 @@ class ProxyChannel(http.HTTPChannel):
         self._head_lines = 0
         self._head_size = 0
         self._header_count = 0
+        early, self._early = self._early, None
         super().requestDone(request)
+        if early is None or not self.persistent or self._lost:
+            return
+        # A request read at once (L{_read_at_once}) is done: the idle timeout again, then
+        # what the client sent meanwhile, as twisted.web replays what it held.
+        if self._idle_after is not None:
+            self.setTimeout(self._idle_after)
+        held = b"".join(early)
+        if held:
+            self.dataReceived(held)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -849,7 +868,6 @@ class ProxyRequest(server.Request):
         "_refused",
         "_site",
         "admitted",
-        "admitted_connect",
         "chunked",
         "code",
         "code_message",
@@ -897,9 +915,6 @@ class ProxyRequest(server.Request):
         #: What the head of an API request with a body decided (L{admission.judge}), for its
         #: route to take rather than decide again.
         self.admitted: admission.Admitted | None = None
-        #: A CONNECT the channel read at once and the forward policy admitted as a tunnel to
-        #: dial (L{ProxyChannel}'s fast path): what L{process} opens without deciding again.
-        self.admitted_connect: Admitted | None = None
         # Never parse form bodies into request.args: Twisted does that for every POST
         # multipart/urlencoded body, in memory (a 20 MB upload cost 250 MB).  It must be
         # passed here: Request.__init__ sets the attribute, so a class attribute is ignored.
@@ -1014,7 +1029,11 @@ class ProxyRequest(server.Request):
 
     def _judge_head(self) -> tuple[ProxyError | None, bool]:
         """What the head of a request with a body decides: its refusal, or whether its body is unused."""
-        line = _twisted.request_line(self.channel)
+        # Read at once (ProxyChannel._read_at_once), the request has its line already; else
+        # the channel's parser keeps it until the request is complete.
+        line = (
+            (self.method, self.uri) if self.uri != http.Request.uri else _twisted.request_line(self.channel)
+        )
         if line is None:  # pragma: no cover - the request line is parsed before any header
             return None, False
         method, target = line
@@ -1046,9 +1065,6 @@ class ProxyRequest(server.Request):
         # CONNECT and absolute-form targets are the forward proxy's; it answers them, or
         # turns an API request (http://api.openai.com/v1/...) into origin-form for the tree.
         site = self._site
-        if self.admitted_connect is not None:
-            site.forwarder.open_tunnel(self, self.admitted_connect)
-            return
         if (self.method == b"CONNECT" or self.uri[:1] != b"/") and site.forwarder.handle(self):
             return
         leaf = site.leaf

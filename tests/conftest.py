@@ -31,7 +31,7 @@ from aoaiproxy.config import Config, LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.resource import ApiResource
-from aoaiproxy.site import ProxySite
+from aoaiproxy.site import ProxyChannel, ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
@@ -327,3 +327,16 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             return daemons.enter_context(spawned(command, tmp_path / f"twistd-{port}.log", port, env=env))
 
         yield start
+
+
+class ParsedLines(ProxyChannel):
+    """
+    A channel that counts the lines twisted.web's parser is given: none for a request read
+    at once (L{ProxyChannel}'s fast path).  A site uses it with C{site.protocol = ParsedLines}.
+    """
+
+    parsed_lines = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        self.parsed_lines += 1
+        super().lineReceived(line)

@@ -30,9 +30,10 @@ from zope.interface import implementedBy, implementer
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
-from aoaiproxy.forward.policy import Admitted
 from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.site import ProxyChannel, ProxyRequest, ProxySite
+
+from .conftest import ParsedLines
 
 CONNECT = b"CONNECT target.test:443 HTTP/1.1\r\nHost: target.test:443\r\n\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -74,48 +75,28 @@ class Recorder(Protocol):
 
 
 class Handing(Forwarder):
-    """
-    Serves every CONNECT by handing the connection to a L{Recorder}: at once, or later.
-    With C{fast}, it admits every CONNECT as a tunnel (L{Forwarder.tunnel_verdict}), so that
-    a head whole in the first bytes takes the channel's fast path (L{Forwarder.open_tunnel});
-    else every CONNECT goes through twisted.web's parser (L{Forwarder.handle}).  C{served}
-    says which it was, for each.
-    """
+    """Serves every CONNECT by handing the connection to a L{Recorder}: at once, or later."""
 
-    def __init__(self, events: list[Any], at_once: bool, fast: bool = False) -> None:  # nothing relayed
+    def __init__(self, events: list[Any], at_once: bool) -> None:  # no upstream: nothing relayed
         self.events = events
         self.at_once = at_once
-        self.fast = fast
         self.waiting: list[ProxyRequest] = []
-        self.served: list[str] = []
-
-    def tunnel_verdict(self, target: bytes, proxy_authorization: bytes | None) -> Admitted | None:
-        return Admitted(host="target.test", port=443) if self.fast else None
-
-    def open_tunnel(self, request: ProxyRequest, admitted: Admitted) -> None:
-        self.served.append("at once")
-        self._serve(request)
 
     def handle(self, request: Request) -> bool:
         assert isinstance(request, ProxyRequest)
-        self.served.append("parsed")
-        self._serve(request)
-        return True
-
-    def _serve(self, request: ProxyRequest) -> None:
         if self.at_once:
             request.establish(Recorder(self.events))
             self.events.append("returned")
         else:
             self.waiting.append(request)
+        return True
 
 
-def connected(
-    at_once: bool, fast: bool = False
-) -> tuple[ProxySite, ProxyChannel, StringTransport, list[Any]]:
+def connected(at_once: bool) -> tuple[ProxySite, ProxyChannel, StringTransport, list[Any]]:
     events: list[Any] = []
     live = LiveConfig(load_config({"endpoint": "https://r.openai.azure.com"}, {}))
-    site = ProxySite(Resource(), live, MemoryReactorClock(), Handing(events, at_once, fast))
+    site = ProxySite(Resource(), live, MemoryReactorClock(), Handing(events, at_once))
+    site.protocol = ParsedLines  # type: ignore[assignment]
     site.access_log.logger = Logger(namespace=ACCESS_NAMESPACE, observer=lambda e: events.append(e["access"]))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
@@ -125,12 +106,19 @@ def connected(
     return site, channel, transport, events
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["head-read-at-once", "head-parsed"])
+def send(channel: ProxyChannel, data: bytes, whole: bool) -> None:
+    """C{data} whole (a head in it may be read at once), or its first byte alone first (parsed)."""
+    for piece in (data,) if whole else (data[:1], data[1:]):
+        channel.dataReceived(piece)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["head-read-at-once", "head-parsed"])
 @pytest.mark.parametrize("at_once", [True, False], ids=["in-process", "from-a-later-callback"])
-def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool, fast: bool) -> None:
-    site, channel, transport, events = connected(at_once, fast)
-    # The first tunnel bytes ride with the CONNECT head.
-    channel.dataReceived(CONNECT + b"first;")
+def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool, whole: bool) -> None:
+    site, channel, transport, events = connected(at_once)
+    # The first tunnel bytes ride with the CONNECT head: whole (read at once), or after its
+    # first byte alone (the parser reads it).
+    send(channel, CONNECT + b"first;", whole)
     if not at_once:
         # While the CONNECT is handled, the channel buffers what arrives (more than it
         # reads eagerly: it pauses reading), and parses none of it as HTTP.
@@ -148,15 +136,15 @@ def test_hand_over_passes_pipelined_bytes_then_everything(at_once: bool, fast: b
     # The pipelined bytes are passed before hand_over returns.
     assert events == ["made", pipelined, "returned", b"later"]
     assert site.connections.open == {channel}
-    assert site.forwarder.served == ["at once" if fast else "parsed"]  # type: ignore[attr-defined]
+    assert channel.parsed_lines == (0 if whole else 3)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["head-read-at-once", "head-parsed"])
-def test_hand_over_passes_half_close_and_loss_then_logs(fast: bool) -> None:
-    site, channel, _transport, events = connected(at_once=True, fast=fast)
+@pytest.mark.parametrize("whole", [True, False], ids=["head-read-at-once", "head-parsed"])
+def test_hand_over_passes_half_close_and_loss_then_logs(whole: bool) -> None:
+    site, channel, _transport, events = connected(at_once=True)
     # The transport finds a half-closeable protocol (HTTP answers what it has on EOF)...
     assert IHalfCloseableProtocol.providedBy(channel)
-    channel.dataReceived(CONNECT)
+    send(channel, CONNECT, whole)
     # ...and once handed to a half-closeable protocol, the half-close reaches it.
     channel.readConnectionLost()
     channel.writeConnectionLost()

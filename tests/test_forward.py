@@ -45,7 +45,7 @@ from aoaiproxy.site import ProxySite
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import Events, free_port, get_reactor, wait_until
+from .conftest import Events, ParsedLines, free_port, get_reactor, wait_until
 from .rawnet import (
     RawClient,
     Response,
@@ -237,13 +237,12 @@ async def make_forward(fake: FakeAzure) -> AsyncIterator[Callable[..., FwdProxy]
     def make(
         resolver: forward.Resolver | None = None,
         connector: forward.Connector | None = None,
-        forwarder_type: type[Forwarder] = Forwarder,
         **flags: Any,
     ) -> FwdProxy:
         flags.setdefault("endpoint", fake.url)
         live = LiveConfig(load_config(flags, {}))
         upstream = UpstreamClient(reactor)
-        forwarder = forwarder_type(reactor, live, resolver, connector=connector, upstream=upstream)
+        forwarder = Forwarder(reactor, live, resolver, connector=connector, upstream=upstream)
         site = ProxySite(ApiResource(live, upstream, reactor), live, reactor, forwarder)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         proxy = FwdProxy(port, live, forwarder, upstream, [], site)
@@ -985,22 +984,6 @@ async def test_refused_connect_over_a_slow_answer_closes(make_forward: Callable[
     assert client.received.count(b"HTTP/1.1 ") == 1
 
 
-class Telling(Forwarder):
-    """A forwarder that tells how each CONNECT reached it: read at once, or parsed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.served: list[str] = []
-
-    def open_tunnel(self, request: Any, admitted: Any) -> None:
-        self.served.append("at once")
-        super().open_tunnel(request, admitted)
-
-    def handle(self, request: Any) -> bool:
-        self.served.append("parsed")
-        return super().handle(request)
-
-
 def without_time(text: bytes) -> bytes:
     """An answer or an access line without what differs from one run to the next."""
     return re.sub(rb"(Date: [^\r]*|duration=\S+)", b"", text)
@@ -1027,11 +1010,20 @@ async def test_a_connect_read_at_once_is_served_as_a_parsed_one(
         users.write_text("alice:secret\n")
         flags["forward_users"] = str(users)
         extra = (b"Proxy-Authorization: " + basic("alice", "secret"),)
-    proxy = make_forward(forwarder_type=Telling, forward_allow=[target], **flags)
+    proxy = make_forward(forward_allow=[target], **flags)
+    made: list[ParsedLines] = []
+
+    class Kept(ParsedLines):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            made.append(self)
+
+    proxy.site.protocol = Kept  # type: ignore[assignment]
     head = connect_request(target, b"User-Agent: parity/1", *extra)
     if case == "http/1.0":
         head = head.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     seen = []
+    parsed_lines = []
     for sent in (head, head.replace(b"\r\n", b"\n")):
         client = await proxy.connect(sent + b"x" * 5000 + b"GET /healthz HTTP/1.1\r\n\r\n")
         if case != "refused":
@@ -1040,7 +1032,8 @@ async def test_a_connect_read_at_once_is_served_as_a_parsed_one(
         await client.closed
         [*_, line] = await events.access(len(seen) + 1)
         seen.append((without_time(client.received), without_time(line.encode())))
-    assert proxy.forwarder.served == ["at once", "parsed"]  # type: ignore[attr-defined]
+        parsed_lines.append(made[-1].parsed_lines)
+    assert parsed_lines[0] == 0 and parsed_lines[1] > 0  # read at once, then parsed
     assert seen[0] == seen[1]
     answer, line = seen[0]
     if case == "refused":

@@ -8,9 +8,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 import treq
@@ -23,7 +25,8 @@ from aoaiproxy.resource import ApiResource
 from aoaiproxy.testing import FakeAzure
 from aoaiproxy.upstream import UpstreamClient
 
-from .conftest import Proxy, get_reactor
+from .conftest import Events, ParsedLines, Proxy, get_reactor
+from .rawnet import connect, response_done
 
 CHAT = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -375,3 +378,47 @@ async def test_upstream_cors_origin_is_replaced_by_ours(
     code, headers, _ = await post(proxy.url + "/v1/chat/completions", CHAT)
     assert code == 200
     assert headers.getRawHeaders("access-control-allow-origin") == ["*"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_read_at_once_is_served_as_a_parsed_one(
+    fake: FakeAzure, make_proxy: Callable[..., Proxy], events: Events
+) -> None:
+    """
+    A request whose head and body come whole in one segment is read at once, without
+    twisted.web's parser (the channel's fast path); the same request with bare-LF line ends
+    goes through the parser.  The upstream, the client and the access log see the same
+    either way (but for the time), on a keep-alive connection that serves the next request
+    after it.
+    """
+    proxy = make_proxy()
+    proxy.site.protocol = ParsedLines  # type: ignore[assignment]
+    body = json.dumps(CHAT).encode()
+    request = (
+        b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer client-key\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    health = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    seen = []
+    for count, first in enumerate((request + health, request.replace(b"\r\n", b"\n") + health), 1):
+        client = await connect(proxy.port.getHost().port, first)
+        raw = await client.wait_for(
+            lambda r: r.count(b"HTTP/1.1 200 ") == 2 and response_done(r.rpartition(b"HTTP/1.1 200 ")[2])
+        )
+        [*_, line, _health_line] = await events.access(2 * count)
+        [*_, upstream] = fake.requests
+        answer = re.sub(
+            rb'((Date|Apim-Request-Id|X-Request-Id): [^\r]*|"(id|created)": ?"?[^,"]*"?)', b"", raw
+        )
+        channel = next(iter(proxy.site.connections.open))
+        lines = channel.parsed_lines  # type: ignore[attr-defined]
+        seen.append(
+            ((answer, re.sub(r"duration=\S+", "", line), attrs.evolve(upstream, received_at=0.0)), lines)
+        )
+        await client.abort()
+    [(whole, whole_lines), (parsed, parsed_lines)] = seen
+    assert whole == parsed
+    # Both read at once; or the first parsed (its 6 lines), then the next one, whole in what
+    # the parser held, read at once.
+    assert (whole_lines, parsed_lines) == (0, 6)
+    assert whole[2].body == body and whole[2].query["x"] == ["1"]

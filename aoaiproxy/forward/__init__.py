@@ -22,8 +22,7 @@ end of the head of a request with a body, to refuse it before reading the body):
 Errors are OpenAI-shaped JSON with C{Access-Control-Allow-Origin: *}.
 
 The modules: L{policy} (the decisions, pure), L{dial} (resolve, check, connect; the one
-failure classification, L{refusal}), L{tunnel} (the byte relay), L{handlers} (the requests),
-L{head} (a plain CONNECT head read at once, for the channel's fast path).
+failure classification, L{refusal}), L{tunnel} (the byte relay), L{handlers} (the requests).
 Secrets are compared with L{aoaiproxy.compare.equal_to_any}.  A CONNECT costs little: its
 head's verdict (but for proxy authentication) is remembered per request-target, one timer
 bounds resolving and connecting together (an IP literal is not resolved), the connection is

@@ -96,26 +96,6 @@ class Forwarder:
         self._relay(config, request, admitted)
         return True
 
-    def tunnel_verdict(self, target: bytes, proxy_authorization: bytes | None) -> Admitted | None:
-        """
-        What the head of a C{CONNECT} to C{target} decides when it is a tunnel to dial (the
-        channel's fast path, L{aoaiproxy.site.ProxyChannel}, asks before it makes the
-        request): its L{Admitted}, for L{open_tunnel}.  None when it is refused or
-        intercepted: the request then goes through L{handle}, which answers it.
-        """
-        try:
-            admitted = admit(self._live.config, b"CONNECT", target, proxy_authorization)
-        except Refused:
-            return None
-        return None if admitted.intercept else admitted
-
-    def open_tunnel(self, request: ProxyRequest, admitted: Admitted) -> None:
-        """
-        Serve a C{CONNECT} that L{tunnel_verdict} admitted (in this reactor turn): dial its
-        target, then tunnel, or answer the failure (and close).
-        """
-        self._connect(self._live.config, request, admitted)
-
     def close(self) -> Deferred[None] | None:
         """Close every tunnel (and the HTTP client, if this forwarder made it)."""
         for tunnel in list(self.tunnels):
