@@ -76,8 +76,8 @@ REJECT_DISCARD_BYTES = 256 * 1024
 #: At most this many connections over a listener's cap linger at once; beyond it, they get the
 #: 503 and are closed at once (best effort), so a flood cannot pile up file descriptors.
 BUSY_LINGER_MAX = 64
-#: How many bytes a client whose CONNECT is being dialled may send before reading pauses
-#: (twisted.web's C{HTTPChannel._optimisticEagerReadSize} for pipelined bytes).
+#: How many bytes a client may send while its request read at once is handled before reading
+#: pauses (twisted.web's C{HTTPChannel._optimisticEagerReadSize} for pipelined bytes).
 _HOLD_BEFORE_PAUSE = 16 * 1024
 
 
@@ -197,7 +197,6 @@ class ProxyChannel(http.HTTPChannel):
     __slots__ = (
         "MAX_LENGTH",
         "_body_at",
-        "_body_timeout",
         "_close_after",
         "_discard_limit",
         "_discarded",
@@ -269,7 +268,6 @@ class ProxyChannel(http.HTTPChannel):
         self._close_after: http.Request | None = None
         self._max_request_line = 8192
         self._header_timeout = 30.0
-        self._body_timeout = BODY_TIMEOUT
         self._handed_to: IProtocol | None = None
         self._lost = False
         #: While a request read at once (L{_read_at_once}) is handled: the bytes the client
@@ -293,7 +291,6 @@ class ProxyChannel(http.HTTPChannel):
         self.MAX_LENGTH = max(config.max_header_size, config.max_request_line) + 1
         self._max_request_line = config.max_request_line
         self._header_timeout = config.header_timeout
-        self._body_timeout = BODY_TIMEOUT
         # Twisted's HTTPChannel sets TCP_NODELAY (plain and TLS listeners: the TLS wrapper
         # provides the TCP transport's interfaces): small writes (a head, an SSE event) go out
         # at once, not after the client's ACK of the previous one (Nagle against delayed ACKs
@@ -430,7 +427,7 @@ class ProxyChannel(http.HTTPChannel):
     @property
     def pipelined(self) -> bool:
         """Whether the client sent bytes after the request being handled (not parsed yet)."""
-        return _twisted.pipelined_length(self) > 0 or bool(self._early and any(self._early))
+        return _twisted.pipelined_length(self) > 0 or bool(self._early)
 
     def getPeer(self) -> IAddress:
         peer = self._peer
@@ -571,6 +568,8 @@ class ProxyChannel(http.HTTPChannel):
         """
         early = self._early
         assert early is not None
+        if not data:
+            return  # (so that a held piece is never empty: L{pipelined})
         early.append(data)
         if sum(map(len, early)) > _HOLD_BEFORE_PAUSE and IPushProducer.providedBy(self.transport):
             self.transport.pauseProducing()
@@ -634,7 +633,7 @@ class ProxyChannel(http.HTTPChannel):
         super().allHeadersReceived()
         # The body's time starts (the request may have been refused meanwhile).
         if self.length != 0 and not self._rejected and not self._lost:
-            self._body_at = self._arm(self._body_timeout)
+            self._body_at = self._arm(BODY_TIMEOUT)
 
     def allContentReceived(self) -> None:
         self._end_body()
@@ -775,7 +774,7 @@ class ProxyChannel(http.HTTPChannel):
         self._reject(
             _head_error(
                 408,
-                f"The request body was not received within {self._body_timeout:g}s.",
+                f"The request body was not received within {BODY_TIMEOUT:g}s.",
                 "request_timeout",
             )
         )
