@@ -26,6 +26,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from aoaiproxy.config import Config, LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
@@ -327,6 +329,20 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             return daemons.enter_context(spawned(command, tmp_path / f"twistd-{port}.log", port, env=env))
 
         yield start
+
+
+class Holding(Resource):
+    """Keeps each request unanswered (its body as the channel stored it), for the test."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render(self, request: Any) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
 
 
 class ParsedLines(ProxyChannel):

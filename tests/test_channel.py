@@ -33,7 +33,7 @@ from aoaiproxy.forward import Forwarder
 from aoaiproxy.log import ACCESS_NAMESPACE
 from aoaiproxy.site import ProxyChannel, ProxyRequest, ProxySite
 
-from .conftest import ParsedLines
+from .conftest import Holding, ParsedLines
 
 CONNECT = b"CONNECT target.test:443 HTTP/1.1\r\nHost: target.test:443\r\n\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
@@ -175,18 +175,9 @@ def test_drain_counts_a_handed_over_connection_busy() -> None:
 # -- bodies: stored only for a route that reads them ------------------------------------------
 
 
-class Hold(Resource):
-    """Answers nothing (the request stays in flight, its body kept as the channel stored it)."""
-
-    isLeaf = True
-
-    def render(self, request: Request) -> int:
-        return server.NOT_DONE_YET
-
-
 def body_channel() -> tuple[ProxyChannel, StringTransport]:
     live = LiveConfig(load_config({"endpoint": "https://r.openai.azure.com"}, {}))
-    site = ProxySite(Hold(), live, MemoryReactorClock(), Handing([], at_once=True))
+    site = ProxySite(Holding(), live, MemoryReactorClock(), Handing([], at_once=True))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)

@@ -17,16 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web import server
 from twisted.web.http import Request
-from twisted.web.resource import Resource
 
 from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.head import RequestHead, read_head
 from aoaiproxy.site import ProxySite
 
-from .conftest import ParsedLines
+from .conftest import Holding, ParsedLines
 
 LIMITS = (16384, 8192, 100)  # the channel's defaults: head size, request line, header fields
 
@@ -102,24 +100,6 @@ class Parsed(Forwarder):
         return True
 
 
-class Keep(Resource):
-    """Keeps every request, unanswered, with its body."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[Request] = []
-
-    def render(self, request: Request) -> int:
-        self.requests.append(request)
-        return server.NOT_DONE_YET
-
-
-class CountingSite(ProxySite):
-    protocol = ParsedLines
-
-
 def served(data: bytes, *, whole: bool) -> tuple[list[tuple[object, ...]], bytes, int]:
     """
     What the channel makes of C{data}, given C{whole} (it may then be read at once) or its
@@ -127,8 +107,9 @@ def served(data: bytes, *, whole: bool) -> tuple[list[tuple[object, ...]], bytes
     request (method, target, version, headers, body), the answer, and the lines parsed.
     """
     live = LiveConfig(load_config({"endpoint": "https://r.openai.azure.com"}, {}))
-    forwarder, tree = Parsed(), Keep()
-    site = CountingSite(tree, live, MemoryReactorClock(), forwarder)
+    forwarder, tree = Parsed(), Holding()
+    site = ProxySite(tree, live, MemoryReactorClock(), forwarder)
+    site.protocol = ParsedLines  # type: ignore[assignment]
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)

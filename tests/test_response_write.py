@@ -31,6 +31,7 @@ from aoaiproxy.config import LiveConfig, load_config
 from aoaiproxy.forward import Forwarder
 from aoaiproxy.site import ProxyRequest, ProxySite
 
+from .conftest import Holding
 from .rawnet import connect, get_reactor, parse_response, response_done
 
 BODY = b'{"answer": "' + b"x" * 2000 + b'"}'
@@ -95,20 +96,6 @@ async def test_head_and_body_leave_in_the_call_that_made_them(served: tuple[Answ
     assert resource.buffered == [0, 0, 0, 0]
     assert resource.nodelay and all(resource.nodelay)
     await client.abort()
-
-
-class Holding(Resource):
-    """Keeps each request unanswered, for the test to write its response."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[ProxyRequest] = []
-
-    def render(self, request: Any) -> Any:
-        self.requests.append(request)
-        return NOT_DONE_YET
 
 
 def held_request(length: int | None) -> tuple[ProxyRequest, StringTransport]:
