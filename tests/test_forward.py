@@ -288,6 +288,26 @@ async def test_tunnel_relays_both_ways_including_pipelined_bytes(
 
 
 @pytest_twisted.ensureDeferred
+async def test_both_legs_of_a_tunnel_send_without_waiting_for_acks(
+    make_forward: Callable[..., FwdProxy], servers: Servers
+) -> None:
+    """
+    TCP_NODELAY on the client's connection and on the target's: with Nagle's algorithm on the
+    target's, a client's second small write (a TLS record after another) waited for the
+    target's delayed ACK of the first, 40 ms on each exchange.
+    """
+    port, _echo = servers.tcp(Echo)
+    proxy = make_forward(forward_allow=[f"127.0.0.1:{port}"])
+    client = await proxy.connect(connect_request(f"127.0.0.1:{port}"))
+    await client.wait_for(b"\r\n\r\n")
+    [tunnel] = proxy.forwarder.tunnels
+    for leg in (tunnel.client, tunnel.target):
+        assert leg.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    client.transport.loseConnection()  # type: ignore[union-attr]
+    await client.closed
+
+
+@pytest_twisted.ensureDeferred
 async def test_tunnel_pipelined_bytes_after_async_head(
     make_forward: Callable[..., FwdProxy], servers: Servers
 ) -> None:

@@ -74,6 +74,13 @@ class TargetProtocol(Protocol):
     __conform__ = None
 
     def connectionMade(self) -> None:
+        # What the client sends goes on at once, as on the client's own connection (twisted.web
+        # sets TCP_NODELAY there): with Nagle's algorithm here, a client's second small write
+        # (a TLS record after another) waits for the target's ACK of the first, which the
+        # target delays by up to 40 ms while it waits for the rest.
+        setTcpNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setTcpNoDelay is not None:
+            setTcpNoDelay(True)
         factory = getattr(self, "factory", None)
         if isinstance(factory, ConnectingFactory):
             factory.connected(self)
