@@ -15,8 +15,12 @@ Scenarios (all by default):
   chunks     2,000 streams x 20 chunks/s: chunks/s delivered during a window, inter-chunk gap
              p99; references: no proxy, nginx.
   connect    CONNECT setups/s to a TCP sink, TLS tunnels/s (CONNECT then a TLS handshake with a
-             TLS sink through the tunnel), one tunnel's MB/s; references: tinyproxy, no proxy,
-             the least CONNECT proxy on Twisted (connect_floor.py: the floor of this scenario).
+             TLS sink through the tunnel) with the target's CPU per tunnel and how busy the
+             load core was (at 100 % the figure is the load's, not the target's), one
+             tunnel's MB/s, and the time of an exchange of two small writes and a reply
+             through a tunnel (Nagle's algorithm on a relay adds 40 ms); references:
+             tinyproxy, no proxy, the least CONNECT proxy on Twisted (connect_floor.py: the
+             floor of this scenario).
 
 Needs: Go (the upstream, sinks and load generators in loadtool.go, built into ~/.cache), taskset;
 wrk for nonstream; nginx and tinyproxy for those references (skipped when missing).  On Debian:
@@ -33,15 +37,19 @@ import json
 import os
 import platform
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from _common import HOST
 from _harness import (
     PROXY,
     REPO,
@@ -104,6 +112,100 @@ class CpuMeter:
 
     def per(self, count: float) -> float | None:
         return self.used / count * 1e6 if self.used is not None and count else None
+
+
+class CoreMeter:
+    """How busy one core was while the block ran, in per cent (None when the load is not pinned)."""
+
+    def __init__(self, core: int | None) -> None:
+        self.core = core
+        self.busy: float | None = None
+
+    def _ticks(self) -> tuple[int, int] | None:
+        if self.core is None:
+            return None
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith(f"cpu{self.core} "):
+                    ticks = [int(t) for t in line.split()[1:]]
+                    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # busy: all but idle, iowait
+        return None
+
+    def __enter__(self) -> CoreMeter:
+        self.start = self._ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._ticks()
+        if self.start is not None and end is not None and end[1] > self.start[1]:
+            self.busy = 100 * (end[0] - self.start[0]) / (end[1] - self.start[1])
+
+
+class ReplyAfter:
+    """
+    A TCP server on a thread of the bench's own process: 10 bytes back for every 200 read (two
+    100-byte writes of L{exchange_ms}).  Connections are few and short; one thread each.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((HOST, 0))
+        self.port: int = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            pending = 0
+            while data := conn.recv(4096):
+                pending += len(data)
+                while pending >= 200:
+                    pending -= 200
+                    conn.sendall(b"0123456789")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def exchange_ms(port: int, target: int, count: int = 30) -> float:
+    """
+    The median time, in ms, of C{count} exchanges through a CONNECT tunnel (C{port} 0: straight
+    to the target): two 100-byte writes 1 ms apart, as a TLS client writes two records, then
+    the target's 10-byte reply.  A relay that holds the second write for the target's ACK of
+    the first (Nagle's algorithm) adds the target's delayed ACK, 40 ms on Linux.
+    """
+    with socket.create_connection((HOST, port or target), timeout=10) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if port:
+            c.sendall(f"CONNECT {HOST}:{target} HTTP/1.1\r\nHost: {HOST}:{target}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = c.recv(4096)
+                if not data:
+                    raise ConnectionError(f"the proxy closed before its answer: {head!r}")
+                head += data
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            c.sendall(b"A" * 100)
+            time.sleep(0.001)
+            c.sendall(b"B" * 100)
+            got = 0
+            while got < 10:
+                data = c.recv(100)
+                if not data:
+                    raise ConnectionError("the tunnel closed")
+                got += len(data)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -362,9 +464,14 @@ def connect(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
     setups = Figure(raw_s, "setups/s")
     setup_cpu = Figure(raw_s, "CPU µs per setup (target's own)")
     tunnels = Figure(tls_s, "tunnels/s")
+    tls_cpu = Figure(tls_s, "CPU µs per tunnel (target's own)")
+    tls_load = Figure(tls_s, "load core busy %", "{:.0f}")
     mbps = Figure(bulk_s, "MB/s")
-    with h.sinks() as (raw, tls):
+    rtt = Figure("two small writes, then a reply", "ms per exchange, p50", "{:.1f}")
+    reply = ReplyAfter()
+    with h.sinks() as (raw, tls), contextlib.closing(reply):
         allow = ["--forward-allow", f"127.0.0.1:{raw}", "--forward-allow", f"127.0.0.1:{tls}"]
+        allow += ["--forward-allow", f"127.0.0.1:{reply.port}"]
         targets: list[tuple[str, Target]] = [(DIRECT, lambda: direct(0)), (CONNECT_FLOOR, h.connect_floor)]
         if h.tinyproxy:
             targets.append((TINYPROXY, h.tinyproxy_proxy))
@@ -381,11 +488,15 @@ def connect(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
                     go("connect", raw, "-c", "8", seconds=1)  # warm-up
                     with CpuMeter(proc) as meter:
                         r = go("connect", raw, "-c", str(a.connect_c))
-                    s = go("connect", tls, "-tls", "-c", str(a.connect_c))
+                    with CpuMeter(proc) as meter_tls, CoreMeter(h.load_core) as load:
+                        s = go("connect", tls, "-tls", "-c", str(a.connect_c))
                     b = go("tunnel", raw, seconds=a.tunnel_seconds)
+                    rtt.add(name, exchange_ms(port, reply.port))
                 setups.add(name, r["rate"])
                 setup_cpu.add(name, meter.per(r["ok"]))
                 tunnels.add(name, s["rate"])
+                tls_cpu.add(name, meter_tls.per(s["ok"]))
+                tls_load.add(name, load.busy)
                 mbps.add(name, b.get("mb_per_s"))
                 if not b.get("counted"):
                     note(f"tunnel {name}: the sink's count did not come back (no half-close); MB/s as sent")
@@ -394,11 +505,12 @@ def connect(h: Harness, a: argparse.Namespace, fail: Failures) -> list[Figure]:
                 note(
                     f"connect {run + 1}/{a.repeat} {name}: {r['rate']:,.0f} setups/s, "
                     f"{s['rate']:,.0f} TLS/s, {b.get('mb_per_s', 0):,.0f} MB/s, "
+                    f"exchange {rtt.samples[name][-1]:.1f} ms, "
                     f"errors {r['errors']} {s['errors']}"
                 )
         if a.profile:
             connect_profile(h, a, raw, allow)
-    return [setups, setup_cpu, tunnels, mbps]
+    return [setups, setup_cpu, tunnels, tls_cpu, tls_load, mbps, rtt]
 
 
 def connect_profile(h: Harness, a: argparse.Namespace, sink: int, allow: list[str]) -> None:
