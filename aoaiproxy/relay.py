@@ -164,12 +164,12 @@ class BodyRelay(Protocol):
         reactor: Any,
         idle_timeout: float,
         *,
+        deadlines: Deadlines,
         event_stream: bool = False,
         filter_frames: bool = False,
         usage: bool = False,
         strip_usage: bool = False,
         on_done: Callable[[bool], None] | None = None,
-        deadlines: Deadlines | None = None,
     ) -> None:
         self.request = request
         self._reactor = reactor
@@ -178,7 +178,7 @@ class BodyRelay(Protocol):
         self._filter = body_filter(request, filter_frames=filter_frames, usage=usage, strip_usage=strip_usage)
         self._tail = b""
         #: Where the inactivity timer is kept (shared by every relay of a resource).
-        self._deadlines = deadlines if deadlines is not None else Deadlines(reactor)
+        self._deadlines = deadlines
         #: When the last chunk came (or the timer was last started).
         self._last = 0.0
         self._client_gone = False

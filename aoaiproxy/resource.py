@@ -176,13 +176,13 @@ def relay_response(
     reactor: Any,
     idle_timeout: float,
     *,
+    deadlines: Deadlines,
     event_streams: bool = False,
     filter_frames: bool = False,
     backend: str | None = None,
     usage: bool = False,
     strip_usage: bool = False,
     cors_set: bool = False,
-    deadlines: Deadlines | None = None,
 ) -> None:
     """
     Relay an upstream response to the client: its status, its headers but hop-by-hop ones
@@ -197,7 +197,7 @@ def relay_response(
         proxy asked for it (L{rewrite.usage_request}), so it is removed from the client's stream.
     @param cors_set: C{Access-Control-Allow-Origin: *} was set already (L{ApiResource.render}).
     @param deadlines: where the body's inactivity timer is kept (the caller's, shared by its
-        relays; by default one of its own).
+        relays).
     """
     if _twisted.client_gone(request):
         # Close the upstream connection rather than leave its body unread.

@@ -38,6 +38,7 @@ from zope.interface import implementer
 from aoaiproxy import forward
 from aoaiproxy.config import Config, LiveConfig, load_config
 from aoaiproxy.connecting import TCPDial
+from aoaiproxy.deadlines import Deadlines
 from aoaiproxy.forward import Forwarder, handlers, pending_write_bytes
 from aoaiproxy.forward import tunnel as tunnel_module
 from aoaiproxy.resource import ApiResource
@@ -481,7 +482,7 @@ def test_tunnel_at_rest_on_drain(case: str) -> None:
     target = forward.TargetProtocol()
     target.makeConnection(Buffering())
     closed: list[forward.Tunnel] = []
-    tunnel = forward.Tunnel(clock, target, 300, closed.append)
+    tunnel = forward.Tunnel(clock, target, 300, closed.append, Deadlines(clock))
     client = Buffering()
     tunnel.makeConnection(client)
     if case != "nobody":
@@ -516,7 +517,7 @@ def test_tunnel_idle_timeout_counts_from_the_last_byte() -> None:
     target = forward.TargetProtocol()
     target.makeConnection(StringTransport())
     closed: list[forward.Tunnel] = []
-    tunnel = forward.Tunnel(clock, target, 10, closed.append)
+    tunnel = forward.Tunnel(clock, target, 10, closed.append, Deadlines(clock))
     client = StringTransport()
     tunnel.makeConnection(client)
     clock.advance(6)
@@ -540,7 +541,7 @@ def test_a_closed_tunnel_is_freed_without_the_garbage_collector() -> None:
     clock = Clock()
     target = forward.TargetProtocol()
     target.makeConnection(StringTransport())
-    tunnel = forward.Tunnel(clock, target, 10, lambda _: None)
+    tunnel = forward.Tunnel(clock, target, 10, lambda _: None, Deadlines(clock))
     tunnel.makeConnection(StringTransport())
     tunnel.dataReceived(b"request")
     target.dataReceived(b"answer")

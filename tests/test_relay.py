@@ -51,6 +51,7 @@ def relay(
     clock: MemoryReactorClock | None = None, deadlines: Deadlines | None = None
 ) -> tuple[BodyRelay, Request, Upstream, MemoryReactorClock]:
     clock = MemoryReactorClock() if clock is None else clock
+    deadlines = Deadlines(clock) if deadlines is None else deadlines
     request = Request([b""])
     body = BodyRelay(request, clock, TIMEOUT, deadlines=deadlines)
     upstream = Upstream()
@@ -142,7 +143,7 @@ class CountingClock(MemoryReactorClock):
 def fed(response: Response) -> tuple[BodyRelay, Request, CountingClock]:
     clock = CountingClock()
     request = Request([b""])
-    body = BodyRelay(request, clock, TIMEOUT)
+    body = BodyRelay(request, clock, TIMEOUT, deadlines=Deadlines(clock))
     body.relay_from(response)
     return body, request, clock
 

@@ -222,8 +222,8 @@ class _Connecting:
             cast(TargetProtocol, target),
             self._config.tunnel_idle_timeout,
             self.closed,
-            forwarder._recorder,
             forwarder._deadlines,
+            forwarder._recorder,
         )
         forwarder.tunnels.add(tunnel)
         request.establish(tunnel)

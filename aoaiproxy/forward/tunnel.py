@@ -147,12 +147,12 @@ class Tunnel(Protocol):
         target: TargetProtocol,
         idle_timeout: float,
         on_close: Callable[[Tunnel], None],
+        deadlines: Deadlines,
         recorder: Recorder | None = None,
-        deadlines: Deadlines | None = None,
     ) -> None:
         self._reactor = reactor
         #: Where the tunnel's one timer is kept (its forwarder's, shared by every tunnel).
-        self._deadlines = deadlines if deadlines is not None else Deadlines(reactor)
+        self._deadlines = deadlines
         self._recorder: Recorder = recorder if recorder is not None else NullMetrics()
         self._opened = False
         self._target_protocol = target
