@@ -127,7 +127,8 @@ class CoreMeter:
         with open("/proc/stat") as f:
             for line in f:
                 if line.startswith(f"cpu{self.core} "):
-                    ticks = [int(t) for t in line.split()[1:]]
+                    # user nice system idle iowait irq softirq steal (guest time is in user)
+                    ticks = [int(t) for t in line.split()[1:9]]
                     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # busy: all but idle, iowait
         return None
 
