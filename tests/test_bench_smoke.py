@@ -98,3 +98,70 @@ def test_table_shows_medians_and_ratios(harness: ModuleType) -> None:
     assert lines[3] == "|  |  |  | floor | 400 | 0.50 |"
     assert lines[4] == "| held | open | 5 | — | — | — |"
     assert lines[5] == "| chunks | added ms | 3 | nginx | -1 | — |"
+
+
+@pytest.fixture
+def counts(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module("counts")
+
+
+CALLGRIND_DUMP = """\
+# callgrind format
+version: 1
+creator: callgrind-3.19.0
+pid: 4242
+cmd:  /work/venv/bin/python /work/venv/bin/twistd --nodaemon aoaiproxy
+part: 1
+events: Ir
+fl=(1) ???
+fn=(1) 0x0000000000021090
+0 3
+summary: 807123456
+totals: 807123456
+"""
+
+STRACE_TABLE = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 15.69    0.131228          10     12000           epoll_ctl
+  9.84    0.082292          13      6000      4000 shutdown
+  9.55    0.079866          39      2000      2000 connect
+  1.53    0.012807          12      1012           epoll_wait
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.836513          14     21012      6000 total
+"""
+
+
+def test_counts_reads_callgrind_totals(counts: ModuleType) -> None:
+    assert counts.parse_callgrind_totals(CALLGRIND_DUMP) == 807123456
+    with pytest.raises(ValueError):
+        counts.parse_callgrind_totals("events: Ir\n")
+
+
+def test_counts_reads_strace_calls_with_and_without_errors(counts: ModuleType) -> None:
+    assert counts.parse_strace_counts(STRACE_TABLE) == {
+        "epoll_ctl": 12000,
+        "shutdown": 6000,
+        "connect": 2000,
+        "epoll_wait": 1012,
+        "total": 21012,
+    }
+
+
+def test_counts_report_shows_medians_per_operation(counts: ModuleType) -> None:
+    samples = {
+        ("request", "callgrind", "."): [{"instructions": 800_000.0}, {"instructions": 820_000.0}],
+        ("request", "strace", "."): [{"total": 5.2, "sendto": 2.0, "recvfrom": 2.0, "write": 1.0}],
+        ("connect", "callgrind", "floor"): [{"instructions": 648_100.0}],
+    }
+    lines = counts.report(samples, 1000).splitlines()
+    assert lines[4] == "| request | . | 810.0k | 5.2 | recvfrom 2, sendto 2, write 1 |"
+    assert lines[5] == "| connect | floor | 648.1k | - | - |"
+
+
+def test_counts_request_is_the_benchs_chat_completion(counts: ModuleType, harness: ModuleType) -> None:
+    request = counts.request_bytes()
+    head, body = request.split(b"\r\n\r\n", 1)
+    assert body == harness.CHAT_REQUEST
+    assert b"Content-Length: %d" % len(body) in head.split(b"\r\n")
