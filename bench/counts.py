@@ -165,7 +165,11 @@ class Run:
                 preexec_fn=_child_setup,
             )
         self.procs.append(popen)
-        wait_for_port(port, popen, timeout=120.0)
+        try:
+            wait_for_port(port, popen, timeout=120.0)
+        except SystemExit as e:
+            log_text = (self.workdir / f"{name}.log").read_text(errors="replace")
+            raise SystemExit(f"{name} ({argv[0]}): {e}; its log:\n{log_text[-3000:]}") from None
         return popen
 
     def stop(self, popen: subprocess.Popen[bytes]) -> None:
@@ -192,6 +196,8 @@ class Run:
                 argv.append(str(self.response))
             return argv, env
         checkout = Path(target).resolve()
+        if not (checkout / "twisted" / "plugins" / "aoaiproxy_plugin.py").exists():
+            raise SystemExit(f"{target}: not a checkout of aoaiproxy (or 'floor')")
         env["PYTHONPATH"] = str(checkout)
         twistd = Path(sys.executable).parent / "twistd"
         argv = [str(twistd), "--nodaemon", "--pidfile=", "aoaiproxy"]
