@@ -11,6 +11,7 @@ latency.  Medians are printed, and every sample.  With C{--connect}: C{loadtool 
 
     python bench/ab.py /tmp/old-checkout .                     # two checkouts
     python bench/ab.py ".::--workers=1" ".::--workers=2"       # one checkout, two flag sets
+    python bench/ab.py ".::::/tmp/venv-a" ".::::/tmp/venv-b"   # two interpreters (virtualenvs)
     python bench/ab.py --stream --rounds 10 /tmp/old .         # 20-chunk streams instead
     python bench/ab.py --connect --rounds 8 /tmp/old .         # CONNECT setups instead
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true", help="post the streaming body (20 chunks)")
     parser.add_argument("--connect", action="store_true", help="CONNECT setups to a sink, not requests")
     parser.add_argument("--arg", action="append", default=[], help="passed to every proxy")
-    parser.add_argument("targets", nargs="+", help="CHECKOUT or CHECKOUT::FLAGS")
+    parser.add_argument(
+        "targets", nargs="+", help="CHECKOUT, CHECKOUT::FLAGS or CHECKOUT::FLAGS::VIRTUALENV (its twistd)"
+    )
     a = parser.parse_args(argv)
     loadtool = build_loadtool()
     if loadtool is None:
@@ -120,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_port(sink, spawn([str(loadtool), "sink", "-listen", f"127.0.0.1:{sink}"], LOAD_CORE))
         targets: list[tuple[str, int, subprocess.Popen[bytes]]] = []
         for spec in a.targets:
-            path, _, flags = spec.partition("::")
+            path, _, rest = spec.partition("::")
+            flags, _, venv = rest.partition("::")
             checkout = os.path.realpath(path)
             port = free_port()
-            argv = [twistd, "-n", "--pidfile=", "aoaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+            command = str(Path(venv, "bin", "twistd")) if venv else twistd
+            argv = [command, "-n", "--pidfile=", "aoaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1"]
             argv += ["--endpoint", f"http://127.0.0.1:{up}", *a.arg, *flags.split()]
             if a.connect:
                 argv += ["--forward-allow", f"127.0.0.1:{sink}"]
