@@ -348,6 +348,11 @@ class Harness:
             "/usr/bin/tinyproxy" if Path("/usr/bin/tinyproxy").exists() else None
         )
         self.twistd = Path(sys.executable).parent / "twistd"
+        #: Put before the command of every target on the proxy core (aoaiproxy and the floors):
+        #: C{valgrind --tool=callgrind ...} for counts.py.
+        self.wrap: list[str] = []
+        #: How long a process may take to listen (longer under valgrind).
+        self.start_timeout = 20.0
         self.files = {
             "request": self._write("request.json", CHAT_REQUEST),
             "stream": self._write("stream.json", STREAM_REQUEST),
@@ -372,8 +377,12 @@ class Harness:
         *,
         stdin: int | None = None,
         stdout: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
-        """Start C{argv} pinned to C{core}; its stderr (and stdout unless given) to a log file."""
+        """
+        Start C{argv} pinned to C{core}; its stderr (and stdout unless given) to a log file;
+        C{env} added to its environment.
+        """
         log = self.workdir / f"{name}.log"
         with log.open("ab") as out:
             popen = subprocess.Popen(
@@ -382,7 +391,12 @@ class Harness:
                 stdout=stdout if stdout is not None else out,
                 stderr=out,
                 cwd=self.workdir,
-                env=dict(os.environ, PYTHONPATH=str(REPO), BENCH_BODY=str(self.files["request"])),
+                env={
+                    **os.environ,
+                    "PYTHONPATH": str(REPO),
+                    "BENCH_BODY": str(self.files["request"]),
+                    **(env or {}),
+                },
                 preexec_fn=_child_setup,
             )
         proc = Proc(name, popen, log)
@@ -406,12 +420,18 @@ class Harness:
 
     @contextlib.contextmanager
     def running(
-        self, name: str, argv: Sequence[str], core: int | None, port: int, stdout: int | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        core: int | None,
+        port: int,
+        stdout: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> Iterator[Proc]:
-        proc = self.spawn(name, argv, core, stdout=stdout)
+        proc = self.spawn(name, argv, core, stdout=stdout, env=env)
         try:
             try:
-                wait_for_port(port, proc.popen)
+                wait_for_port(port, proc.popen, self.start_timeout)
             except SystemExit as e:
                 raise SystemExit(f"{name}: {e}; its log:\n{proc.log.read_text()[-3000:]}") from None
             yield proc
@@ -449,26 +469,29 @@ class Harness:
             yield raw, tls
 
     @contextlib.contextmanager
-    def proxy(self, upstream_port: int, extra: Sequence[str] = ()) -> Iterator[tuple[int, Proc]]:
-        """C{twistd -n aoaiproxy} on the proxy core, in front of the upstream."""
+    def proxy(
+        self, upstream_port: int, extra: Sequence[str] = (), checkout: Path = REPO
+    ) -> Iterator[tuple[int, Proc]]:
+        """C{twistd -n aoaiproxy} (of C{checkout}) on the proxy core, in front of the upstream."""
         port = free_port()
         # twistd -n logs to stdout: to /dev/null by default.  Never --logfile=/dev/null: twistd's
         # LogFile rotates at 1 MB by renaming the file, and as root that renames /dev/null.
-        argv = [str(self.twistd), "--nodaemon", "--pidfile="]
+        argv = [*self.wrap, str(self.twistd), "--nodaemon", "--pidfile="]
         stdout: int | None = subprocess.DEVNULL
         if self.proxy_log != "-":
             argv.append(f"--logfile={self.proxy_log}")
             stdout = None
         argv += ["aoaiproxy", "--listen", f"tcp:{port}:interface={HOST}"]
         argv += ["--endpoint", f"http://{HOST}:{upstream_port}", *extra]
-        with self.running("aoaiproxy", argv, self.proxy_core, port, stdout) as proc:
+        env = {"PYTHONPATH": str(checkout)}
+        with self.running("aoaiproxy", argv, self.proxy_core, port, stdout, env) as proc:
             yield port, proc
 
     @contextlib.contextmanager
     def floor(self) -> Iterator[tuple[int, Proc]]:
         """A bare twisted.web resource answering CHAT_RESPONSE itself, on the proxy core."""
         port = free_port()
-        argv = [sys.executable, str(BENCH / "floor.py"), str(port), str(self.files["response"])]
+        argv = [*self.wrap, sys.executable, str(BENCH / "floor.py"), str(port), str(self.files["response"])]
         with self.running("floor", argv, self.proxy_core, port) as proc:
             yield port, proc
 
@@ -476,7 +499,7 @@ class Harness:
     def connect_floor(self) -> Iterator[tuple[int, Proc]]:
         """The least CONNECT proxy on Twisted (C{connect_floor.py}), on the proxy core."""
         port = free_port()
-        argv = [sys.executable, str(BENCH / "connect_floor.py"), str(port)]
+        argv = [*self.wrap, sys.executable, str(BENCH / "connect_floor.py"), str(port)]
         with self.running("connect-floor", argv, self.proxy_core, port) as proc:
             yield port, proc
 

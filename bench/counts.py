@@ -34,11 +34,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from _common import HOST, free_port, wait_for_port
-from _harness import BENCH, CHAT_REQUEST, CHAT_RESPONSE, STREAM_CHUNK, _child_setup, build_loadtool
+from _common import HOST
+from _harness import CHAT_REQUEST, Harness, Proc
 
 PROXY_CORE, LOAD_CORE = 0, 1
 SCENARIOS = ("request", "connect")
@@ -46,6 +46,8 @@ TOOLS = ("callgrind", "strace")
 AT_ONCE = 8
 #: What an operation may take at most, under valgrind (~50 times slower than without).
 OP_TIMEOUT = 30.0
+#: How long a target may take to listen, under valgrind.
+START_TIMEOUT = 120.0
 
 
 def parse_callgrind_totals(text: str) -> int:
@@ -100,10 +102,15 @@ def requests(port: int, count: int, conns: list[socket.socket]) -> None:
         for sock in batch:
             head, rest = _read_ok(sock)
             length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
             )
+            if length is None:
+                raise SystemExit(f"the target answered with no Content-Length: {head[:200]!r}")
             while len(rest) < length:
                 data = sock.recv(65536)
                 if not data:
@@ -130,94 +137,27 @@ def connects(port: int, count: int, sink: int) -> None:
 
 
 class Run:
-    """The bench's upstream and sink, and one target at a time in front of them."""
+    """The bench's upstream and sink (L{Harness}), and one target at a time in front of them."""
 
-    def __init__(self, workdir: Path) -> None:
-        loadtool = build_loadtool()
-        if loadtool is None:
-            raise SystemExit("counts: needs Go to build bench/loadtool.go")
-        self.workdir = workdir
-        self.loadtool = loadtool
-        self.response = workdir / "response.json"
-        self.response.write_bytes(CHAT_RESPONSE)
-        chunk = workdir / "chunk.txt"
-        chunk.write_bytes(STREAM_CHUNK)
-        self.upstream = free_port()
-        self.sink = free_port()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        up = [str(loadtool), "upstream", "-listen", f"{HOST}:{self.upstream}"]
-        up += ["-response", str(self.response), "-chunk", str(chunk)]
-        self.start(up, LOAD_CORE, self.upstream, "upstream")
-        self.start([str(loadtool), "sink", "-listen", f"{HOST}:{self.sink}"], LOAD_CORE, self.sink, "sink")
+    def __init__(self, harness: Harness, upstream: int, sink: int) -> None:
+        self.harness = harness
+        self.upstream = upstream
+        self.sink = sink
+        self.workdir = harness.workdir
 
-    def start(
-        self, argv: list[str], core: int, port: int, name: str, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        """C{argv} pinned to C{core}, its output to C{name}.log, once it accepts on C{port}."""
-        with (self.workdir / f"{name}.log").open("ab") as log:
-            popen = subprocess.Popen(
-                ["taskset", "-c", str(core), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.workdir,
-                env=env,
-                preexec_fn=_child_setup,
-            )
-        self.procs.append(popen)
-        try:
-            wait_for_port(port, popen, timeout=120.0)
-        except SystemExit as e:
-            log_text = (self.workdir / f"{name}.log").read_text(errors="replace")
-            raise SystemExit(f"{name} ({argv[0]}): {e}; its log:\n{log_text[-3000:]}") from None
-        return popen
-
-    def stop(self, popen: subprocess.Popen[bytes]) -> None:
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(30)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait(30)
-        if popen in self.procs:
-            self.procs.remove(popen)
-
-    def stop_all(self) -> None:
-        for popen in reversed(list(self.procs)):
-            self.stop(popen)
-
-    def target_argv(self, target: str, scenario: str, port: int) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ)
+    def target(self, target: str, scenario: str, tool: str) -> AbstractContextManager[tuple[int, Proc]]:
+        """The target started (under callgrind for that tool): its port and process."""
+        h = self.harness
+        h.wrap = []
+        if tool == "callgrind":
+            out = self.workdir / "callgrind.out"
+            h.wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         if target == "floor":
-            script = "floor.py" if scenario == "request" else "connect_floor.py"
-            argv = [sys.executable, str(BENCH / script), str(port)]
-            if scenario == "request":
-                argv.append(str(self.response))
-            return argv, env
+            return h.floor() if scenario == "request" else h.connect_floor()
         checkout = Path(target).resolve()
         if not (checkout / "twisted" / "plugins" / "aoaiproxy_plugin.py").exists():
             raise SystemExit(f"{target}: not a checkout of aoaiproxy (or 'floor')")
-        env["PYTHONPATH"] = str(checkout)
-        twistd = Path(sys.executable).parent / "twistd"
-        argv = [str(twistd), "--nodaemon", "--pidfile=", "aoaiproxy"]
-        argv += ["--listen", f"tcp:{port}:interface={HOST}", "--endpoint", f"http://{HOST}:{self.upstream}"]
-        argv += ["--forward-allow", f"{HOST}:{self.sink}"]
-        return argv, env
-
-    @contextlib.contextmanager
-    def target(self, target: str, scenario: str, tool: str) -> Iterator[tuple[int, int]]:
-        """The target started (under callgrind for that tool): (its port, its pid)."""
-        port = free_port()
-        argv, env = self.target_argv(target, scenario, port)
-        if tool == "callgrind":
-            out = self.workdir / "callgrind.out"
-            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
-        popen = self.start(argv, PROXY_CORE, port, "target", env)
-        try:
-            yield port, popen.pid  # taskset and valgrind exec: the pid is the target's
-        finally:
-            self.stop(popen)
+        return h.proxy(self.upstream, ["--forward-allow", f"{HOST}:{self.sink}"], checkout=checkout)
 
     def operations(self, scenario: str, port: int, count: int, conns: list[socket.socket]) -> None:
         if scenario == "request":
@@ -227,7 +167,8 @@ class Run:
 
     def sample(self, target: str, scenario: str, tool: str, ops: int, warmup: int) -> dict[str, float]:
         """One count: what the target spends per operation (C{instructions}, or per system call)."""
-        with self.target(target, scenario, tool) as (port, pid):
+        with self.target(target, scenario, tool) as (port, proc):
+            pid = proc.pid  # taskset and valgrind exec: the pid is the target's
             conns = []
             if scenario == "request":
                 conns = [socket.create_connection((HOST, port), timeout=OP_TIMEOUT) for _ in range(AT_ONCE)]
@@ -297,18 +238,25 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = a.only or list(SCENARIOS)
     samples: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="aoaiproxy-counts-") as tmp:
-        run = Run(Path(tmp))
+        harness = Harness(Path(tmp), PROXY_CORE, LOAD_CORE, "-")
+        if harness.loadtool is None:
+            raise SystemExit("counts: needs Go to build bench/loadtool.go")
+        harness.start_timeout = START_TIMEOUT
         try:
-            for round_ in range(a.rounds):
-                order = a.targets if round_ % 2 == 0 else list(reversed(a.targets))
-                for scenario in scenarios:
-                    for tool in tools:
-                        for target in order:
-                            got = run.sample(target, scenario, tool, a.ops, a.warmup)
-                            samples.setdefault((scenario, tool, target), []).append(got)
-                            print(f"{scenario} {tool} {target}: {_brief(got)}", file=sys.stderr, flush=True)
+            with harness.upstream() as upstream, harness.sinks() as (sink, _tls):
+                run = Run(harness, upstream, sink)
+                for round_ in range(a.rounds):
+                    order = a.targets if round_ % 2 == 0 else list(reversed(a.targets))
+                    for scenario in scenarios:
+                        for tool in tools:
+                            for target in order:
+                                got = run.sample(target, scenario, tool, a.ops, a.warmup)
+                                samples.setdefault((scenario, tool, target), []).append(got)
+                                print(
+                                    f"{scenario} {tool} {target}: {_brief(got)}", file=sys.stderr, flush=True
+                                )
         finally:
-            run.stop_all()
+            harness.stop_all()
     print(report(samples, a.ops))
     return 0
 
